@@ -1,0 +1,1 @@
+"""pairgan's stages and command line: parse, validate, call components, write outputs."""
