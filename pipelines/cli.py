@@ -10,13 +10,14 @@ import sys
 from types import ModuleType
 
 from components.config import ParamsError
-from pipelines import evaluate, predict, prepare, register, train
+from pipelines import builtin_data, evaluate, predict, prepare, register, train
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMS, EXIT_DIVERGED = 0, 1, 2, 3
 
 # name -> module with `add_arguments(parser)` and `run(args) -> int`, listed explicitly so a
 # reader sees every stage here (no discovery by string).
 STAGES: dict[str, ModuleType] = {
+    "builtin-data": builtin_data,
     "prepare": prepare,
     "train": train,
     "evaluate": evaluate,

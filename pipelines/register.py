@@ -1,11 +1,158 @@
-"""Stage register (placeholder: its issue replaces this module)."""
+"""Stage register: log the generator to MLflow, register it as `challenger`, and gate `champion`.
+
+The gate scores the new model and the current champion, both loaded back from MLflow, on the
+same held-out split with the same seed, and moves `champion` only when params/register.yaml's
+primary metric improves by more than its margin; the first model becomes champion. The
+decision and both scores go to --out (a DVC metrics file) and onto the version's tags. A
+diverged or NaN run is refused before anything is logged. The tracking store is
+MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db; an unreachable one fails first.
+"""
 
 import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from components.config import ParamsError, load_params
+from components.config.data import DataParams
+from components.config.evaluate import EvaluateParams
+from components.config.register import RegisterParams
+from components.data.loaders import make_loader
+from components.data.manifest import load_manifest, write_atomic
+from components.evaluation.features import FeaturesUnavailable, load_inception
+from components.evaluation.held_out import pick_device, score_held_out
+from components.methods.translator import load_translator
+from components.registry import ChampionUnscoreable, RegistrationRefused, TranslatorCard, refuse_unless_healthy, register_with_gate
+from components.tracking import (
+    TAG_GIT_COMMIT,
+    TAG_MANIFEST_CHECKSUM,
+    TrackingUnavailable,
+    check_tracking_reachable,
+    default_tracking_uri,
+    git_commit,
+    redact_uri,
+)
+from pipelines.evaluate import GRID_FILE, METRICS_FILE, read_train_report
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+TAG_PARAMS_HASH = "pairgan.params_sha256"
+# the feature-based metrics need the Inception extractor in the gate as well
+FEATURE_METRICS = {"fid", "kid"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--data", default="data/prepared", help="prepared data set (folder with manifest.json)")
+    parser.add_argument("--model", default="models/generator.pt", help="the trained generator (train stage)")
+    parser.add_argument("--train-report", default="reports/train.json", help="train stage report")
+    parser.add_argument("--evaluation", default="reports/evaluate", help="evaluate stage output folder")
+    parser.add_argument("--out", default="reports/register.json", help="gate decision and scores (DVC metrics)")
+
+
+def params_hash(params_dir: Path) -> str:
+    """SHA-256 over every params file (name and bytes): which configuration produced this model."""
+    digest = hashlib.sha256()
+    for path in sorted(params_dir.glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _read_metrics(folder: Path) -> dict:
+    path = folder / METRICS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no evaluation report; run `pairgan evaluate` first") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("stage register is not implemented yet")
+    params_dir = Path(args.params_dir)
+    register_path = params_dir / "register.yaml"
+    params = load_params(register_path, RegisterParams)
+    evaluate_params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
+    data_params = load_params(params_dir / "data.yaml", DataParams)
+
+    train_report = read_train_report(Path(args.train_report))
+    evaluation = _read_metrics(Path(args.evaluation))
+    means = evaluation["mean"]
+    if params.primary_metric not in means:
+        raise ParamsError(
+            register_path,
+            [("primary_metric", f"{params.primary_metric} was not computed by evaluate ({evaluation['features']['skipped']})")],
+        )
+    try:
+        refuse_unless_healthy(train_report, means)
+    except RegistrationRefused as refusal:
+        print(f"pairgan register: {refusal}", file=sys.stderr)
+        return EXIT_FAILED
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    try:
+        check_tracking_reachable(tracking_uri, params.experiment)
+    except TrackingUnavailable as error:
+        print(f"pairgan register: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    log.info("MLflow: %s, registered model %r", redact_uri(tracking_uri), params.model_name)
+
+    manifest = load_manifest(args.data)
+    device = pick_device(evaluate_params.device)
+    translator = load_translator(args.model, map_location="cpu").eval()
+    extractor = None
+    if params.primary_metric in FEATURE_METRICS:
+        try:
+            extractor = load_inception(evaluate_params.features.inception_weights, device)
+        except FeaturesUnavailable as reason:
+            raise ParamsError(register_path, [("primary_metric", f"{params.primary_metric} needs {reason}")]) from None
+
+    def held_out():
+        return make_loader(
+            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device
+        )
+
+    def score(module) -> float:
+        scores = score_held_out(
+            module, held_out(), device, seed=evaluate_params.seed, max_samples=evaluate_params.max_samples,
+            extractor=extractor, features=evaluate_params.features,
+        )
+        return scores.means[params.primary_metric]
+
+    # the registered graph takes exactly what the held-out loader yields (evaluation size, channels)
+    example = next(iter(held_out()))["source"]
+    card = TranslatorCard(
+        nfe=translator.nfe,
+        supports_guidance=translator.supports_guidance,
+        guidance_weight=translator.guidance_weight if translator.supports_guidance else None,
+        channels=example.shape[1],
+        image_size=example.shape[-1],
+    )
+    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, TAG_PARAMS_HASH: params_hash(params_dir), "pairgan.method": translator.method}
+    commit = git_commit(Path.cwd())
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    numeric = {name: value for name, value in means.items() if value is not None}
+    numeric["nfe"] = evaluation["nfe"]
+    numeric.update({f"latency_ms_per_image_{label}": evaluation["latency"][f"latency_ms_per_image_{label}"] for label in ("batch1", "batched")})
+    artifacts = [Path(args.evaluation) / name for name in (METRICS_FILE, GRID_FILE)]
+    try:
+        outcome = register_with_gate(
+            tracking_uri, params, translator, card, score, device,
+            run_id=train_report.get("mlflow_run_id"), metrics=numeric, tags=tags, artifacts=artifacts,
+        )
+    except (RegistrationRefused, ChampionUnscoreable) as error:
+        print(f"pairgan register: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, (json.dumps(outcome.report(), indent=2) + "\n").encode())
+    gate = outcome.gate
+    log.info(
+        "%s version %s: %s (%s: challenger %.4g, champion %s); champion is version %s",
+        outcome.model_name, outcome.version, gate.decision, gate.primary_metric, gate.challenger_score,
+        "none" if gate.champion_score is None else f"{gate.champion_score:.4g}", outcome.champion_version_after,
+    )
+    return 0

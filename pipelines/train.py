@@ -1,11 +1,174 @@
-"""Stage train (placeholder: its issue replaces this module)."""
+"""Stage train: train the method of params/model.yaml on the prepared shards with Ray Train, tracked in MLflow.
+
+Reads params/model.yaml, params/train.yaml (its `run:` section: Ray workers, checkpoints,
+tracking) and the `loader:` section of params/data.yaml. Ray starts locally unless
+RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
+Running the stage again with the same run.storage_path and run.name resumes from the latest
+checkpoint. Exit status: 0 trained, 1 failed (after Ray's retries), 2 invalid params or a
+checkpoint the params cannot resume, 3 training diverged (not retried).
+"""
 
 import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from components.config import ParamsError, load_params
+from components.config.data import DataParams
+from components.config.model import ModelParams
+from components.config.train import TrainParams
+from components.data.manifest import ManifestError, load_manifest
+from components.tracking import (
+    TAG_DIVERGED,
+    TAG_DIVERGENCE_REASON,
+    TAG_GIT_COMMIT,
+    TAG_MANIFEST_CHECKSUM,
+    TrackingUnavailable,
+    check_tracking_reachable,
+    default_tracking_uri,
+    finish_job_run,
+    flatten_params,
+    git_commit,
+    redact_uri,
+    start_job_run,
+)
+
+logger = logging.getLogger("pairgan.train")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMS, EXIT_DIVERGED = 0, 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--data", default="data/prepared", help="prepared data folder (default: data/prepared)")
+    parser.add_argument(
+        "--model-out", default="models/generator.pt", help="exported generator (default: models/generator.pt)"
+    )
+    parser.add_argument(
+        "--report", default="reports/train.json", help="training report, a DVC metrics file (default: reports/train.json)"
+    )
+
+
+def _check_sizes(model: ModelParams, data: DataParams, model_path: Path, data_path: Path) -> None:
+    # The networks are built for model.image_size; the loader crops data.loader.crop_size.
+    problems = []
+    if model.image_size != data.loader.crop_size:
+        problems.append(
+            ("image_size", f"{model.image_size} differs from loader.crop_size = {data.loader.crop_size} in {data_path}")
+        )
+    if model.load_size is not None and model.load_size != data.loader.load_size:
+        problems.append(
+            ("load_size", f"{model.load_size} differs from loader.load_size = {data.loader.load_size} in {data_path}")
+        )
+    if problems:
+        raise ParamsError(model_path, problems)
+
+
+def _storage_path(storage: str) -> str:
+    # Workers change directory: a local storage path must be absolute before it reaches Ray.
+    return storage if storage.startswith("s3://") else str(Path(storage).resolve())
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(handle.name, path)
+
+
+def _install_generator(source: Path, destination: Path) -> None:
+    # Copy next to the destination, then rename: a crash never leaves half a model behind.
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, destination)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("stage train is not implemented yet")
+    params_dir = Path(args.params_dir)
+    model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
+    model = load_params(model_path, ModelParams)
+    train = load_params(train_path, TrainParams)
+    data = load_params(data_path, DataParams)
+    _check_sizes(model, data, model_path, data_path)
+    try:
+        manifest = load_manifest(args.data)
+        dataset_size = manifest.split("train").count
+    except (ManifestError, KeyError, FileNotFoundError) as error:
+        print(f"pairgan train: {error} (run `pairgan prepare` first)", file=sys.stderr)
+        return EXIT_FAILED
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    tracking = train.run.tracking
+    try:
+        check_tracking_reachable(tracking_uri, tracking.experiment)
+    except TrackingUnavailable as error:
+        print(f"pairgan train: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    logger.info("MLflow: %s, experiment %r", redact_uri(tracking_uri), tracking.experiment)
+
+    # Imported here: Ray takes seconds to import, and params errors should not wait for it.
+    import ray
+    from ray.train import TrainingFailedError
+
+    from components.training.distributed import GENERATOR_FILE, CheckpointIncompatible, TrainingJob, run_training
+
+    config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+              "data": {"loader": data.loader.model_dump(mode="json")}}
+    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name}
+    commit = git_commit(Path.cwd())
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    run_id = start_job_run(tracking_uri, tracking.experiment, train.run.name, flatten_params(config), tags)
+
+    job = TrainingJob(
+        model=model, train=train, loader=data.loader, data_dir=str(Path(args.data).resolve()),
+        data_checksum=manifest.checksum, dataset_size=dataset_size,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id,
+    )
+    if not ray.is_initialized():
+        # "local" always starts a fresh local Ray (address=None would join any cluster a
+        # `ray start` left on this machine); RAY_ADDRESS joins the cluster it names.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    storage = _storage_path(train.run.storage_path)
+    try:
+        outcome = run_training(job, train.run, storage)
+    except CheckpointIncompatible as error:
+        finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
+        print(f"pairgan train: {train_path}: run: {error}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    except TrainingFailedError as error:
+        finish_job_run(tracking_uri, run_id, "failed")
+        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+    report = {
+        "status": outcome.status,
+        "method": model.method.name,
+        "epochs": outcome.epoch,
+        "steps": outcome.step,
+        "data_checksum": manifest.checksum,
+        "mlflow_run_id": run_id,
+        "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        "metrics": outcome.metrics,
+    }
+    if outcome.status == "diverged":
+        report["divergence_reason"] = outcome.divergence_reason
+        _write_json(Path(args.report), report)
+        finish_job_run(
+            tracking_uri, run_id, "diverged",
+            {TAG_DIVERGED: "true", TAG_DIVERGENCE_REASON: (outcome.divergence_reason or "")[:5000]},
+        )
+        print(f"pairgan train: training diverged: {outcome.divergence_reason}", file=sys.stderr)
+        return EXIT_DIVERGED
+
+    with outcome.checkpoint.as_directory() as folder:
+        _install_generator(Path(folder) / GENERATOR_FILE, Path(args.model_out))
+    _write_json(Path(args.report), report)
+    finish_job_run(tracking_uri, run_id, "finished")
+    logger.info("trained %d epochs (%d steps); generator written to %s", outcome.epoch, outcome.step, args.model_out)
+    return EXIT_OK

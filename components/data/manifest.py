@@ -1,0 +1,137 @@
+"""The manifest of a prepared data set: what `prepare` wrote and what the loaders read.
+
+`manifest.json` is written last by `prepare` (temp file + os.replace): it is the commit point,
+so a reader that finds it finds every shard it lists complete. Its `checksum` (SHA-256 of the
+canonical JSON body) identifies the data set and tags every MLflow run trained on it.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "pairgan-shards/1"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    tar: str  # path relative to the manifest's folder
+    index: str  # the DALI index file (wds2idx) next to it
+    sha256: str
+    count: int
+    first_index: int  # samples first_index .. first_index + count - 1, in this order
+
+
+@dataclass(frozen=True)
+class SampleEntry:
+    key: str
+    index: int  # position in the split's sample list; never changes once written
+    shard: int  # position in the split's shard list
+    origin: list[str]  # source file(s), relative to the source root
+    sha256: str  # of the source bytes: tells a changed pair from an unchanged one
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    shards: list[ShardEntry] = field(default_factory=list)
+    samples: list[SampleEntry] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.samples)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    image_size: int
+    source: str
+    params: dict
+    splits: dict[str, SplitManifest]
+    skipped: list[dict]  # {"split", "path", "reason"}: inputs of the last run not written
+    changed: list[dict]  # {"split", "key", "origin", "reason"}: pairs kept at their old content
+    checksum: str
+    root: Path  # folder the shard paths are relative to (not serialised)
+
+    def split(self, name: str) -> SplitManifest:
+        if name not in self.splits:
+            raise KeyError(f"{self.root / MANIFEST_NAME}: no split {name!r} (has {', '.join(self.splits)})")
+        return self.splits[name]
+
+    def shard_paths(self, name: str) -> list[Path]:
+        return [self.root / shard.tar for shard in self.split(name).shards]
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or inconsistent."""
+
+
+def manifest_body(image_size: int, source: str, params: dict, splits: dict[str, SplitManifest],
+                  skipped: list[dict], changed: list[dict]) -> dict:
+    """The JSON body (without checksum), in a fixed key order so equal data sets give equal bytes."""
+    return {
+        "format": FORMAT,
+        "image_size": image_size,
+        "source": source,
+        "params": params,
+        "counts": {name: split.count for name, split in splits.items()},
+        "splits": {
+            name: {"shards": [asdict(s) for s in split.shards], "samples": [asdict(s) for s in split.samples]}
+            for name, split in splits.items()
+        },
+        "skipped": skipped,
+        "changed": changed,
+    }
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_manifest(folder: Path, body: dict) -> str:
+    """Write `folder/manifest.json` atomically; return its checksum."""
+    checksum = hashlib.sha256(_canonical(body)).hexdigest()
+    text = json.dumps({**body, "checksum": checksum}, indent=1, sort_keys=True) + "\n"
+    write_atomic(folder / MANIFEST_NAME, text.encode())
+    return checksum
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over `path`."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def load_manifest(path: Path | str) -> Manifest:
+    """Read a manifest (the file, or the folder holding manifest.json) and check its checksum."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest; run `pairgan prepare` first") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path}: cannot be read as JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a pairgan manifest (expected format {FORMAT})")
+    checksum = data.pop("checksum", None)
+    if checksum != hashlib.sha256(_canonical(data)).hexdigest():
+        raise ManifestError(f"{path}: checksum mismatch: the manifest was edited or truncated")
+    splits = {
+        name: SplitManifest(
+            shards=[ShardEntry(**s) for s in split["shards"]],
+            samples=[SampleEntry(**s) for s in split["samples"]],
+        )
+        for name, split in data["splits"].items()
+    }
+    return Manifest(
+        image_size=data["image_size"], source=data["source"], params=data["params"], splits=splits,
+        skipped=data["skipped"], changed=data["changed"], checksum=checksum, root=path.parent.resolve(),
+    )

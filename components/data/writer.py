@@ -1,0 +1,358 @@
+"""Writing a prepared data set: WebDataset tar shards, their DALI indices and the manifest.
+
+Guarantees (docs/data.md explains them to users):
+- Deterministic: pairs in key order, tar headers fixed (mtime 0, uid/gid 0, mode 0444), JPEG
+  encoding at a fixed quality; no time or absolute path enters a shard or the manifest.
+- Atomic: shards are written in a staging folder next to the output. Overwrite swaps the
+  whole folder in with two renames; append moves only new shards in, then replaces the
+  manifest, the commit point. A crash at any moment leaves the last committed data set
+  readable, and the next run cleans up and completes.
+- Append: existing shards are never rewritten; new pairs get the next indices in new shards;
+  a pair whose bytes changed under the same key is reported and keeps its old content.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import tarfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from components.config.data import DataParams
+from components.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    SampleEntry,
+    ShardEntry,
+    SplitManifest,
+    load_manifest,
+    manifest_body,
+    write_manifest,
+)
+from components.data.pairs import encode_pair
+from components.data.sources import BadInput, BadInputError, SourceListing, SourcePair
+
+log = logging.getLogger(__name__)
+
+# Params that decide the bytes of a shard: appending with other values would mix two data sets.
+SHARD_DEFINING_PARAMS = ("source", "image_size", "jpeg_quality", "val_fraction", "seed")
+
+
+class PrepareError(RuntimeError):
+    """The stage could not produce a data set; `problems` lists every bad input when that is why."""
+
+    def __init__(self, message: str, problems: list[BadInput] | None = None):
+        self.problems = problems or []
+        lines = [f"  {p.path}: {p.reason}" for p in self.problems]
+        super().__init__("\n".join([message, *lines]))
+
+
+@dataclass
+class PrepareResult:
+    manifest: Manifest
+    new_pairs: int
+    missing_from_source: int  # pairs still in the shards whose files are gone from the source
+    seconds: float
+
+    def report(self) -> dict:
+        """The stage report (DVC metrics): counts, what was skipped or changed, time taken."""
+        counts = {name: split.count for name, split in self.manifest.splits.items()}
+        return {
+            "counts": counts,
+            "total": sum(counts.values()),
+            "new_pairs": self.new_pairs,
+            "skipped": len(self.manifest.skipped),
+            "changed": len(self.manifest.changed),
+            "missing_from_source": self.missing_from_source,
+            "seconds": round(self.seconds, 3),
+            "pairs_per_second": round(self.new_pairs / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "manifest_checksum": self.manifest.checksum,
+            "skipped_inputs": self.manifest.skipped,
+            "changed_pairs": self.manifest.changed,
+        }
+
+
+@dataclass
+class _Encoded:
+    key: str
+    origin: tuple[str, ...]
+    checksum: str
+    source_jpeg: bytes
+    target_jpeg: bytes
+
+
+@dataclass
+class _SplitState:
+    """A split while it is being written: the committed part plus the new samples and shards."""
+
+    shards: list[ShardEntry]
+    samples: list[SampleEntry]
+    pending: list[_Encoded] = field(default_factory=list)
+
+
+def _pair_checksum(blobs: tuple[bytes, ...]) -> str:
+    digest = hashlib.sha256()
+    for blob in blobs:
+        digest.update(hashlib.sha256(blob).digest())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+def write_shard(tar_path: Path, index_path: Path, samples: list[tuple[_Encoded, int]], source: str) -> str:
+    """Write one tar shard and its DALI index; return the tar's SHA-256.
+
+    Members per sample: KEY.src.jpg, KEY.tgt.jpg, KEY.json (origin, checksum, index) and
+    KEY.index (the dataset index as 8 bytes little-endian int64, which DALI reads as INT64).
+    """
+    with tarfile.open(tar_path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample, index in samples:
+            meta = {"key": sample.key, "index": index, "source": source, "origin": list(sample.origin), "sha256": sample.checksum}
+            members = (
+                ("src.jpg", sample.source_jpeg),
+                ("tgt.jpg", sample.target_jpeg),
+                ("json", json.dumps(meta, sort_keys=True).encode()),
+                ("index", struct.pack("<q", index)),
+            )
+            for suffix, data in members:
+                tar.addfile(*_tar_member(f"{sample.key}.{suffix}", data))
+    # wds2idx ships with DALI; argument list, no shell. Its progress chatter is not ours to show.
+    subprocess.run(["wds2idx", str(tar_path), str(index_path)], check=True, capture_output=True)
+    return file_sha256(tar_path)
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def _ordered_map(function: Callable[[Item], Result], items: Iterable[Item], workers: int) -> Iterator[Result]:
+    """`map` on a thread pool (Pillow and boto3 release the GIL) with a bounded look-ahead,
+    results in input order so the output stays deterministic."""
+    ahead = 4 * workers
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
+    return out_dir.parent / f".{out_dir.name}.staging", out_dir.parent / f".{out_dir.name}.old"
+
+
+def _recover(out_dir: Path) -> None:
+    """Undo what an interrupted run left: its staging folder, and a half-done folder swap."""
+    staging, old = _staging_paths(out_dir)
+    if old.exists():
+        if out_dir.exists():
+            shutil.rmtree(old)  # the swap finished; only the clean-up was interrupted
+        else:
+            os.replace(old, out_dir)  # the swap was interrupted: bring the committed set back
+            log.warning("restored %s from an interrupted run", out_dir)
+    if staging.exists():
+        log.warning("removing %s left by an interrupted run", staging)
+        shutil.rmtree(staging)
+
+
+def _remove_uncommitted_shards(out_dir: Path, manifest: Manifest) -> None:
+    """Shards a crashed append moved in but never committed to the manifest."""
+    listed = {shard.tar for split in manifest.splits.values() for shard in split.shards}
+    listed |= {shard.index for split in manifest.splits.values() for shard in split.shards}
+    for split in SPLITS:
+        for path in sorted((out_dir / split).glob(f"{split}-*")):
+            if path.relative_to(out_dir).as_posix() not in listed:
+                log.warning("removing %s: written by an interrupted run, never committed", path)
+                path.unlink()
+
+
+def _shard_defining(params_used: dict) -> dict[str, object]:
+    """Dotted key -> value of every param that decides a shard's bytes. The built-in source's
+    pair counts are not among them: raising a count is how new built-in pairs appear."""
+    values = {key: params_used.get(key) for key in SHARD_DEFINING_PARAMS if key != "source"}
+    source = params_used.get("source", {})
+    for key, value in source.items():
+        if key == "builtin":
+            values |= {f"source.builtin.{k}": v for k, v in value.items() if not k.endswith("_pairs")}
+        else:
+            values[f"source.{key}"] = value
+    return values
+
+
+def _check_append_compatible(existing: Manifest, params_used: dict) -> None:
+    old, new = _shard_defining(existing.params), _shard_defining(params_used)
+    for key in new:
+        if old.get(key) != new[key]:
+            raise PrepareError(
+                f"mode append: params key {key} differs from the one the existing data set in {existing.root} "
+                f"was prepared with ({old.get(key)!r} -> {new[key]!r}); appending would mix "
+                "two data sets. Use mode: overwrite to rebuild, or restore the old value."
+            )
+
+
+def prepare_dataset(
+    params: DataParams,
+    listing: SourceListing,
+    out_dir: Path,
+    progress: bool = True,
+    on_shard_written: Callable[[Path], None] | None = None,
+) -> PrepareResult:
+    """Write (or extend, with mode append) the prepared data set in `out_dir`.
+
+    on_shard_written: called with each shard's staging path once it is complete (progress
+    hooks; tests use it to kill the process mid-run).
+    Raises PrepareError listing every bad input when on_bad_input is stop.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    _recover(out_dir)
+    staging, old = _staging_paths(out_dir)
+    # The loader section is read by training, not by prepare: leaving it out keeps the data
+    # set (and its checksum) unchanged when only augmentation settings change.
+    params_used = params.model_dump(mode="json", exclude={"loader"})
+
+    existing = None
+    if (out_dir / MANIFEST_NAME).exists():
+        if params.mode == "append":
+            existing = load_manifest(out_dir)
+            _check_append_compatible(existing, params_used)
+            _remove_uncommitted_shards(out_dir, existing)
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise PrepareError(f"refusing to write into {out_dir}: it is not empty and holds no {MANIFEST_NAME}")
+    if params.mode == "append" and existing is None:
+        log.info("mode append: no data set in %s yet, writing a new one", out_dir)
+
+    states = {
+        split: _SplitState(
+            shards=list(existing.splits[split].shards) if existing and split in existing.splits else [],
+            samples=list(existing.splits[split].samples) if existing and split in existing.splits else [],
+        )
+        for split in SPLITS
+    }
+    known = {split: {s.key: s for s in state.samples} for split, state in states.items()}
+    problems: list[BadInput] = list(listing.problems)
+    changed: list[dict] = []
+    new_pairs = 0
+    staging.mkdir(parents=True)
+
+    def process(pair: SourcePair) -> _Encoded | list[BadInput] | SampleEntry | None:
+        """The encoded new pair, its problems, the old entry when it changed, or None if unchanged."""
+        try:
+            blobs = pair.read()
+        except BadInputError as error:
+            return [error.problem]
+        checksum = _pair_checksum(blobs)
+        old_entry = known[pair.split].get(pair.key)
+        if old_entry is not None:
+            return None if old_entry.sha256 == checksum else old_entry
+        encoded = encode_pair(pair, blobs, listing.layout, params.source.direction, params.image_size, params.jpeg_quality)
+        if isinstance(encoded, list):
+            return encoded
+        return _Encoded(pair.key, pair.origin, checksum, *encoded)
+
+    def flush(split: str, state: _SplitState) -> None:
+        number = len(state.shards)
+        tar_name, index_name = f"{split}/{split}-{number:06d}.tar", f"{split}/{split}-{number:06d}.idx"
+        (staging / split).mkdir(exist_ok=True)
+        first_index = len(state.samples)
+        indexed = [(sample, first_index + i) for i, sample in enumerate(state.pending)]
+        sha256 = write_shard(staging / tar_name, staging / index_name, indexed, listing.description)
+        state.shards.append(ShardEntry(tar_name, index_name, sha256, len(indexed), first_index))
+        state.samples.extend(
+            SampleEntry(sample.key, index, number, list(sample.origin), sample.checksum) for sample, index in indexed
+        )
+        state.pending = []
+        if on_shard_written is not None:
+            on_shard_written(staging / tar_name)
+
+    try:
+        with tqdm(total=len(listing.pairs), unit="pair", desc="prepare", disable=not progress) as bar:
+            for pair, outcome in zip(listing.pairs, _ordered_map(process, listing.pairs, os.cpu_count() or 1)):
+                bar.update(1)
+                if isinstance(outcome, list):
+                    problems.extend(outcome)
+                elif isinstance(outcome, SampleEntry):
+                    changed.append({
+                        "split": pair.split, "key": pair.key, "origin": list(pair.origin),
+                        "reason": f"content changed since it was written as index {outcome.index}; the old content is kept",
+                    })
+                elif outcome is not None:
+                    new_pairs += 1
+                    if problems and params.on_bad_input == "stop":
+                        continue  # nothing will be committed: check the rest (to report every bad file), keep none
+                    state = states[pair.split]
+                    state.pending.append(outcome)
+                    if len(state.pending) == params.shard_max_count:
+                        flush(pair.split, state)
+        problems.sort(key=lambda problem: (problem.path, problem.reason))
+        if problems and params.on_bad_input == "stop":
+            raise PrepareError(
+                f"{len(problems)} bad input(s) in {listing.description}; nothing was written "
+                "(fix them, or set on_bad_input: skip to write the good pairs and list these as skipped)",
+                problems,
+            )
+        for split, state in states.items():
+            if state.pending:
+                flush(split, state)
+        for problem in problems:
+            log.warning("skipped %s: %s", problem.path, problem.reason)
+        for item in changed:
+            log.warning("changed pair %s/%s not re-added: %s", item["split"], item["key"], item["reason"])
+        splits = {split: SplitManifest(state.shards, state.samples) for split, state in states.items()}
+        body = manifest_body(
+            params.image_size, listing.description, params_used, splits,
+            [p.as_dict() for p in problems], changed,
+        )
+        if existing is None:
+            write_manifest(staging, body)
+            if out_dir.exists():
+                os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                target = out_dir / path.relative_to(staging)
+                target.parent.mkdir(exist_ok=True)
+                os.replace(path, target)
+            write_manifest(out_dir, body)  # the commit point
+            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    current = {(pair.split, pair.key) for pair in listing.pairs}
+    missing = sum(1 for split, state in states.items() for s in state.samples if (split, s.key) not in current)
+    if missing:
+        log.warning("%d pair(s) in the data set are no longer in the source; they stay in their shards", missing)
+    return PrepareResult(load_manifest(out_dir), new_pairs, missing, time.perf_counter() - started)

@@ -1,0 +1,213 @@
+"""Denoising Diffusion GAN (Xiao, Kreis, Vahdat, ICLR 2022) for paired data, with classifier-free guidance.
+
+T (2 to 8) large VP denoising steps; each step's denoising distribution is a conditional GAN:
+G(cat(y_{t+1}, x), t, z) predicts y0, the fake y_t is drawn from the DDPM posterior
+q(y_t | y_{t+1}, y0_hat), and D judges cat(y_t, y_{t+1}, x) at t. Non-saturating loss,
+lazy R1 on the real y_t, EMA of G for sampling. With guidance, x is replaced by the null
+condition (zeros) with probability p_uncond for G and D alike, and sampling uses
+(1 + w) G(., x) - w G(., null) in y0 space with the same z.
+The schedule follows the official code (get_sigma_schedule / Posterior_Coefficients).
+"""
+
+
+import torch
+from torch import nn
+
+from components.config.model import DDGANParams, ModelParams
+from components.data.batch import Batch
+from components.methods.atme import build_ddpm_generator
+from components.methods.base import Autocast, Prepare, unwrap
+from components.methods.ema import EMA
+from components.methods.losses import GANLoss, r1_penalty
+from components.methods.pix2pix import build_discriminator
+from components.training.health import report_discriminator_health
+from components.training.stats import StatsCollector
+
+EPS_SMALL = 1e-3
+
+
+def vp_schedule(num_steps: int, beta_min: float, beta_max: float) -> dict[str, torch.Tensor]:
+    """float64 coefficients for T = num_steps.
+
+    t_k = k/T (1 - 1e-3) + 1e-3, abar(t) = exp(-0.5 t^2 (beta_max - beta_min) - t beta_min),
+    beta_k = 1 - abar_k / abar_{k-1} (k = 1..T).
+    q(y_k | y_0) = N(a_cum[k] y_0, sigma_cum[k]^2) for k = 0..T (k = 0: beta 1e-8, clean);
+    one step: y_{k+1} = a[k+1] y_k + sigma[k+1] eps.
+    Posterior q(y_k | y_{k+1}, y_0), indexed by k = 0..T-1: mean coef1[k] y_0 + coef2[k] y_{k+1},
+    log variance log_var[k] (clipped at 1e-20).
+    """
+    t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps * (1 - EPS_SMALL) + EPS_SMALL
+    alpha_bar = torch.exp(-0.5 * t**2 * (beta_max - beta_min) - t * beta_min)
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    betas_with_first = torch.cat([torch.tensor([1e-8], dtype=torch.float64), betas])
+    a = torch.sqrt(1 - betas_with_first)
+    a_cum = torch.cumprod(a, dim=0)
+    alphas = 1 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "a": a,
+        "sigma": torch.sqrt(betas_with_first),
+        "a_cum": a_cum,
+        "sigma_cum": torch.sqrt(1 - a_cum**2),
+        "coef1": betas * torch.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
+        "coef2": (1 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1 - alphas_cumprod),
+        "log_var": torch.log(variance.clamp(min=1e-20)),
+    }
+
+
+class DDGANSampler(nn.Module):
+    """Inference: y_T ~ N(0, I), then T denoising steps, each one G call (two batched with guidance).
+
+    `guidance_weight` is a sampling-time knob; `seed`, when set, makes the noise reproducible
+    (leave it None for torch.export).
+    """
+
+    def __init__(self, generator: nn.Module, params: DDGANParams, target_channels: int, guidance_weight: float):
+        super().__init__()
+        self.generator = generator
+        self.num_steps = params.num_steps
+        self.nz = params.nz
+        self.target_channels = target_channels
+        self.guidance_trained = params.guidance is not None
+        self.guidance_weight = guidance_weight
+        self.seed: int | None = None
+        schedule = vp_schedule(params.num_steps, params.beta_min, params.beta_max)
+        for name in ("coef1", "coef2", "log_var"):
+            self.register_buffer(name, schedule[name].float(), persistent=False)
+
+    @property
+    def nfe(self) -> int:
+        return self.num_steps * (2 if self.guidance_weight != 0 else 1)
+
+    def predict_y0(self, y: torch.Tensor, source: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.guidance_weight == 0:
+            return self.generator(torch.cat([y, source], dim=1), t, z)
+        both = torch.cat([torch.cat([y, source], dim=1), torch.cat([y, torch.zeros_like(source)], dim=1)])
+        conditional, unconditional = self.generator(both, t.repeat(2), z.repeat(2, 1)).chunk(2)
+        w = self.guidance_weight
+        return ((1 + w) * conditional - w * unconditional).clamp(-1, 1)
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        generator = None if self.seed is None else torch.Generator(device=source.device).manual_seed(self.seed)
+        batch, _, height, width = source.shape
+        y = torch.randn(batch, self.target_channels, height, width, device=source.device, dtype=source.dtype, generator=generator)
+        y0 = y
+        for k in range(self.num_steps - 1, -1, -1):
+            t = torch.full((batch,), float(k), device=source.device)
+            z = torch.randn(batch, self.nz, device=source.device, dtype=source.dtype, generator=generator)
+            y0 = self.predict_y0(y, source, t, z)
+            if k > 0:
+                noise = torch.randn(y.shape, device=source.device, dtype=source.dtype, generator=generator)
+                y = self.coef1[k] * y0 + self.coef2[k] * y + torch.exp(0.5 * self.log_var[k]) * noise
+        return y0
+
+
+class DDGAN:
+    default_betas = (0.5, 0.9)
+
+    def __init__(self, model: ModelParams, dataset_size: int, device: torch.device, prepare: Prepare, autocast: Autocast):
+        method: DDGANParams = model.method
+        self.model, self.params, self.device, self.autocast = model, method, device, autocast
+        target, source = model.target_channels, model.source_channels
+        self.G = prepare(build_ddpm_generator(model, target + source, target, latent_dim=method.nz))
+        self.D = prepare(build_discriminator(model, 2 * target + source, time_conditioned=True))
+        self.ema = EMA(unwrap(self.G), method.ema_decay)
+        self.gan_loss = GANLoss(method.loss)
+        self.lambda_l1 = method.loss.lambda_l1
+        self.r1_gamma = method.loss.r1_gamma
+        self.r1_interval = method.loss.r1_interval if method.loss.r1_gamma > 0 else 0
+        schedule = vp_schedule(method.num_steps, method.beta_min, method.beta_max)
+        self.schedule = {name: value.float().to(device) for name, value in schedule.items()}
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return list(self.G.parameters())
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return list(self.D.parameters())
+
+    def _coefficient(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        return self.schedule[name][index][:, None, None, None]
+
+    def diffuse_pair(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y_t, y_{t+1}) from clean y0 for integer t in 0..T-1."""
+        y_t = self._coefficient("a_cum", t) * y0 + self._coefficient("sigma_cum", t) * torch.randn_like(y0)
+        y_next = self._coefficient("a", t + 1) * y_t + self._coefficient("sigma", t + 1) * torch.randn_like(y0)
+        return y_t, y_next
+
+    def posterior_sample(self, y0: torch.Tensor, y_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        mean = self._coefficient("coef1", t) * y0 + self._coefficient("coef2", t) * y_next
+        noise = torch.randn_like(y0) * (t > 0).to(y0.dtype)[:, None, None, None]
+        return mean + torch.exp(0.5 * self._coefficient("log_var", t)) * noise
+
+    def _condition(self, source: torch.Tensor) -> torch.Tensor:
+        if self.params.guidance is None:
+            return source
+        dropped = torch.rand(source.shape[0], device=source.device) < self.params.guidance.p_uncond
+        return torch.where(dropped[:, None, None, None], torch.zeros_like(source), source)
+
+    def _discriminate(self, y_t: torch.Tensor, y_next: torch.Tensor, condition: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.D(torch.cat([y_t, y_next, condition], dim=1), t.float())
+
+    def accumulate_gradients(self, phase: str, batch: Batch, gain: int, stats: StatsCollector) -> None:
+        target = batch["target"]
+        n = target.shape[0]
+        if phase == "G-main":
+            t = torch.randint(0, self.params.num_steps, (n,), device=target.device)
+            y_t, y_next = self.diffuse_pair(target, t)
+            condition = self._condition(batch["source"])
+            z = torch.randn(n, self.params.nz, device=target.device)
+            with self.autocast():
+                y0_hat = self.G(torch.cat([y_next, condition], dim=1), t.float(), z)
+                fake = self.posterior_sample(y0_hat.float(), y_next, t)
+                fake_logits = self._discriminate(fake, y_next, condition, t)
+                gan = self.gan_loss.generator(fake_logits)
+                l1 = (y0_hat.float() - target).abs().mean()
+                loss = gan + self.lambda_l1 * l1
+            stats.report("loss/G", loss)
+            stats.report("loss/G_gan", gan)
+            stats.report("loss/G_L1", l1)
+            self._cache = {"t": t, "y_t": y_t, "y_next": y_next, "condition": condition, "fake": fake.detach()}
+            loss.mul(gain).backward()
+        elif phase == "D-main":
+            cache = self._cache
+            with self.autocast():
+                real_logits = self._discriminate(cache["y_t"], cache["y_next"], cache["condition"], cache["t"])
+                fake_logits = self._discriminate(cache["fake"], cache["y_next"], cache["condition"], cache["t"])
+                loss = self.gan_loss.discriminator(real_logits, fake_logits)
+            stats.report("loss/D", loss)
+            report_discriminator_health(stats, real_logits, fake_logits)
+            loss.mul(gain).backward()
+        elif phase == "D-reg":
+            t = torch.randint(0, self.params.num_steps, (n,), device=target.device)
+            y_t, y_next = self.diffuse_pair(target, t)
+            y_t = y_t.detach().requires_grad_(True)
+            with self.autocast():
+                real_logits = self._discriminate(y_t, y_next, self._condition(batch["source"]), t)
+                penalty = r1_penalty(real_logits, y_t)
+            stats.report("loss/R1", penalty)
+            (penalty * (self.r1_gamma / 2) + real_logits.float().mean() * 0).mul(gain).backward()
+        else:
+            raise ValueError(f"DDGAN has no phase {phase!r}")
+
+    def after_step(self, batch: Batch, stats: StatsCollector) -> None:
+        self.ema.update(unwrap(self.G))
+        self._cache = {}
+
+    def make_sampler(self) -> nn.Module:
+        weight = self.params.guidance.weight if self.params.guidance is not None else 0.0
+        return DDGANSampler(self.ema.shadow, self.params, self.model.target_channels, weight).to(self.device)
+
+    def extra_state(self) -> dict:
+        return {"ema": self.ema.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+
+

@@ -1,0 +1,43 @@
+"""GAN objectives (vanilla / LSGAN / hinge, one-sided label smoothing) and the R1 penalty."""
+
+import torch
+from torch.nn import functional as F
+
+from components.config.model import LossParams
+
+
+class GANLoss:
+    """D and G losses on logit maps; D's loss is halved as in pix2pix (D learns at half G's rate)."""
+
+    def __init__(self, params: LossParams):
+        self.kind = params.gan_loss
+        self.real_label = 1.0 - params.label_smoothing
+
+    def discriminator(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        real_logits, fake_logits = real_logits.float(), fake_logits.float()
+        if self.kind == "vanilla":
+            # BCE with target y: y softplus(-l) + (1 - y) softplus(l).
+            label = self.real_label
+            real = label * F.softplus(-real_logits) + (1 - label) * F.softplus(real_logits)
+            fake = F.softplus(fake_logits)
+        elif self.kind == "lsgan":
+            real = (real_logits - self.real_label).square()
+            fake = fake_logits.square()
+        else:
+            real = F.relu(self.real_label - real_logits)
+            fake = F.relu(1.0 + fake_logits)
+        return 0.5 * (real.mean() + fake.mean())
+
+    def generator(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        fake_logits = fake_logits.float()
+        if self.kind == "vanilla":
+            return F.softplus(-fake_logits).mean()  # non-saturating: -log D(G)
+        if self.kind == "lsgan":
+            return (fake_logits - 1.0).square().mean()
+        return -fake_logits.mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_input: torch.Tensor) -> torch.Tensor:
+    """E |grad_{real_input} sum D|^2 per sample; `real_input` must require grad."""
+    (gradient,) = torch.autograd.grad(real_logits.float().sum(), real_input, create_graph=True)
+    return gradient.float().square().sum(dim=(1, 2, 3)).mean()

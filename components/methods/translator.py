@@ -1,0 +1,116 @@
+"""The exported generator: one nn.Module with the method's sampling inside.
+
+Evaluation, registry and predict use only this. The export is plain data (the model params
+as a dict, tensors, numbers), saved with torch.save and read back with weights_only=True.
+`forward` has no data-dependent Python control flow, so torch.export (MLflow's pt2) works;
+DDGAN's noise comes from torch.randn (set `seed` only for reproducible eager sampling).
+"""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
+from components.methods.atme import ATMESampler, build_ddpm_generator
+from components.methods.ddgan import DDGANSampler
+from components.methods.pix2pix import Pix2PixSampler, build_unet_generator
+
+if TYPE_CHECKING:
+    from components.training.loop import TrainingSession
+
+FORMAT_VERSION = 1
+
+
+class Translator(nn.Module):
+    """source (N x C x H x W in [-1, 1]) -> translated image in [-1, 1]."""
+
+    def __init__(self, sampler: nn.Module, method: str):
+        super().__init__()
+        self.sampler = sampler
+        self.method = method
+
+    @property
+    def nfe(self) -> int:
+        """Generator calls per image (DDGAN: T, or 2T with guidance)."""
+        return self.sampler.nfe
+
+    @property
+    def supports_guidance(self) -> bool:
+        return isinstance(self.sampler, DDGANSampler) and self.sampler.guidance_trained
+
+    @property
+    def guidance_weight(self) -> float:
+        return self.sampler.guidance_weight if self.supports_guidance else 0.0
+
+    @guidance_weight.setter
+    def guidance_weight(self, weight: float) -> None:
+        if not self.supports_guidance:
+            raise ValueError(
+                f"this {self.method} generator has no guidance: only DDGAN trained with `guidance:` "
+                "(condition dropout) can be guided"
+            )
+        if weight < 0:
+            raise ValueError(f"guidance_weight must be >= 0, got {weight}")
+        self.sampler.guidance_weight = float(weight)
+
+    @property
+    def seed(self) -> int | None:
+        return getattr(self.sampler, "seed", None)
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        return self.sampler(source).clamp(-1.0, 1.0)
+
+
+def build_sampler(model: ModelParams) -> nn.Module:
+    """An untrained sampler of the right architecture, to load an export's state into."""
+    method = model.method
+    if isinstance(method, Pix2PixParams):
+        return Pix2PixSampler(build_unet_generator(model))
+    if isinstance(method, ATMEParams):
+        generator = build_ddpm_generator(model, model.source_channels, model.target_channels)
+        return ATMESampler(generator, torch.zeros(1, 1, model.image_size, model.image_size))
+    if isinstance(method, DDGANParams):
+        channels = model.target_channels + model.source_channels
+        generator = build_ddpm_generator(model, channels, model.target_channels, latent_dim=method.nz)
+        weight = method.guidance.weight if method.guidance is not None else 0.0
+        return DDGANSampler(generator, method, model.target_channels, weight)
+    raise TypeError(f"no sampler for {type(method).__name__}")
+
+
+def export_translator(session: "TrainingSession", metadata: dict | None = None) -> dict:
+    """The session's generator as plain data: model params, sampler state, metadata."""
+    sampler = session.method.make_sampler()
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": session.model.model_dump(mode="json"),
+        "sampler_state": {name: value.detach().cpu().clone() for name, value in sampler.state_dict().items()},
+        "guidance_weight": float(getattr(sampler, "guidance_weight", 0.0)),
+        "metadata": {"method": session.model.method.name, "step": session.step, "epoch": session.epoch, **(metadata or {})},
+    }
+
+
+def translator_from_export(exported: dict) -> Translator:
+    if exported.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported translator format {exported.get('format_version')!r}, expected {FORMAT_VERSION}")
+    model = ModelParams.model_validate(exported["model"])
+    sampler = build_sampler(model)
+    sampler.load_state_dict(exported["sampler_state"])
+    translator = Translator(sampler, model.method.name)
+    if translator.supports_guidance:
+        translator.guidance_weight = exported["guidance_weight"]
+    return translator.eval()
+
+
+def save_translator(path: Path | str, session: "TrainingSession", metadata: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(export_translator(session, metadata), temporary)
+    temporary.replace(path)  # never leave a half-written generator behind
+
+
+def load_translator(path: Path | str, map_location: str | torch.device = "cpu") -> Translator:
+    exported = torch.load(path, map_location=map_location, weights_only=True)
+    return translator_from_export(exported)

@@ -1,0 +1,187 @@
+"""The DDPM-style U-Net: ATME's generator and, with a latent z and a condition, DDGAN's.
+
+Written for throughput as well as correctness (the reference ATME spends its time on
+memory-bound work): plain convolutions (no weight standardisation), linear attention as
+batched matmuls on views (no einsum reshapes at full resolution), and
+`F.scaled_dot_product_attention` for the full attention in the middle.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from components.networks.embedding import sinusoidal_embedding
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv -> GroupNorm with FiLM(time) -> SiLU -> conv, plus a skip.
+
+    With a latent embedding, the first norm is adaptive: (1 + gamma(z)) * GN(h) + beta(z).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, groups: int, latent_dim: int | None, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.latent_projection = nn.Linear(latent_dim, 2 * in_channels) if latent_dim else None
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_projection = nn.Linear(embed_dim, 2 * out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.latent_projection is not None:
+            gamma, beta = self.latent_projection(latent)[:, :, None, None].to(h.dtype).chunk(2, dim=1)
+            h = torch.addcmul(beta, h, 1 + gamma)
+        h = self.conv1(F.silu(h))
+        scale, shift = self.time_projection(time)[:, :, None, None].to(h.dtype).chunk(2, dim=1)
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return h + self.skip(x)
+
+
+class LinearAttention(nn.Module):
+    """Pre-norm linear attention (softmax over features for q, over positions for k), residual."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
+        self.out = nn.Sequential(nn.Conv2d(heads * head_dim, channels, 1), nn.GroupNorm(1, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, self.head_dim, height * width)
+        q, k, v = qkv.unbind(1)
+        q = q.softmax(dim=-2) * self.head_dim**-0.5
+        k = k.softmax(dim=-1)
+        context = torch.matmul(k, v.transpose(-1, -2))  # heads x d x d: the cost is linear in positions
+        attended = torch.matmul(context.transpose(-1, -2), q)
+        return x + self.out(attended.reshape(batch, self.heads * self.head_dim, height, width))
+
+
+class FullAttention(nn.Module):
+    """Pre-norm multi-head softmax attention over all positions (used at the lowest resolution)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
+        self.out = nn.Conv2d(heads * head_dim, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, self.head_dim, height * width).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
+        return x + self.out(attended.reshape(batch, self.heads * self.head_dim, height, width))
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: ResBlocks, optional linear attention after the last."""
+
+    def __init__(self, blocks: list[ResBlock], attention: nn.Module | None, resample: nn.Module):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = attention if attention is not None else nn.Identity()
+        self.resample = resample
+
+
+class Upsample(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DDPMUNet(nn.Module):
+    """U-Net with a scalar time input: G(image, t) or, for DDGAN, G(cat(y_{t+1}, x), t, z).
+
+    Layout as the reference (lucidrains' denoising-diffusion U-Net that ATME uses): a 7x7
+    stem, per level `blocks_per_level` ResBlocks each feeding a skip, linear attention where
+    configured, a stride-2 downsampling; ResBlock / full attention / ResBlock in the middle;
+    the mirror on the way up; a final ResBlock on the stem's output and a 1x1 conv, tanh.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        width: int = 64,
+        channel_multipliers: tuple[int, ...] = (1, 2, 4, 8),
+        attention_levels: tuple[int, ...] = (0, 1, 2, 3),
+        blocks_per_level: int = 2,
+        groups: int = 8,
+        attention_heads: int = 4,
+        attention_head_dim: int = 32,
+        dropout: float = 0.0,
+        latent_dim: int | None = None,
+    ):
+        super().__init__()
+        self.width = width
+        embed_dim = 4 * width
+        self.stem = nn.Conv2d(in_channels, width, 7, padding=3)
+        self.time_mlp = nn.Sequential(nn.Linear(width, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
+        # The latent goes through a small mapping network first (as DDGAN's z mapping).
+        self.latent_mlp = (
+            nn.Sequential(nn.Linear(latent_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim), nn.SiLU())
+            if latent_dim
+            else None
+        )
+        latent_embed = embed_dim if latent_dim else None
+
+        def res_block(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, embed_dim, groups, latent_embed, dropout)
+
+        def linear_attention(channels: int, level: int) -> nn.Module | None:
+            return LinearAttention(channels, attention_heads, attention_head_dim, groups) if level in attention_levels else None
+
+        dims = [width * multiplier for multiplier in channel_multipliers]
+        inputs = [width, *dims[:-1]]
+        last = len(dims) - 1
+        self.downs = nn.ModuleList()
+        for level, (cin, cout) in enumerate(zip(inputs, dims)):
+            resample = nn.Conv2d(cin, cout, 4, 2, 1) if level < last else nn.Conv2d(cin, cout, 3, padding=1)
+            blocks = [res_block(cin, cin) for _ in range(blocks_per_level)]
+            self.downs.append(Level(blocks, linear_attention(cin, level), resample))
+        middle = dims[-1]
+        self.mid_block1 = res_block(middle, middle)
+        self.mid_attention = FullAttention(middle, attention_heads, attention_head_dim, groups)
+        self.mid_block2 = res_block(middle, middle)
+        self.ups = nn.ModuleList()
+        for level in range(last, -1, -1):
+            cin, cout = inputs[level], dims[level]
+            resample = Upsample(cout, cin) if level > 0 else nn.Conv2d(cout, cin, 3, padding=1)
+            blocks = [res_block(cout + cin, cout) for _ in range(blocks_per_level)]
+            self.ups.append(Level(blocks, linear_attention(cout, level), resample))
+        self.final_block = res_block(2 * width, width)
+        self.final_conv = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        time = self.time_mlp(sinusoidal_embedding(t, self.width))
+        latent = self.latent_mlp(z) if self.latent_mlp is not None else None
+        x = self.stem(x)
+        stem = x
+        skips = []
+        for level in self.downs:
+            for index, block in enumerate(level.blocks):
+                x = block(x, time, latent)
+                if index == len(level.blocks) - 1:
+                    x = level.attention(x)
+                skips.append(x)
+            x = level.resample(x)
+        x = self.mid_block2(self.mid_attention(self.mid_block1(x, time, latent)), time, latent)
+        for level in self.ups:
+            for index, block in enumerate(level.blocks):
+                x = block(torch.cat([x, skips.pop()], dim=1), time, latent)
+                if index == len(level.blocks) - 1:
+                    x = level.attention(x)
+            x = level.resample(x)
+        x = self.final_block(torch.cat([x, stem], dim=1), time, latent)
+        return torch.tanh(self.final_conv(x))

@@ -1,0 +1,215 @@
+"""MLflow tracking of a training job: one run per job, created by the driver, filled by worker rank 0.
+
+The driver checks that the tracking store answers before anything is trained, creates the run
+with the validated config as params and the provenance tags (data manifest checksum, git
+commit), and closes it with the outcome. Worker rank 0 logs the per-epoch metrics, the sample
+grids and (optionally) the system metrics of its own machine, where the GPU is: that is why
+the worker, not the driver, owns the epoch logging. Other ranks never log.
+
+Nothing here logs a credential: tracking URIs are shown with their user:password part removed,
+and params come from the validated config models, which hold no secrets.
+"""
+
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from components.evaluation.grid import sample_grid
+
+TAG_MANIFEST_CHECKSUM = "pairgan.data_manifest_checksum"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the tag MLflow's UI shows as the source version
+TAG_OUTCOME = "pairgan.outcome"  # finished | diverged | failed
+TAG_DIVERGED = "pairgan.diverged"
+TAG_DIVERGENCE_REASON = "pairgan.divergence_reason"
+
+# MLflow caps a param value at 6000 characters; a flattened config value never comes close,
+# but a long list (e.g. a T schedule) is cut rather than failing the whole job.
+_PARAM_VALUE_LIMIT = 6000
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be used; raised before any training starts."""
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any user:password part removed, safe to print and to log."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def default_tracking_uri(working_dir: Path) -> str:
+    """The embedded store used when MLFLOW_TRACKING_URI is not set: a SQLite file in the working dir."""
+    return f"sqlite:///{Path(working_dir).resolve() / 'mlflow.db'}"
+
+
+def _check_sqlite_location(uri: str) -> None:
+    database = Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("sqlite:////") or database.is_absolute():
+        folder = database.parent
+    else:
+        folder = (Path.cwd() / database).parent
+    if not folder.is_dir():
+        raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} does not exist")
+    if database.exists() and not database.is_file():
+        raise TrackingUnavailable(f"MLflow store {uri}: {database} is not a file")
+
+
+def _check_http_health(uri: str, timeout_s: float) -> None:
+    # MLflow's own client retries a dead server with back-off for minutes; one short probe
+    # of the server's /health endpoint answers "is anyone there" at once.
+    health = uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(health)
+    host = parts.hostname or ""
+    request_url = urllib.parse.urlunsplit(
+        (parts.scheme, f"{host}:{parts.port}" if parts.port else host, parts.path, "", "")
+    )
+    request = urllib.request.Request(request_url, method="GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        # An answer with an error status still proves the server is up (e.g. auth proxies
+        # that guard /health); the real client call below checks access.
+        status = error.code
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {redact_uri(uri)} is not reachable ({reason}); start it, fix "
+            "MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+        ) from None
+    if status >= 500:
+        raise TrackingUnavailable(f"MLflow tracking server {redact_uri(uri)} answered /health with HTTP {status}")
+
+
+def check_tracking_reachable(uri: str, experiment: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with the reason, when the tracking store cannot be written to.
+
+    Run this before Ray starts: a job that trains for hours and then cannot log is worse than
+    one that refuses to start.
+    """
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "sqlite":
+        _check_sqlite_location(uri)
+    elif scheme in {"http", "https"}:
+        _check_http_health(uri, timeout_s)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment)
+    except MlflowException as error:
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error.message}") from None
+    except OSError as error:
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error}") from None
+
+
+def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"run.scaling.num_workers": "2", ...}, the form MLflow params take."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:_PARAM_VALUE_LIMIT]
+    return flat
+
+
+def git_commit(repo_dir: Path) -> str | None:
+    """The checked-out commit of the repository holding `repo_dir`, or None outside git."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
+def start_job_run(
+    uri: str, experiment: str, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]
+) -> str:
+    """Create the job's run with its params and tags; returns the run id the workers log to."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_entity = client.get_experiment_by_name(experiment)
+    experiment_id = experiment_entity.experiment_id if experiment_entity else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    items = [Param(key, value) for key, value in params.items()]
+    # log_batch accepts at most 100 params per call.
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    if not items:
+        client.log_batch(run.info.run_id, tags=[RunTag(TAG_OUTCOME, "running")])
+    return run.info.run_id
+
+
+def finish_job_run(
+    uri: str, run_id: str, outcome: Literal["finished", "diverged", "failed"], tags: Mapping[str, str] | None = None
+) -> None:
+    """Close the run: FINISHED for a trained model, FAILED otherwise, with the outcome as a tag."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for key, value in {TAG_OUTCOME: outcome, **(tags or {})}.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status="FINISHED" if outcome == "finished" else "FAILED")
+
+
+def _metric_key(name: str) -> str:
+    # MLflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in metric names.
+    return "".join(char if char.isalnum() or char in "_-. :/" else "_" for char in name)
+
+
+class EpochLogger:
+    """Worker rank 0's view of the job's run: per-epoch metrics, sample grids, system metrics."""
+
+    def __init__(self, uri: str, run_id: str, system_metrics: bool, system_metrics_interval_s: int) -> None:
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=uri)
+        self._run_id = run_id
+        self._monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # resume_logging continues the step count after a worker restart instead of
+            # writing a second series from step 0 into the same run.
+            self._monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=system_metrics_interval_s, resume_logging=True, tracking_uri=uri
+            )
+            self._monitor.start()
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        items = [Metric(_metric_key(name), float(value), now_ms, epoch) for name, value in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self._client.log_batch(self._run_id, metrics=items[start : start + 1000])
+
+    def log_sample_grid(self, epoch: int, source: torch.Tensor, generated: torch.Tensor, target: torch.Tensor) -> None:
+        grid = sample_grid(list(zip(source, generated, target, strict=True)))
+        self._client.log_image(self._run_id, grid, artifact_file=f"samples/epoch_{epoch:04d}.png")
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None

@@ -1,0 +1,84 @@
+"""The README's main job, `dvc repro`, on the built-in data, in a fresh copy of the project.
+
+One test on purpose: every step reuses the state the previous one left, as a user's repository
+would (a second `dvc repro` after the first, a param change after that).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def copy_project(destination: Path) -> None:
+    """The files a fresh clone has: tracked ones plus new files git does not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = PROJECT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_dvc_repro_end_to_end(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_project(repo)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
+           "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "fresh clone"], repo, env)
+
+    first = run(["dvc", "repro"], repo, env)
+    assert {"prepare", "train", "evaluate", "register"} <= ran_stages(first.stdout)
+
+    register_report = json.loads((repo / "reports/register.json").read_text())
+    assert register_report["promoted"] is True  # the first model ever becomes champion
+    evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert evaluation["mean"]["l1"] >= 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    register_params = yaml.safe_load((repo / "params/register.yaml").read_text())
+    champion = client.get_model_version_by_alias(register_params["model_name"], "champion")
+    assert champion.version == str(register_report["version"])
+
+    second = run(["dvc", "repro"], repo, env)
+    assert ran_stages(second.stdout) == set(), second.stdout
+
+    train_params_path = repo / "params/train.yaml"
+    train_params = yaml.safe_load(train_params_path.read_text())
+    train_params["seed"] = train_params.get("seed", 0) + 1
+    train_params_path.write_text(yaml.safe_dump(train_params, sort_keys=False))
+    third = run(["dvc", "repro"], repo, env)
+    assert "prepare" not in ran_stages(third.stdout)
+    assert {"train", "evaluate", "register"} <= ran_stages(third.stdout)
+
+    metrics_diff = run(["dvc", "metrics", "diff", "--json"], repo, env)
+    assert json.loads(metrics_diff.stdout) is not None
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, env)
+    assert (tmp_path / "plots" / "index.html").exists()
