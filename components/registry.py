@@ -172,13 +172,26 @@ def translator_signature(card: TranslatorCard):
 
 
 def load_registered(model_uri: str, tracking_uri: str, device: torch.device) -> nn.Module:
-    """A logged or registered translator as a runnable module on `device`."""
+    """A logged or registered translator as a runnable module on `device`.
+
+    A pt2 graph records the device it was exported on inside its operations (DDGAN's
+    `torch.full(..., device=source.device)` becomes `device='cpu'`), so moving the loaded
+    module's weights is not enough: the graph itself is rewritten with torch.export's
+    `move_to_device_pass`.
+    """
+    import mlflow
     import mlflow.pytorch
+    from mlflow.models import Model
+    from torch.export.passes import move_to_device_pass
 
     mlflow.set_tracking_uri(tracking_uri)
-    # pt2 graphs load with their weights on the device they were exported on (the CPU);
-    # moving the unlifted module moves them.
-    return mlflow.pytorch.load_model(model_uri).to(device)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    # load_model checks that the archive holds no pickled code before torch.export.load reads it
+    module = mlflow.pytorch.load_model(str(local))
+    if device.type == "cpu":
+        return module
+    data = Model.load(str(local)).flavors["pytorch"]["model_data"]
+    return move_to_device_pass(torch.export.load(local / data / "model.pt2"), device).module()
 
 
 def model_card(model_uri: str, tracking_uri: str) -> TranslatorCard:
@@ -228,8 +241,10 @@ def register_with_gate(
     translator = translator.to("cpu").eval()
     # batch 2: torch.export specialises a size-1 dimension, and the batch must stay dynamic
     example = torch.zeros(2, card.channels, card.image_size, card.image_size)
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else "register") as run:
-        run_id = run.info.run_id
+    resumed = run_id is not None
+    run_id = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if resumed else "register").info.run_id
+    status = "FINISHED"
+    try:
         logged = mlflow.pytorch.log_model(
             translator,
             name=MODEL_ARTIFACT_NAME,
@@ -244,9 +259,19 @@ def register_with_gate(
             metadata={"pairgan": asdict(card)},
         )
         if metrics:
-            mlflow.log_metrics(metrics)
+            # prefixed: the training run already holds per-epoch curves under plain names
+            mlflow.log_metrics({f"eval/{name}": value for name, value in metrics.items()})
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
+    except Exception as error:  # torch.export failures come as many types; all mean "not loggable"
+        # a resumed training run stays FINISHED: its training did not fail
+        status = "FINISHED" if resumed else "FAILED"
+        raise RegistrationRefused(
+            f"the generator could not be logged to MLflow in the pt2 (torch.export) format: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    finally:
+        mlflow.end_run(status)
 
     challenger_score = score(load_registered(logged.model_uri, tracking_uri, device))
     if not math.isfinite(challenger_score):

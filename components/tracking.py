@@ -54,12 +54,14 @@ def default_tracking_uri(working_dir: Path) -> str:
     return f"sqlite:///{Path(working_dir).resolve() / 'mlflow.db'}"
 
 
+def _sqlite_file(uri: str) -> Path:
+    # sqlite:////abs/path.db is absolute, sqlite:///rel.db is relative to the working dir.
+    return (Path.cwd() / uri.removeprefix("sqlite:///")).resolve()
+
+
 def _check_sqlite_location(uri: str) -> None:
-    database = Path(uri.removeprefix("sqlite:///"))
-    if uri.startswith("sqlite:////") or database.is_absolute():
-        folder = database.parent
-    else:
-        folder = (Path.cwd() / database).parent
+    database = _sqlite_file(uri)
+    folder = database.parent
     if not folder.is_dir():
         raise TrackingUnavailable(f"MLflow store {uri}: folder {folder} does not exist")
     if database.exists() and not database.is_file():
@@ -108,13 +110,28 @@ def check_tracking_reachable(uri: str, experiment: str, timeout_s: float = 5.0) 
     from mlflow.exceptions import MlflowException
 
     try:
-        client = MlflowClient(tracking_uri=uri)
-        if client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment)
+        _experiment_id(MlflowClient(tracking_uri=uri), uri, experiment)
     except MlflowException as error:
         raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error.message}") from None
     except OSError as error:
         raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error}") from None
+
+
+def _experiment_id(client, uri: str, experiment: str) -> str:
+    """The experiment's id, creating it if needed.
+
+    With a SQLite store MLflow's default artifact root is the relative path ./mlruns, which
+    each process resolves against its own working directory, and Ray workers run elsewhere:
+    the grids would land in a folder nobody looks in. Give the experiment an absolute
+    artifact folder next to the database instead (a server decides its own).
+    """
+    existing = client.get_experiment_by_name(experiment)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if urllib.parse.urlsplit(uri).scheme == "sqlite":
+        location = (_sqlite_file(uri).parent / "mlartifacts").as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
 
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
@@ -149,9 +166,7 @@ def start_job_run(
     from mlflow.entities import Param, RunTag
 
     client = MlflowClient(tracking_uri=uri)
-    experiment_entity = client.get_experiment_by_name(experiment)
-    experiment_id = experiment_entity.experiment_id if experiment_entity else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name, tags=dict(tags))
     items = [Param(key, value) for key, value in params.items()]
     # log_batch accepts at most 100 params per call.
     for start in range(0, len(items), 100):

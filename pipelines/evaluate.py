@@ -11,14 +11,16 @@ import io
 import json
 import logging
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
 from components.config import load_params
 from components.config.data import DataParams
 from components.config.evaluate import EvaluateParams
+from components.data.batch import Batch
 from components.data.loaders import make_loader
 from components.data.manifest import load_manifest, write_atomic
 from components.evaluation.features import FeaturesUnavailable, load_inception
@@ -27,6 +29,8 @@ from components.evaluation.held_out import measure_latency, pick_device, score_h
 from components.methods.translator import load_translator
 
 log = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
 
 METRICS_FILE, PER_IMAGE_FILE, SWEEP_FILE, GRID_FILE = "metrics.json", "per_image.csv", "guidance_sweep.csv", "samples.png"
 
@@ -81,15 +85,22 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
     data_params = load_params(params_dir / "data.yaml", DataParams)
     out = Path(args.out)
-    train_report = read_train_report(Path(args.train_report))
-    manifest = load_manifest(args.data)
-    device = pick_device(params.device)
+    def held_out(description: str = "evaluate") -> Iterable[Batch]:
+        loader = make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device)
+        # disable=None: a bar on a terminal, nothing in DVC's logs
+        return tqdm(loader, total=len(loader), desc=description, unit="batch", disable=None)
 
-    translator = load_translator(args.model, map_location=device).to(device).eval()
+    try:
+        train_report = read_train_report(Path(args.train_report))
+        manifest = load_manifest(args.data)
+        device = pick_device(params.device)
+        held_out()  # fails here, with the reason, on a missing or empty split
+        translator = load_translator(args.model, map_location=device).to(device).eval()
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        # KeyError: the split is not in the manifest; RuntimeError: no GPU for device: cuda
+        print(f"pairgan evaluate: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
+        return EXIT_FAILED
     log.info("generator %s: method %s, NFE %d", args.model, translator.method, translator.nfe)
-
-    def held_out():
-        return make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device)
 
     extractor, features_note = None, None
     try:
@@ -105,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     latency = measure_latency(translator, example, device, params.latency)
 
     if translator.supports_guidance:
-        sweep = sweep_guidance(translator, held_out, params.guidance_sweep.weights, device, **score_options)
+        sweep = sweep_guidance(
+            translator, lambda: held_out("guidance sweep"), params.guidance_sweep.weights, device, **score_options
+        )
     else:
         # no guidance is w = 0 in the classifier-free formula (1 + w) f(x) - w f(null); one row keeps
         # the plot file present for DVC whatever the method

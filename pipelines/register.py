@@ -67,6 +67,8 @@ def _read_metrics(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no evaluation report; run `pairgan evaluate` first") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
     evaluate_params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
     data_params = load_params(params_dir / "data.yaml", DataParams)
 
-    train_report = read_train_report(Path(args.train_report))
-    evaluation = _read_metrics(Path(args.evaluation))
+    try:
+        train_report = read_train_report(Path(args.train_report))
+        evaluation = _read_metrics(Path(args.evaluation))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"pairgan register: {error}", file=sys.stderr)
+        return EXIT_FAILED
     means = evaluation["mean"]
     if params.primary_metric not in means:
         raise ParamsError(
@@ -98,9 +104,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     log.info("MLflow: %s, registered model %r", redact_uri(tracking_uri), params.model_name)
 
-    manifest = load_manifest(args.data)
-    device = pick_device(evaluate_params.device)
-    translator = load_translator(args.model, map_location="cpu").eval()
+    try:
+        manifest = load_manifest(args.data)
+        device = pick_device(evaluate_params.device)
+        translator = load_translator(args.model, map_location="cpu").eval()
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"pairgan register: {error}", file=sys.stderr)
+        return EXIT_FAILED
     extractor = None
     if params.primary_metric in FEATURE_METRICS:
         try:
@@ -120,8 +130,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return scores.means[params.primary_metric]
 
-    # the registered graph takes exactly what the held-out loader yields (evaluation size, channels)
-    example = next(iter(held_out()))["source"]
+    try:
+        # the registered graph takes exactly what the held-out loader yields (evaluation size, channels)
+        example = next(iter(held_out()))["source"]
+    except (ValueError, KeyError) as error:
+        print(f"pairgan register: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
+        return EXIT_FAILED
     card = TranslatorCard(
         nfe=translator.nfe,
         supports_guidance=translator.supports_guidance,

@@ -139,7 +139,18 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:
         finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
-        print(f"pairgan train: {train_path}: run: {error}", file=sys.stderr)
+        files = {"model": model_path, "train": train_path, "data": Path(args.data) / "manifest.json"}
+        lines = [
+            f"  {files[change.key.split('.', 1)[0]]}: {change.key.split('.', 1)[1]}: "
+            f"checkpoint has {change.checkpoint}, now {change.now}"
+            for change in error.changes
+        ]
+        print(
+            f"pairgan train: the unfinished run in {error.checkpoint_path} was trained with other params:\n"
+            + "\n".join(lines)
+            + f"\nrestore them to resume it, or start over: change run.name in {train_path}, or delete that folder",
+            file=sys.stderr,
+        )
         return EXIT_BAD_PARAMS
     except TrainingFailedError as error:
         finish_job_run(tracking_uri, run_id, "failed")

@@ -5,10 +5,21 @@ scales the channels. Batches follow components/data/batch.py, with random flips 
 recorded as a real loader would (crop then flip, the pix2pix order).
 """
 
+import pytest
 import torch
 from torch.nn import functional as F
 
 from components.data.batch import Batch
+
+
+@pytest.fixture
+def single_thread():
+    """Run on one intra-op thread: these networks are too small to gain from two, and with
+    other processes on the two cores OpenMP's spinning threads slowed the tests about 8x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def colour_transform(source: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from components.config import ParamsError, load_params
 from components.config.evaluate import EvaluateParams, FeatureParams, LatencyParams
 from components.evaluation.features import (
     FeaturesUnavailable,
+    InceptionFeatures,
     fid_from_features,
     frechet_distance,
     kid_from_features,
@@ -111,9 +112,34 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     assert kid_shifted > 10 * abs(kid_same)
 
 
+def test_inception_wrapper_feeds_the_network_299px_imagenet_normalised_input_and_drops_fc():
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1000)
+
+        def forward(self, images):
+            self.seen = images
+            return self.fc(images.mean((2, 3)))  # replaced by Identity: the pooled features come out
+
+    network = Recorder()
+    features = InceptionFeatures(network)(torch.ones(2, 3, 16, 16))  # white in [-1, 1]
+    assert network.seen.shape == (2, 3, 299, 299)
+    white = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(features, white.expand(2, 3), atol=1e-5)
+
+
 def test_inception_weights_missing_is_reported_not_raised_as_crash(tmp_path):
     with pytest.raises(FeaturesUnavailable, match="not found"):
         load_inception(tmp_path / "inception_v3.pt", CPU)
+
+
+def test_unusable_inception_weights_or_torchvision_is_reported(tmp_path):
+    weights = tmp_path / "inception_v3.pt"
+    torch.save({"not": torch.zeros(1)}, weights)
+    # without torchvision (our CPU machines) or with it (the file is no inception_v3 state dict)
+    with pytest.raises(FeaturesUnavailable, match="torchvision"):
+        load_inception(weights, CPU)
 
 
 # ---------------------------------------------------------------- held-out scoring

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from components.config.model import DiffusionGANParams
+from components.config.model import DiffusionGANParams, LossParams, ModelParams
+from components.config.train import TrainParams
 from components.methods.atme import ATMEMemory, merge_memories
 from components.methods.ddgan import vp_schedule
 from components.methods.diffusion_gan import DiffusionAugment
+from components.methods.losses import GANLoss, r1_penalty
 from components.training.health import binary_entropy_of_logits, report_discriminator_health
+from components.training.loop import TrainingSession
 from components.training.stats import StatsCollector
+from synthetic_pairs import single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("num_steps", [2, 4])
@@ -68,7 +74,7 @@ def test_adaptive_t_follows_the_scripted_r_d_sequence():
         expected.append(int(5 + np.round(p * (500 - 5))))
     observed = []
     for r_d in scripted:
-        augment.update(torch.tensor(r_d, dtype=torch.float64), batch)
+        augment.update(torch.tensor(r_d, dtype=torch.float64), batch * 4)
         observed.append(int(augment.T))
     assert observed == expected
     assert max(observed) > 5  # the script does move T
@@ -193,3 +199,70 @@ def test_merge_memories_takes_each_entry_from_its_owner():
     assert torch.equal(merged[2], torch.full((2, 2), 7.0))
     assert torch.equal(merged[3], maps_rank0[3])  # nobody wrote it: the local value stays
     assert owned.tolist() == [True, True, True, False]
+
+
+def test_gan_loss_options_match_their_definitions():
+    real = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
+    fake = torch.tensor([[-3.0, 0.5]], dtype=torch.float64)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    vanilla = GANLoss(LossParams(gan_loss="vanilla", label_smoothing=0.1))
+    expected = 0.5 * (bce(real, torch.full_like(real, 0.9)) + bce(fake, torch.zeros_like(fake)))
+    assert vanilla.discriminator(real, fake).item() == pytest.approx(expected.item())
+    assert vanilla.generator(fake).item() == pytest.approx(bce(fake, torch.ones_like(fake)).item())
+    lsgan = GANLoss(LossParams(gan_loss="lsgan"))
+    assert lsgan.discriminator(real, fake).item() == pytest.approx(0.5 * (((real - 1) ** 2).mean() + (fake**2).mean()).item())
+    assert lsgan.generator(fake).item() == pytest.approx(((fake - 1) ** 2).mean().item())
+    hinge = GANLoss(LossParams(gan_loss="hinge"))
+    expected = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+    assert hinge.discriminator(real, fake).item() == pytest.approx(expected.item())
+    assert hinge.generator(fake).item() == pytest.approx(-fake.mean().item())
+
+
+def test_r1_penalty_is_the_squared_input_gradient_norm():
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    logits = (x**2).sum(dim=(1, 2, 3), keepdim=True)  # gradient 2x
+    assert r1_penalty(logits, x).item() == pytest.approx((4 * x.detach() ** 2).sum(dim=(1, 2, 3)).mean().item(), rel=1e-5)
+
+
+def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
+    # If G predicted y0 exactly, its fake y_t would be distributed as the real y_t: D could not
+    # tell them apart. Check mean and std of y_t (for every t) against q(y_t | y_0).
+    method = TrainingSession(
+        ModelParams(
+            image_size=16,
+            method={
+                "name": "ddgan",
+                "num_steps": 4,
+                "generator": {"width": 8, "channel_multipliers": [1, 2], "attention_levels": []},
+                "discriminator": {"ndf": 8, "n_layers": 1},
+            },
+        ),
+        TrainParams(),
+        1,
+        torch.device("cpu"),
+    ).method
+    torch.manual_seed(0)
+    y0 = torch.full((20000, 1, 1, 1), 0.7)
+    for k in range(4):
+        t = torch.full((20000,), k)
+        real, y_next = method.diffuse_pair(y0, t)
+        fake = method.posterior_sample(y0, y_next, t)
+        schedule = method.schedule
+        assert real.mean().item() == pytest.approx(0.7 * schedule["a_cum"][k].item(), abs=0.02)
+        assert fake.mean().item() == pytest.approx(real.mean().item(), abs=0.02)
+        assert fake.std().item() == pytest.approx(max(real.std().item(), 1e-4), rel=0.05, abs=2e-3)
+
+
+def test_adaptive_t_uses_r_d_and_image_count_summed_over_workers():
+    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=1)
+
+    def with_other_worker(totals: torch.Tensor) -> torch.Tensor:
+        # The other worker saw 16 logits, all negative, over 4 images: global r_d = (16 - 16) / 32 = 0.
+        return totals + totals.new_tensor([-16.0, 16.0, 4.0])
+
+    augment = DiffusionAugment(params, torch.device("cpu"), reduce=with_other_worker)
+    augment.p = torch.tensor(0.5, dtype=torch.float64)
+    augment.observe_real_logits(torch.full((4, 1, 2, 2), 3.0))
+    augment.after_batch(4)
+    assert augment.r_d.item() == 0.0  # below d_target: p falls by 8 images / 100
+    assert augment.p.item() == pytest.approx(0.5 - 8 / 100)

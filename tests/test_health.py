@@ -10,7 +10,9 @@ from components.config.train import HealthParams, TrainParams
 from components.training.health import DivergenceDetector, TrainingDiverged
 from components.training.loop import TrainingSession
 from components.training.stats import StatsCollector
-from synthetic_pairs import SyntheticPairs
+from synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TINY_PIX2PIX = {"name": "pix2pix", "generator": {"ngf": 8, "norm": "instance"}, "discriminator": {"ndf": 8, "norm": "instance"}}
 

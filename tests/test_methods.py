@@ -7,7 +7,9 @@ from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.methods.translator import export_translator, load_translator, save_translator, translator_from_export
 from components.training.loop import TrainingSession, run_epochs
-from synthetic_pairs import SyntheticPairs, colour_transform, make_sources
+from synthetic_pairs import SyntheticPairs, colour_transform, make_sources, single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SMALL_UNET = {"width": 16, "channel_multipliers": [1, 2], "attention_levels": [1], "blocks_per_level": 1}
 PIX2PIX = {"name": "pix2pix", "generator": {"ngf": 8, "norm": "instance", "dropout": 0.0}, "discriminator": {"ndf": 8, "norm": "instance"}}
@@ -59,12 +61,14 @@ def test_method_learns_the_colour_transform(name):
     assert untrained > 0.25
     assert trained < THRESHOLD, f"{name}: L1 {trained:.3f} after {steps} steps (untrained {untrained:.3f})"
     if translator.supports_guidance:
+        # Guidance trades diversity for fidelity to the condition; on a deterministic task it
+        # must still translate (the unconditional branch was trained), if less tightly.
         translator.guidance_weight = 0.5
         assert translator.nfe == 4
-        assert _l1(translator) < THRESHOLD
+        assert _l1(translator) < 0.2
 
 
-def _trained_briefly(method: dict, tmp_path) -> TrainingSession:
+def _trained_briefly(method: dict) -> TrainingSession:
     data = SyntheticPairs(8, 32, 4)
     session = TrainingSession(ModelParams(image_size=32, method=method), TrainParams(epochs=1), len(data), torch.device("cpu"))
     run_epochs(session, data, 1)
@@ -73,7 +77,7 @@ def _trained_briefly(method: dict, tmp_path) -> TrainingSession:
 
 @pytest.mark.parametrize("method", [PIX2PIX, ATME, DDGAN], ids=["pix2pix", "atme", "ddgan"])
 def test_saved_translator_reproduces_the_session_sampler(method, tmp_path):
-    session = _trained_briefly(method, tmp_path)
+    session = _trained_briefly(method)
     save_translator(tmp_path / "generator.pt", session, metadata={"manifest_checksum": "abc"})
     translator = load_translator(tmp_path / "generator.pt")
     sources, _ = _held_out()
@@ -89,28 +93,28 @@ def test_saved_translator_reproduces_the_session_sampler(method, tmp_path):
     assert exported["metadata"]["manifest_checksum"] == "abc" and exported["metadata"]["step"] == 2
 
 
-def test_atme_translator_uses_the_configured_constant_map(tmp_path):
-    session = _trained_briefly(ATME, tmp_path)
-    sampler_half = session.method.make_sampler()
-    other = TrainingSession(
-        ModelParams(image_size=32, method={**ATME, "test_map_logit": 3.0}), TrainParams(epochs=1), 8, torch.device("cpu")
-    )
-    other.load_state_dict({**session.state_dict(), "model": other.model.model_dump(mode="json")})
-    assert not torch.equal(other.method.make_sampler().corruption, sampler_half.corruption)
+def test_atme_translator_bakes_w_of_the_configured_constant_map():
+    for logit in (0.0, 3.0):
+        session = TrainingSession(
+            ModelParams(image_size=32, method={**ATME, "test_map_logit": logit}), TrainParams(), 8, torch.device("cpu")
+        )
+        with torch.no_grad():
+            expected = session.method.W(torch.full((1, 1, 2, 2), logit))  # D's map is 2 x 2 at 32 px
+        assert torch.allclose(session.method.make_sampler().corruption, expected)
 
 
-def test_guidance_weight_cannot_be_set_on_methods_without_guidance(tmp_path):
-    translator = translator_from_export(export_translator(_trained_briefly(PIX2PIX, tmp_path)))
+def test_guidance_weight_cannot_be_set_on_methods_without_guidance():
+    translator = translator_from_export(export_translator(_trained_briefly(PIX2PIX)))
     assert not translator.supports_guidance and translator.guidance_weight == 0.0
     with pytest.raises(ValueError, match="no guidance"):
         translator.guidance_weight = 1.0
-    unguided = translator_from_export(export_translator(_trained_briefly({**DDGAN, "guidance": None}, tmp_path)))
+    unguided = translator_from_export(export_translator(_trained_briefly({**DDGAN, "guidance": None})))
     with pytest.raises(ValueError, match="no guidance"):
         unguided.guidance_weight = 1.0
 
 
-def test_ddgan_seeded_sampling_is_reproducible_and_z_matters(tmp_path):
-    translator = translator_from_export(export_translator(_trained_briefly(DDGAN, tmp_path)))
+def test_ddgan_seeded_sampling_is_reproducible_and_z_matters():
+    translator = translator_from_export(export_translator(_trained_briefly(DDGAN)))
     sources, _ = _held_out()
     translator.sampler.seed = 3
     with torch.no_grad():
@@ -122,8 +126,8 @@ def test_ddgan_seeded_sampling_is_reproducible_and_z_matters(tmp_path):
 
 
 @pytest.mark.parametrize("method", [PIX2PIX, DDGAN], ids=["pix2pix", "ddgan"])
-def test_translator_exports_with_torch_export(method, tmp_path):
-    translator = translator_from_export(export_translator(_trained_briefly(method, tmp_path)))
+def test_translator_exports_with_torch_export(method):
+    translator = translator_from_export(export_translator(_trained_briefly(method)))
     sources, _ = _held_out()
     program = torch.export.export(translator, (sources[:2],))
     assert program.module()(sources[:2]).shape == (2, 3, 32, 32)
@@ -133,3 +137,31 @@ def test_batch_of_the_wrong_size_is_refused_with_the_param_to_fix():
     session = TrainingSession(ModelParams(image_size=64, method=PIX2PIX), TrainParams(), 8, torch.device("cpu"))
     with pytest.raises(ValueError, match="image_size 64"):
         session.train_step(next(iter(SyntheticPairs(8, 32, 4))))
+
+
+def test_run_epochs_logs_rate_and_eta_per_epoch(caplog):
+    data = SyntheticPairs(8, 32, 4)
+    session = TrainingSession(ModelParams(image_size=32, method=PIX2PIX), TrainParams(epochs=2), len(data), torch.device("cpu"))
+    seen = []
+    with caplog.at_level("INFO", logger="components.training.loop"):
+        history = run_epochs(session, data, 2, on_epoch_end=lambda s, metrics: seen.append(s.epoch))
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and all("images/s" in line and "ETA" in line for line in lines)
+    assert lines[0].startswith("epoch 1/2") and lines[1].startswith("epoch 2/2")
+    assert seen == [1, 2] and len(history) == 2
+    assert history[1]["lr/G"] < history[0]["lr/G"]  # linear decay over the second half
+    assert run_epochs(session, data, 2) == []  # already done: nothing runs
+
+
+@pytest.mark.parametrize("method", [PIX2PIX, {**ATME, "diffusion_gan": DIFFUSION_GAN}, DDGAN], ids=["pix2pix", "atme", "ddgan"])
+def test_cuda_performance_paths_bf16_and_channels_last_train_on_cpu(method):
+    # The CUDA defaults (bf16 autocast, channels_last) exercised on the CPU, where both exist.
+    data = SyntheticPairs(8, 32, 4)
+    train = TrainParams(performance={"autocast": "bf16", "channels_last": "on"})
+    session = TrainingSession(ModelParams(image_size=32, method=method), train, len(data), torch.device("cpu"))
+    assert session.autocast_dtype == torch.bfloat16 and session.channels_last
+    for batch in data.steps(2):
+        session.train_step(batch)
+    metrics = session.end_epoch()
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
+    assert session.sample(batch["source"]).dtype == torch.float32

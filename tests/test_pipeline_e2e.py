@@ -65,7 +65,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     register_params = yaml.safe_load((repo / "params/register.yaml").read_text())
     champion = client.get_model_version_by_alias(register_params["model_name"], "champion")
-    assert champion.version == str(register_report["version"])
+    assert str(champion.version) == str(register_report["version"])
 
     second = run(["dvc", "repro"], repo, env)
     assert ran_stages(second.stdout) == set(), second.stdout

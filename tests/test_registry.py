@@ -13,12 +13,12 @@ from components.config.register import RegisterParams
 from components.evaluation.held_out import score_held_out
 from components.registry import (
     CHALLENGER,
-    CHAMPION,
     ChampionUnscoreable,
     RegistrationRefused,
     TranslatorCard,
     current_champion_version,
     decide,
+    load_registered,
     refuse_unless_healthy,
     register_with_gate,
 )
@@ -28,8 +28,10 @@ SIZE = 16
 
 
 @pytest.fixture(autouse=True)
-def _no_telemetry(monkeypatch):
+def _isolated_mlflow(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # a SQLite store keeps its artifacts in ./mlruns of the working directory: keep them in tmp
+    monkeypatch.chdir(tmp_path)
 
 
 class Scale(nn.Module):
@@ -92,6 +94,19 @@ def test_first_model_becomes_champion_and_loads_back_from_the_registry(store):
     assert outcome.report()["promoted"] is True and outcome.report()["version"] == 1
 
 
+def test_registered_graph_runs_on_another_device_despite_devices_recorded_in_it(store):
+    class MakesATensor(Scale):
+        def forward(self, source):
+            # recorded as device='cpu' in the exported graph, as DDGAN's time steps are
+            steps = torch.full((source.shape[0],), 2.0, device=source.device)
+            return source * self.factor * steps[:, None, None, None]
+
+    outcome = register(store, MakesATensor(0.25))
+    # "meta" stands in for "cuda" on a machine without a GPU: a device mismatch fails the same way
+    loaded = load_registered(outcome.model_uri, store, torch.device("meta"))
+    assert loaded(torch.zeros(3, 3, SIZE, SIZE, device="meta")).device.type == "meta"
+
+
 def test_better_challenger_is_promoted_and_worse_one_leaves_champion_untouched(store):
     register(store, Scale(0.3))
     better = register(store, Scale(0.45))
@@ -125,6 +140,21 @@ def test_nan_model_is_never_registered(store):
     with pytest.raises(RegistrationRefused, match="not registered"):
         register(store, Nan(0.5))
     assert mlflow.MlflowClient(tracking_uri=store).search_model_versions("name='facades'") == []
+
+
+def test_model_that_torch_export_cannot_capture_is_refused_with_the_reason(store):
+    class DataDependent(Scale):
+        def forward(self, source):
+            if source.mean() > 0:  # Python control flow on a tensor value: not exportable
+                return source * self.factor
+            return source
+
+    with pytest.raises(RegistrationRefused, match="pt2"):
+        register(store, DataDependent(0.5))
+    assert mlflow.MlflowClient(tracking_uri=store).search_model_versions("name='facades'") == []
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("pairgan").experiment_id])
+    assert run.info.status == "FAILED"
 
 
 def test_champion_that_cannot_run_on_the_data_stops_the_gate(store):

@@ -8,7 +8,9 @@ import torch
 from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.training.loop import TrainingSession
-from synthetic_pairs import SyntheticPairs
+from synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SMALL_UNET = {"width": 8, "channel_multipliers": [1, 2], "attention_levels": [1], "blocks_per_level": 1}
 TINY_D = {"ndf": 8, "n_layers": 2}

@@ -6,6 +6,7 @@ prepared built-in set (13 training pairs, 32 px): 2 workers x batch 2 = 3 steps 
 """
 
 import functools
+import io
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
+import pyarrow.fs
 import pytest
 import torch
 import yaml
@@ -55,14 +58,17 @@ TINY_ATME = {
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3_endpoint):
     import ray
     import ray.cloudpickle
 
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # The step hooks below are functions of this test module, which the workers cannot import.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # Workers reach the moto S3 server through the standard AWS variables (pyarrow and boto3
+    # read AWS_ENDPOINT_URL), as they would reach MinIO; credentials come from s3_endpoint.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}})
     yield
     ray.shutdown()
 
@@ -109,10 +115,18 @@ def job_for(data: Path, model: dict, train: dict, tracking_uri: str | None = Non
     )
 
 
-def latest_state(storage: Path, name: str) -> tuple[dict, dict]:
-    snapshot = json.loads((storage / name / "checkpoint_manager_snapshot.json").read_text())
-    folder = storage / name / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    return json.loads((folder / INFO_FILE).read_text()), torch.load(folder / STATE_FILE, weights_only=True)
+def latest_state(storage: Path | str, name: str) -> tuple[dict, dict]:
+    """The info and state of the run's latest checkpoint, read where Ray put it (local or S3)."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(str(storage))
+
+    def read(*parts: str) -> bytes:
+        with filesystem.open_input_file("/".join([root, name, *parts])) as handle:
+            return handle.read()
+
+    snapshot = json.loads(read("checkpoint_manager_snapshot.json"))
+    folder = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    state = torch.load(io.BytesIO(read(folder, STATE_FILE)), weights_only=True)
+    return json.loads(read(folder, INFO_FILE)), state
 
 
 def epochs_logged(tracking_uri: str, run_id: str) -> list[int]:
@@ -158,12 +172,14 @@ def record_steps(rank: int, step: int, *, log: str) -> None:
 # --- tests --------------------------------------------------------------------------
 
 
-def test_two_workers_train_atme_with_ddp_checkpoints_export_and_mlflow(
-    ray_local, tmp_path, monkeypatch, write_params, prepared_builtin
+def test_two_workers_train_atme_with_ddp_checkpoints_in_s3_export_and_mlflow(
+    ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, s3_endpoint
 ):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    storage = tmp_path / "checkpoints"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pairgan-runs")
+    storage = "s3://pairgan-runs/checkpoints"
     params = write_stage_params(tmp_path / "params", write_params, TINY_ATME, train_params(storage))
 
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
@@ -225,7 +241,7 @@ def test_a_killed_worker_recovers_from_the_last_checkpoint(ray_local, tmp_path, 
     assert epochs_logged(tracking_uri, run_id) == [1, 2, 3, 3, 4]
 
 
-def test_a_stopped_job_resumes_when_run_again_and_changed_params_are_refused(
+def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
     ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, capsys
 ):
     from ray.train import TrainingFailedError
@@ -239,25 +255,35 @@ def test_a_stopped_job_resumes_when_run_again_and_changed_params_are_refused(
     with pytest.raises(TrainingFailedError):
         run_training(job_for(prepared_builtin, TINY_PIX2PIX, train, step_hook=hook), TrainParams.model_validate(train).run,
                      str(storage))
+    stopped = latest_state(storage, "tiny")[0]
+    assert stopped["epoch"] == 2
 
-    # The stage again, same storage and name: continues after epoch 2 instead of starting over.
-    params = write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train)
+    # Run again with a wider generator: these weights cannot continue; a clear error naming
+    # the file and key, and the checkpoint is left as it was.
+    wider = {**TINY_PIX2PIX, "method": {**TINY_PIX2PIX["method"], "generator": {"ngf": 16, "max_multiplier": 2,
+                                                                                 "norm": "instance"}}}
+    params = write_stage_params(tmp_path / "params", write_params, wider, train)
+    capsys.readouterr()
+    assert cli_train(params, prepared_builtin, tmp_path / "out") == 2
+    message = capsys.readouterr().err
+    assert "model.yaml: method.generator.ngf: checkpoint has 8, now 16" in message and "run.name" in message
+    assert latest_state(storage, "tiny")[0] == stopped
+    assert not (tmp_path / "out/generator.pt").exists()
+
+    # The stage again with the job's own params: continues after epoch 2 instead of starting over.
+    write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train)
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
     report = json.loads((tmp_path / "out/train.json").read_text())
     assert report["epochs"] == 4 and report["steps"] == 4 * STEPS_PER_EPOCH
     assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [3, 4]
 
-    # A wider generator cannot load these weights: a clear error naming the key, nothing lost.
-    before = latest_state(storage, "tiny")[0]
-    wider = {**TINY_PIX2PIX, "method": {**TINY_PIX2PIX["method"], "generator": {"ngf": 16, "max_multiplier": 2,
-                                                                                 "norm": "instance"}}}
-    write_stage_params(tmp_path / "params", write_params, wider, {**train, "epochs": 5})
-    capsys.readouterr()
-    assert cli_train(params, prepared_builtin, tmp_path / "out2") == 2
-    message = capsys.readouterr().err
-    assert "model.method.generator.ngf: checkpoint has 8, now 16" in message and "run.name" in message
-    assert latest_state(storage, "tiny")[0] == before
-    assert not (tmp_path / "out2/generator.pt").exists()
+    # That job has finished: another seed is a new job (`dvc repro` after a params change),
+    # trained from scratch rather than refused or answered with the old model.
+    write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, {**train, "seed": 7})
+    assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out/train.json").read_text())
+    assert report["steps"] == 4 * STEPS_PER_EPOCH
+    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [1, 2, 3, 4]
 
 
 def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(

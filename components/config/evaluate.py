@@ -16,7 +16,6 @@ class FeatureParams(StrictModel):
     """
 
     inception_weights: str = "models/inception_v3.pt"
-    batch_size: int = Field(16, ge=1)
     kid_subset_size: int = Field(100, ge=2, description="images per KID subset (capped at the split size)")
     kid_subsets: int = Field(50, ge=1)
 

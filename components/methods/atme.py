@@ -18,7 +18,7 @@ from torch import nn
 
 from components.config.model import ATMEParams, ModelParams
 from components.data.batch import Batch
-from components.methods.base import Autocast, Prepare, unwrap
+from components.methods.base import Autocast, Prepare, Reduce, unwrap
 from components.methods.pix2pix import Pix2Pix
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet
@@ -129,8 +129,16 @@ class ATMESampler(nn.Module):
 class ATME(Pix2Pix):
     default_betas = (0.5, 0.999)
 
-    def __init__(self, model: ModelParams, dataset_size: int, device: torch.device, prepare: Prepare, autocast: Autocast):
-        super().__init__(model, dataset_size, device, prepare, autocast)
+    def __init__(
+        self,
+        model: ModelParams,
+        dataset_size: int,
+        device: torch.device,
+        prepare: Prepare,
+        autocast: Autocast,
+        reduce: Reduce | None = None,
+    ):
+        super().__init__(model, dataset_size, device, prepare, autocast, reduce)
         method: ATMEParams = model.method
         self.W = prepare(build_w(model))
         self.memory = ATMEMemory(

@@ -16,12 +16,13 @@ from torch import nn
 from components.data.batch import Batch
 from components.training.stats import StatsCollector
 
-PHASES = ("G-main", "G-reg", "D-main", "D-reg")
-
 # What the session applies to each trainable network: move to the device, memory format,
 # then the caller's `wrap` (DDP under Ray) and torch.compile.
 Prepare = Callable[[nn.Module], nn.Module]
 Autocast = Callable[[], contextlib.AbstractContextManager]
+# Sums a tensor over data-parallel workers (identity-like in one process); methods use it for
+# state that must agree across workers (Diffusion-GAN's r_d).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -63,7 +64,3 @@ class Method(Protocol):
         """The method's own state beyond networks and optimisers (EMA, memory, adaptive T)."""
 
     def load_extra_state(self, state: dict) -> None: ...
-
-
-def no_autocast() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()

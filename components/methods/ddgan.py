@@ -16,7 +16,7 @@ from torch import nn
 from components.config.model import DDGANParams, ModelParams
 from components.data.batch import Batch
 from components.methods.atme import build_ddpm_generator
-from components.methods.base import Autocast, Prepare, unwrap
+from components.methods.base import Autocast, Prepare, Reduce, unwrap
 from components.methods.ema import EMA
 from components.methods.losses import GANLoss, r1_penalty
 from components.methods.pix2pix import build_discriminator
@@ -108,7 +108,15 @@ class DDGANSampler(nn.Module):
 class DDGAN:
     default_betas = (0.5, 0.9)
 
-    def __init__(self, model: ModelParams, dataset_size: int, device: torch.device, prepare: Prepare, autocast: Autocast):
+    def __init__(
+        self,
+        model: ModelParams,
+        dataset_size: int,
+        device: torch.device,
+        prepare: Prepare,
+        autocast: Autocast,
+        reduce: Reduce | None = None,
+    ):
         method: DDGANParams = model.method
         self.model, self.params, self.device, self.autocast = model, method, device, autocast
         target, source = model.target_channels, model.source_channels

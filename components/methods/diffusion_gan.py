@@ -8,8 +8,12 @@ r_d = E sign(D logits on diffused reals):
     p <- clip(p + sign(r_d - d_target) * batch * interval / (ada_kimg * 1000), 0, 1)
     T = T_min + round(p (T_max - T_min))
 As in the reference, the betas are linear from beta_start to beta_end over the *current* T,
-so the schedule stretches as T grows. Everything stays on the device: no host sync per step.
+so the schedule stretches as T grows. Everything stays on the device: no host sync per step. Under data parallelism the session's
+`reduce` (a sum over workers) makes r_d and the image count global, so every worker moves
+to the same T.
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -17,14 +21,21 @@ from components.config.model import DiffusionGANParams
 
 
 class DiffusionAugment:
-    def __init__(self, params: DiffusionGANParams, device: torch.device):
+    def __init__(
+        self,
+        params: DiffusionGANParams,
+        device: torch.device,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.params = params
+        self.reduce = reduce
         self.steps = torch.arange(1, params.t_max + 1, device=device, dtype=torch.float64)
         self.p = torch.zeros((), device=device, dtype=torch.float64)
         self.T = torch.full((), params.t_min, device=device, dtype=torch.long)
         self.r_d = torch.zeros((), device=device, dtype=torch.float64)
         self._sign_sum = torch.zeros((), device=device, dtype=torch.float64)
         self._sign_count = 0
+        self._images = 0
         self._batches = 0
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
@@ -56,15 +67,19 @@ class DiffusionAugment:
 
     def after_batch(self, batch_size: int) -> None:
         self._batches += 1
-        if self._batches % self.params.update_interval == 0 and self._sign_count:
-            self.update(self._sign_sum / self._sign_count, batch_size)
+        self._images += batch_size
+        if self._batches % self.params.update_interval == 0:
+            totals = torch.stack([self._sign_sum, *self._sign_sum.new_tensor([self._sign_count, self._images])])
+            if self.reduce is not None:
+                totals = self.reduce(totals)
+            self.update(totals[0] / totals[1].clamp(min=1), totals[2])
             self._sign_sum.zero_()
-            self._sign_count = 0
+            self._sign_count = self._images = 0
 
-    def update(self, r_d: torch.Tensor, batch_size: int) -> None:
-        """One adaptive-T update from the mean sign of D on reals over the last interval."""
+    def update(self, r_d: torch.Tensor, images: torch.Tensor | float) -> None:
+        """One adaptive-T update from the mean sign of D on reals over the last `images` images."""
         params = self.params
-        step = batch_size * params.update_interval / (params.ada_kimg * 1000)
+        step = images / (params.ada_kimg * 1000)
         self.r_d = torch.as_tensor(r_d, dtype=torch.float64, device=self.p.device)
         self.p = (self.p + torch.sign(self.r_d - params.d_target) * step).clamp(0.0, 1.0)
         self.T = (params.t_min + torch.round(self.p * (params.t_max - params.t_min))).long()
@@ -76,6 +91,7 @@ class DiffusionAugment:
             "r_d": self.r_d,
             "sign_sum": self._sign_sum,
             "sign_count": self._sign_count,
+            "images": self._images,
             "batches": self._batches,
         }
 
@@ -83,4 +99,4 @@ class DiffusionAugment:
         device = self.p.device
         self.p, self.T, self.r_d = (state[key].to(device) for key in ("p", "T", "r_d"))
         self._sign_sum = state["sign_sum"].to(device)
-        self._sign_count, self._batches = int(state["sign_count"]), int(state["batches"])
+        self._sign_count, self._images, self._batches = (int(state[key]) for key in ("sign_count", "images", "batches"))

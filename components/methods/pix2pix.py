@@ -8,7 +8,7 @@ from torch import nn
 
 from components.config.model import ModelParams
 from components.data.batch import Batch
-from components.methods.base import Autocast, Prepare, unwrap
+from components.methods.base import Autocast, Prepare, Reduce, unwrap
 from components.methods.diffusion_gan import DiffusionAugment
 from components.methods.losses import GANLoss, r1_penalty
 from components.networks.pix2pix import PatchGAN, UNetGenerator
@@ -50,14 +50,22 @@ class Pix2PixSampler(nn.Module):
 class Pix2Pix:
     default_betas = (0.5, 0.999)
 
-    def __init__(self, model: ModelParams, dataset_size: int, device: torch.device, prepare: Prepare, autocast: Autocast):
+    def __init__(
+        self,
+        model: ModelParams,
+        dataset_size: int,
+        device: torch.device,
+        prepare: Prepare,
+        autocast: Autocast,
+        reduce: Reduce | None = None,
+    ):
         method = model.method
         self.model = model
         self.device = device
         self.autocast = autocast
         self.G = prepare(self.build_generator())
         diffusion = method.diffusion_gan
-        self.augment = DiffusionAugment(diffusion, device) if diffusion is not None else None
+        self.augment = DiffusionAugment(diffusion, device, reduce) if diffusion is not None else None
         in_channels = model.source_channels + model.target_channels
         self.D = prepare(build_discriminator(model, in_channels, time_conditioned=self.augment is not None))
         self.gan_loss = GANLoss(method.loss)

@@ -43,7 +43,11 @@ class ResBlock(nn.Module):
 
 
 class LinearAttention(nn.Module):
-    """Pre-norm linear attention (softmax over features for q, over positions for k), residual."""
+    """Pre-norm linear attention (softmax over features for q, over positions for k), residual.
+
+    Works on position-major views (batch, positions, heads, dim): free for channels_last
+    activations, the layout used on CUDA, so no copy of the full-resolution q, k, v is made.
+    """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
         super().__init__()
@@ -54,13 +58,15 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, self.head_dim, height * width)
-        q, k, v = qkv.unbind(1)
-        q = q.softmax(dim=-2) * self.head_dim**-0.5
-        k = k.softmax(dim=-1)
-        context = torch.matmul(k, v.transpose(-1, -2))  # heads x d x d: the cost is linear in positions
-        attended = torch.matmul(context.transpose(-1, -2), q)
-        return x + self.out(attended.reshape(batch, self.heads * self.head_dim, height, width))
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(batch, height * width, 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # batch x positions x heads x dim
+        q = q.softmax(dim=-1) * self.head_dim**-0.5
+        k = k.softmax(dim=1)
+        # heads x dim x dim context: the cost is linear in the number of positions.
+        context = torch.matmul(k.permute(0, 2, 3, 1), v.transpose(1, 2))
+        attended = torch.matmul(q.transpose(1, 2), context)  # batch x heads x positions x dim
+        attended = attended.transpose(1, 2).reshape(batch, height, width, self.heads * self.head_dim)
+        return x + self.out(attended.permute(0, 3, 1, 2))
 
 
 class FullAttention(nn.Module):
@@ -75,10 +81,11 @@ class FullAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.heads, self.head_dim, height * width).transpose(-1, -2)
-        q, k, v = qkv.unbind(1)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
-        return x + self.out(attended.reshape(batch, self.heads * self.head_dim, height, width))
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(batch, height * width, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # batch x heads x positions x dim
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        attended = attended.reshape(batch, height, width, self.heads * self.head_dim)
+        return x + self.out(attended.permute(0, 3, 1, 2))
 
 
 class Level(nn.Module):

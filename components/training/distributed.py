@@ -12,12 +12,16 @@ new workers load `ray.train.get_checkpoint()` and continue with the epoch after 
 epoch before the checkpoint is trained twice. Running the job again with the same storage
 path and run name resumes the same way.
 
-Divergence is caught in the worker and reported as a flag; the worker then returns normally,
-so Ray's FailureConfig never retries a diverged run. The detector decides on statistics that
-are the same on every rank (it runs after the same number of steps everywhere, and DDP makes
-the losses agree), so every rank stops at the same point and the reports stay in step.
-An incompatible checkpoint is handled the same way: reported, not retried, and turned into
-a params error naming the changed keys by the driver.
+Divergence is caught in the worker and reported; the worker then returns normally, so Ray's
+FailureConfig never retries a diverged run. The detector's check runs at the same step on
+every rank and first takes the maximum of its flags over all ranks (`AgreeingDetector`), so
+every rank stops at the same point and the reports stay in step.
+A checkpoint is resumed only by the same job (`job_record`: model params, the training
+params that shape the trajectory, the data). If they changed and the checkpoint's job had
+finished, this is a new job and trains from scratch (what `dvc repro` after a params change
+means); if it had not finished, the workers report it like a divergence and the driver
+raises `CheckpointIncompatible` naming the changed keys: hours of training are never thrown
+away, or continued with other params, without the user saying so.
 
 ATME's per-sample memory: each worker writes the entries of the samples it trains on (its
 `owned` mask); at a checkpoint the memories of all ranks are gathered and merged, entry by
@@ -29,9 +33,8 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -91,7 +94,7 @@ class ChangedKey:
 
 
 class CheckpointIncompatible(Exception):
-    """The run's latest checkpoint was trained with params that cannot continue (architecture, data size)."""
+    """The run's latest, unfinished checkpoint belongs to a job with other params."""
 
     def __init__(self, checkpoint_path: str, changes: Sequence[ChangedKey]):
         self.checkpoint_path = checkpoint_path
@@ -100,7 +103,8 @@ class CheckpointIncompatible(Exception):
         super().__init__(
             f"the checkpoint {checkpoint_path} cannot be resumed with the current params:\n"
             + "\n".join(lines)
-            + "\nrestore those values, or start a new run: change run.name (or storage_path) in params/train.yaml"
+            + "\nrestore those values to resume it, or start over: change run.name (or run.storage_path) "
+            "in params/train.yaml, or delete the run's folder"
         )
 
 
@@ -108,14 +112,19 @@ class CheckpointIncompatible(Exception):
 # Compatibility of a checkpoint with the current params
 
 
-def compatibility_record(job: TrainingJob) -> dict[str, str]:
-    """The values a checkpoint must share with the params that resume it, flattened to strings.
+def job_record(job: TrainingJob) -> dict[str, str]:
+    """What makes two trainings the same job, flattened to strings: a checkpoint is resumed
+    only by the same job.
 
-    The model params fix every tensor shape and the method; the training split's size fixes
-    ATME's memory. Optimiser settings, batch size and epochs may change between runs (a user
-    extends training or lowers the LR), so they are not part of it.
+    The model params (every tensor shape, the method), the training params that shape the
+    trajectory (seed, batch size, optimiser, LR schedule) and the data (checksum and size).
+    Left out: `epochs` (raising it continues a job), `run` (where and how it runs),
+    `performance` and `health` (speed switches and the detector's thresholds).
     """
+    trajectory = job.train.model_dump(mode="json", exclude={"epochs", "run", "performance", "health"})
     record = {f"model.{key}": value for key, value in _flatten(job.model.model_dump(mode="json")).items()}
+    record.update({f"train.{key}": value for key, value in _flatten(trajectory).items()})
+    record["data.checksum"] = json.dumps(job.data_checksum)
     record["data.train_samples"] = str(job.dataset_size)
     return record
 
@@ -276,7 +285,8 @@ def _write_checkpoint(folder: Path, session, memory: dict | None, info: dict, wi
     torch.save(state, folder / STATE_FILE)
     if with_generator:
         save_translator(folder / GENERATOR_FILE, session)
-    (folder / INFO_FILE).write_text(json.dumps({**info, "generator": with_generator}, indent=2))
+    # final: the job's last epoch, with the exported generator.
+    (folder / INFO_FILE).write_text(json.dumps({**info, "final": with_generator}, indent=2))
 
 
 def _configure_worker_logging(rank: int) -> None:
@@ -311,26 +321,31 @@ def train_worker(config: dict) -> None:
     session = TrainingSession(job.model, job.train, job.dataset_size, device, wrap=_ddp_wrap, reduce=_all_reduce_sum)
     session.detector = AgreeingDetector(job.train.health, session.device)
     memory = session.method.memory if isinstance(session.method, ATME) else None
-    compat = compatibility_record(job)
+    record = job_record(job)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         saved_info, state = _load_state(checkpoint, session.device)
-        changes = compare_records(saved_info["compat"], compat)
-        if changes:
-            # Every rank sees the same checkpoint and params, so every rank stops here.
+        changes = compare_records(saved_info["job"], record)
+        if not changes:
+            session.load_state_dict(state)
+            if memory is not None:
+                # `owned` means "written by this process since it started": the loaded entries
+                # are the gathered ones, the same on every rank; the next gather must not re-count them.
+                memory.owned.zero_()
+            if rank == 0:
+                logger.info("resumed from %s at epoch %d, step %d", checkpoint.path, session.epoch, session.step)
+        elif not saved_info["final"]:
+            # An unfinished job whose params changed: refuse rather than silently throw away
+            # (or silently continue) hours of training. Every rank sees the same, so all stop here.
             incompatible = json.dumps([change.__dict__ for change in changes])
             _end_early(config["outcome"], rank, {"incompatible": incompatible, "checkpoint": checkpoint.path})
             return
-        session.load_state_dict(state)
-        if memory is not None:
-            # `owned` means "written by this process since it started": the loaded entries are
-            # the gathered ones, the same on every rank, so the next gather must not re-count them.
-            memory.owned.zero_()
-        if rank == 0 and saved_info.get("data_checksum") != job.data_checksum:
-            logger.warning("the prepared data changed since the checkpoint (same number of samples); training goes on with the new data")
-        if rank == 0:
-            logger.info("resumed from %s at epoch %d, step %d", checkpoint.path, session.epoch, session.step)
+        elif rank == 0:
+            # That job finished; with other params this is a new job (what `dvc repro` after a
+            # params change means): train from scratch. Its checkpoints replace the old ones.
+            logger.info("the finished run in %s had other params (%s): training a new model from scratch",
+                        checkpoint.path, ", ".join(change.key for change in changes))
 
     loader = _ObservedLoader(
         make_loader(job.data_dir, "train", job.loader, job.train.batch_size, train=True,
@@ -343,7 +358,7 @@ def train_worker(config: dict) -> None:
                                    run.tracking.system_metrics_interval_s)
     epochs = job.train.epochs
     grid_every = run.tracking.sample_grid_every_epochs
-    info = {"compat": compat, "data_checksum": job.data_checksum, "method": job.model.method.name}
+    info = {"job": record, "method": job.model.method.name}
 
     def save_and_report(metrics: dict, final: bool) -> None:
         memory_state = _gathered_memory(memory)  # every rank takes part
@@ -367,7 +382,7 @@ def train_worker(config: dict) -> None:
         else:
             _report(metrics)
 
-    start_epoch = session.epoch
+    first_epoch = session.epoch
     try:
         run_epochs(session, loader, epochs, on_epoch_end)
     except TrainingDiverged as diverged:
@@ -378,7 +393,7 @@ def train_worker(config: dict) -> None:
     finally:
         if epoch_logger is not None:
             epoch_logger.close()
-    if session.epoch == start_epoch:
+    if session.epoch == first_epoch:
         # Nothing to train (the checkpoint is already at `epochs` or past it): report the state
         # once more, with the exported generator, so the job ends with a final checkpoint.
         save_and_report({"epoch": session.epoch, "step": session.step}, final=True)

@@ -80,7 +80,7 @@ class TrainingSession:
                 network = torch.compile(network)
             return network
 
-        self.method = build_method(model, dataset_size, self.device, prepare, self._autocast)
+        self.method = build_method(model, dataset_size, self.device, prepare, self._autocast, reduce)
         betas = train.optimizer.betas or self.method.default_betas
         fused = _switch(performance.fused_adam, cuda)
         self.optimizer_g = torch.optim.Adam(self.method.generator_parameters(), lr=train.optimizer.lr_g, betas=betas, fused=fused)

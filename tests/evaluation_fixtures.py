@@ -1,0 +1,64 @@
+"""Small prepared data sets, generator files and train reports for the evaluate/register/predict stage tests."""
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from components.config.model import ModelParams
+from components.methods.translator import FORMAT_VERSION, build_sampler
+from pipelines.cli import main as pairgan
+
+PROJECT = Path(__file__).resolve().parents[1]
+SIZE = 16
+TEST_PAIRS = 3
+
+TINY_DATA = {
+    "source": {"kind": "builtin", "builtin": {"photos": ["astronaut", "coffee"], "train_pairs": 2, "val_pairs": 0, "test_pairs": TEST_PAIRS}},
+    "image_size": SIZE,
+    "loader": {"backend": "torch", "load_size": SIZE + 2, "crop_size": SIZE},
+}
+PIX2PIX = {"name": "pix2pix", "generator": {"ngf": 8}, "discriminator": {"n_layers": 1}}
+DDGAN_GUIDED = {
+    "name": "ddgan", "num_steps": 2, "nz": 4, "guidance": {"weight": 0.5}, "discriminator": {"n_layers": 1},
+    "generator": {"width": 8, "channel_multipliers": [1, 2], "attention_levels": [], "blocks_per_level": 1,
+                  "groups": 4, "attention_heads": 1, "attention_head_dim": 8},
+}
+
+
+def make_project(root: Path) -> Path:
+    """A working folder as `dvc repro` sees it: params/ (the project's, with tiny data) and data/prepared."""
+    params = root / "params"
+    params.mkdir(parents=True)
+    for name in ("evaluate.yaml", "register.yaml"):
+        (params / name).write_text((PROJECT / "params" / name).read_text())
+    evaluate = yaml.safe_load((params / "evaluate.yaml").read_text())
+    evaluate["latency"] = {"warmup": 0, "repeats": 1}
+    evaluate["guidance_sweep"] = {"weights": [0.0, 1.0]}
+    (params / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
+    (params / "data.yaml").write_text(yaml.safe_dump(TINY_DATA))
+    assert pairgan(["prepare", "--params-dir", str(params), "--out", str(root / "data/prepared"),
+                    "--report", str(root / "reports/prepare.json"), "--no-progress"]) == 0
+    return root
+
+
+def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0) -> Path:
+    """A train-stage generator file (the Translator export format), randomly initialised."""
+    torch.manual_seed(seed)
+    model = ModelParams.model_validate({"image_size": SIZE, "method": method})
+    sampler = build_sampler(model)
+    guidance = float(method.get("guidance", {}).get("weight", 0.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format_version": FORMAT_VERSION, "model": model.model_dump(mode="json"),
+                "sampler_state": sampler.state_dict(), "guidance_weight": guidance,
+                "metadata": {"method": method["name"]}}, path)
+    return path
+
+
+def write_train_report(path: Path, status: str = "finished", **extra) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"status": status, "method": "pix2pix", "epochs": 1, "steps": 2, "mlflow_run_id": None,
+              "metrics": {"loss_g": 2.5, "loss_d": 0.7}, **extra}
+    path.write_text(json.dumps(report))
+    return path

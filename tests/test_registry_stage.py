@@ -1,0 +1,122 @@
+"""`pairgan register` and `pairgan predict models:/...@champion` against a throwaway SQLite store."""
+
+import json
+import socket
+
+import mlflow
+import pytest
+
+from evaluation_fixtures import make_project, write_generator, write_train_report
+from pipelines.cli import main as pairgan
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    # a SQLite store keeps its artifacts in ./mlruns of the working directory: keep them in tmp
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("project"))
+    write_generator(root / "models/generator.pt")
+    write_train_report(root / "reports/train.json")
+    args = ["--params-dir", str(root / "params"), "--data", str(root / "data/prepared"),
+            "--model", str(root / "models/generator.pt"), "--train-report", str(root / "reports/train.json")]
+    assert pairgan(["evaluate", *args, "--out", str(root / "reports/evaluate")]) == 0
+    return root
+
+
+def register(project, store, monkeypatch, train_report="reports/train.json", out="reports/register.json", model="models/generator.pt"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    return pairgan(["register", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
+                    "--model", str(project / model), "--train-report", str(project / train_report),
+                    "--evaluation", str(project / "reports/evaluate"), "--out", str(project / out)])
+
+
+def test_first_registration_is_champion_and_a_rerun_keeps_it(project, tmp_path, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert register(project, store, monkeypatch) == 0
+    first = json.loads((project / "reports/register.json").read_text())
+    assert first["promoted"] is True and first["decision"] == "first_champion" and first["version"] == 1
+
+    # the same generator again scores the same on the re-evaluated champion: not an improvement
+    assert register(project, store, monkeypatch, out="reports/register2.json") == 0
+    second = json.loads((project / "reports/register2.json").read_text())
+    assert second["decision"] == "kept_champion" and second["version"] == 2 and second["champion_version"] == 1
+    assert second["champion_score"] == pytest.approx(second["challenger_score"])
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    assert str(client.get_model_version_by_alias("pairgan-generator", "champion").version) == "1"
+    challenger = client.get_model_version_by_alias("pairgan-generator", "challenger")
+    assert str(challenger.version) == "2"
+    evaluation = json.loads((project / "reports/evaluate/metrics.json").read_text())
+    assert challenger.tags["pairgan.data_manifest_checksum"] == evaluation["data_manifest_checksum"]
+    assert len(challenger.tags["pairgan.params_sha256"]) == 64
+    assert float(challenger.tags["metric.psnr"]) == pytest.approx(evaluation["mean"]["psnr"], rel=1e-4)
+    assert challenger.tags["gate.decision"] == "kept_champion"
+    artifacts = {item.path for item in client.list_artifacts(first["run_id"], "evaluation")}
+    assert artifacts == {"evaluation/metrics.json", "evaluation/samples.png"}
+
+    # predict straight from the registry
+    (inputs := tmp_path / "in").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "white").save(inputs / "a.jpg")
+    assert pairgan(["predict", "--model", "models:/pairgan-generator@champion", "--input", str(inputs),
+                    "--output", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out/a.png").size == (40, 30)
+
+
+def test_diverged_run_is_never_registered(project, tmp_path, monkeypatch, capsys):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_train_report(project / "reports/diverged.json", status="diverged", divergence_reason="D loss stuck at 0")
+    assert register(project, store, monkeypatch, train_report="reports/diverged.json", out="reports/refused.json") == 1
+    assert "D loss stuck at 0" in capsys.readouterr().err
+    assert not (project / "reports/refused.json").exists()
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
+
+
+def test_unreachable_tracking_server_fails_first_with_a_clear_error(project, monkeypatch, capsys):
+    with socket.socket() as probe:  # a local port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = register(project, f"http://user:secret@127.0.0.1:{port}", monkeypatch, model="models/absent.pt", out="reports/no.json")
+    error = capsys.readouterr().err
+    assert code == 1
+    assert f"127.0.0.1:{port} is not reachable" in error and "secret" not in error
+    assert "absent.pt" not in error  # checked before the model is even loaded
+
+
+def test_feature_metric_gate_without_inception_weights_is_a_params_error(project, tmp_path, monkeypatch, capsys):
+    params = tmp_path / "params"
+    params.mkdir()
+    for name in ("data.yaml", "evaluate.yaml"):
+        (params / name).write_text((project / "params" / name).read_text())
+    (params / "register.yaml").write_text("primary_metric: fid\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = pairgan(["register", "--params-dir", str(params), "--data", str(project / "data/prepared"),
+                    "--model", str(project / "models/generator.pt"), "--train-report", str(project / "reports/train.json"),
+                    "--evaluation", str(project / "reports/evaluate"), "--out", str(tmp_path / "register.json")])
+    assert code == 2
+    assert f"{params / 'register.yaml'}: primary_metric: fid was not computed" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DDGANSampler.forward passes generator=None to torch.randn, which torch.export cannot trace with a "
+    "dynamic batch; pass `generator` only when a seed is set (see the evaluate/register report to the lead)",
+)
+def test_guided_ddgan_registers_and_loads_with_its_guidance(project, tmp_path, monkeypatch):
+    from evaluation_fixtures import DDGAN_GUIDED
+
+    write_generator(project / "models/ddgan.pt", DDGAN_GUIDED)
+    args = ["--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
+            "--model", str(project / "models/ddgan.pt"), "--train-report", str(project / "reports/train.json")]
+    assert pairgan(["evaluate", *args, "--out", str(tmp_path / "evaluate")]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert pairgan(["register", *args, "--evaluation", str(tmp_path / "evaluate"), "--out", str(tmp_path / "register.json")]) == 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    info = mlflow.models.get_model_info("models:/pairgan-generator@champion")
+    assert info.metadata["pairgan"]["nfe"] == 4 and info.metadata["pairgan"]["guidance_weight"] == 0.5
