@@ -10,6 +10,7 @@ Nothing here logs a credential: tracking URIs are shown with their user:password
 and params come from the validated config models, which hold no secrets.
 """
 
+import logging
 import subprocess
 import time
 import urllib.error
@@ -17,11 +18,16 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from components.evaluation.grid import sample_grid
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
 
 TAG_MANIFEST_CHECKSUM = "pairgan.data_manifest_checksum"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the tag MLflow's UI shows as the source version
@@ -110,14 +116,14 @@ def check_tracking_reachable(uri: str, experiment: str, timeout_s: float = 5.0) 
     from mlflow.exceptions import MlflowException
 
     try:
-        _experiment_id(MlflowClient(tracking_uri=uri), uri, experiment)
+        ensure_experiment(MlflowClient(tracking_uri=uri), uri, experiment)
     except MlflowException as error:
         raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error.message}") from None
     except OSError as error:
         raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error}") from None
 
 
-def _experiment_id(client, uri: str, experiment: str) -> str:
+def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
     """The experiment's id, creating it if needed.
 
     With a SQLite store MLflow's default artifact root is the relative path ./mlruns, which
@@ -127,6 +133,14 @@ def _experiment_id(client, uri: str, experiment: str) -> str:
     """
     existing = client.get_experiment_by_name(experiment)
     if existing is not None:
+        location = existing.artifact_location
+        if ":" not in location and not Path(location).is_absolute():
+            logger.warning(
+                "MLflow experiment %r stores artifacts under the relative path %r: each process "
+                "resolves it against its own working directory, so sample grids logged by Ray "
+                "workers may not appear in the UI; use a new experiment name (run.tracking.experiment)",
+                experiment, location,
+            )
         return existing.experiment_id
     location = None
     if urllib.parse.urlsplit(uri).scheme == "sqlite":
@@ -166,7 +180,7 @@ def start_job_run(
     from mlflow.entities import Param, RunTag
 
     client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name, tags=dict(tags))
+    run = client.create_run(ensure_experiment(client, uri, experiment), run_name=run_name, tags=dict(tags))
     items = [Param(key, value) for key, value in params.items()]
     # log_batch accepts at most 100 params per call.
     for start in range(0, len(items), 100):

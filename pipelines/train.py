@@ -156,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
         finish_job_run(tracking_uri, run_id, "failed")
         print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)
         return EXIT_FAILED
+    except BaseException:
+        # Anything else (Ctrl-C, Ray itself failing): close the run as failed, then let it surface.
+        finish_job_run(tracking_uri, run_id, "failed")
+        raise
 
     report = {
         "status": outcome.status,

@@ -1,5 +1,6 @@
 """Shared fixtures: synthetic paired images on disk, a prepared data set, an S3 server (moto)."""
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -7,6 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests make their own MLflow stores and local Ray instances: never write to a tracking
+    # server or join a cluster that the developer's shell happens to point at.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
+        os.environ.pop(name, None)
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 
 def pair_halves(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:

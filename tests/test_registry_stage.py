@@ -103,11 +103,6 @@ def test_feature_metric_gate_without_inception_weights_is_a_params_error(project
     assert f"{params / 'register.yaml'}: primary_metric: fid was not computed" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DDGANSampler.forward passes generator=None to torch.randn, which torch.export cannot trace with a "
-    "dynamic batch; pass `generator` only when a seed is set (see the evaluate/register report to the lead)",
-)
 def test_guided_ddgan_registers_and_loads_with_its_guidance(project, tmp_path, monkeypatch):
     from evaluation_fixtures import DDGAN_GUIDED
 

@@ -4,6 +4,8 @@ import io
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from components.config.model import ModelParams
 from components.config.train import TrainParams
@@ -115,3 +117,27 @@ def test_loading_a_checkpoint_of_other_model_params_names_the_changed_keys():
     other = _session({**METHODS["pix2pix"], "generator": {"ngf": 16}})
     with pytest.raises(ValueError, match="method.generator.ngf"):
         other.load_state_dict(session.state_dict())
+
+
+def test_session_trains_ddp_wrapped_networks_and_saves_plain_state(tmp_path):
+    # A one-process gloo group: enough to put every network under real DDP (the Ray tests run two).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = []
+
+        def wrap(network: torch.nn.Module) -> torch.nn.Module:
+            wrapped.append(type(network).__name__)
+            return DistributedDataParallel(network)
+
+        method = METHODS["atme+diffusion_gan"] | {"loss": {"r1_gamma": 1.0, "r1_interval": 1}}
+        model = ModelParams(image_size=32, load_size=40, method=method)
+        session = TrainingSession(model, TrainParams(), 12, torch.device("cpu"), wrap=wrap)
+        assert sorted(wrapped) == ["ATMEW", "DDPMUNet", "PatchGAN"]
+        _run(session, SyntheticPairs(12, 32, 4, load_size=40), 2)
+        state = session.state_dict()
+        assert not any(key.startswith("module.") for key in state["networks"]["G"])
+        plain = TrainingSession(model, TrainParams(), 12, torch.device("cpu"))
+        plain.load_state_dict(state)
+        assert plain.step == 2
+    finally:
+        dist.destroy_process_group()

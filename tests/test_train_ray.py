@@ -67,6 +67,8 @@ def ray_local(s3_endpoint):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # Workers reach the moto S3 server through the standard AWS variables (pyarrow and boto3
     # read AWS_ENDPOINT_URL), as they would reach MinIO; credentials come from s3_endpoint.
+    if ray.is_initialized():  # another module's Ray, without the S3 endpoint the workers need
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}})
     yield

@@ -17,7 +17,7 @@ class ScalingParams(StrictModel):
 
     num_workers: int = Field(2, ge=1, le=1024)
     # "auto": use one GPU per worker when the Ray cluster has GPUs, else run on CPUs (gloo).
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: Literal["auto", True, False] = "auto"
     # Ray resource requests must be whole numbers in cluster files; keep the same rule here.
     cpus_per_worker: int = Field(1, ge=1, le=256)
     gpus_per_worker: int = Field(1, ge=1, le=16)

@@ -91,17 +91,19 @@ class DDGANSampler(nn.Module):
         return ((1 + w) * conditional - w * unconditional).clamp(-1, 1)
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        generator = None if self.seed is None else torch.Generator(device=source.device).manual_seed(self.seed)
+        # torch.export cannot trace `generator=None` with a dynamic batch: pass the keyword only
+        # when a seed asks for reproducible noise.
+        seeded = {} if self.seed is None else {"generator": torch.Generator(device=source.device).manual_seed(self.seed)}
         batch, _, height, width = source.shape
-        y = torch.randn(batch, self.target_channels, height, width, device=source.device, dtype=source.dtype, generator=generator)
+        y = torch.randn(batch, self.target_channels, height, width, device=source.device, dtype=source.dtype, **seeded)
         y0 = y
         for k in range(self.num_steps - 1, -1, -1):
             t = torch.full((batch,), float(k), device=source.device)
-            z = torch.randn(batch, self.nz, device=source.device, dtype=source.dtype, generator=generator)
+            z = torch.randn(batch, self.nz, device=source.device, dtype=source.dtype, **seeded)
             y0 = self.predict_y0(y, source, t, z)
             if k > 0:
-                noise = torch.randn(y.shape, device=source.device, dtype=source.dtype, generator=generator)
-                y = self.coef1[k] * y0 + self.coef2[k] * y + torch.exp(0.5 * self.log_var[k]) * noise
+                eps = torch.randn(y.shape, device=source.device, dtype=source.dtype, **seeded)
+                y = self.coef1[k] * y0 + self.coef2[k] * y + torch.exp(0.5 * self.log_var[k]) * eps
         return y0
 
 

@@ -36,7 +36,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -46,6 +46,9 @@ from components.config.run import RunParams
 from components.config.train import TrainParams
 from components.data.batch import Batch
 from components.training.health import DivergenceDetector, TrainingDiverged
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +85,8 @@ class TrainingOutcome:
     step: int
     metrics: dict[str, float]
     divergence_reason: str | None = None
-    # The latest checkpoint (a ray.train.Checkpoint); for a finished run it holds GENERATOR_FILE.
-    checkpoint: object | None = None
+    # The latest checkpoint; for a finished run it holds GENERATOR_FILE.
+    checkpoint: "Checkpoint | None" = None
 
 
 @dataclass(frozen=True)
@@ -266,13 +269,18 @@ class _ObservedLoader:
                 self.step_hook(self.rank, self.session.step)
 
 
-def _gathered_memory(memory) -> dict | None:
-    """ATME's memory merged over all ranks, each entry from the rank that wrote it (a collective)."""
+def _gathered_memory(memory, written_before: torch.Tensor | None) -> dict | None:
+    """ATME's memory merged over all ranks, each entry from the rank that wrote it (a collective).
+
+    written_before: the entries the resumed checkpoint already held, still marked as written.
+    """
     from components.methods.atme import merge_memories
 
     if memory is None:
         return None
     maps, owned = merge_memories(memory.maps, memory.owned, _all_reduce_sum)
+    if written_before is not None:
+        owned = owned | written_before
     return {"maps": maps, "owned": owned}
 
 
@@ -322,6 +330,7 @@ def train_worker(config: dict) -> None:
     session.detector = AgreeingDetector(job.train.health, session.device)
     memory = session.method.memory if isinstance(session.method, ATME) else None
     record = job_record(job)
+    written_before = None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -332,6 +341,7 @@ def train_worker(config: dict) -> None:
             if memory is not None:
                 # `owned` means "written by this process since it started": the loaded entries
                 # are the gathered ones, the same on every rank; the next gather must not re-count them.
+                written_before = memory.owned.clone()
                 memory.owned.zero_()
             if rank == 0:
                 logger.info("resumed from %s at epoch %d, step %d", checkpoint.path, session.epoch, session.step)
@@ -361,7 +371,7 @@ def train_worker(config: dict) -> None:
     info = {"job": record, "method": job.model.method.name}
 
     def save_and_report(metrics: dict, final: bool) -> None:
-        memory_state = _gathered_memory(memory)  # every rank takes part
+        memory_state = _gathered_memory(memory, written_before)  # every rank takes part
         with tempfile.TemporaryDirectory(prefix="pairgan-checkpoint-") as folder:
             if rank == 0:
                 epoch_info = {**info, "epoch": session.epoch, "step": session.step}
@@ -411,7 +421,7 @@ def _use_gpu(setting: bool | Literal["auto"]) -> bool:
     return setting
 
 
-def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks: Sequence = ()) -> TrainingOutcome:
+def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> TrainingOutcome:
     """Fit the job on the connected Ray cluster (call `ray.init` first).
 
     storage_path: absolute local folder or s3://; with `run.name` it identifies the run, so a
@@ -435,7 +445,6 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks:
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=run.max_failures),
-            callbacks=list(callbacks),
         ),
     )
     logger.info(
