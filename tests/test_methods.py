@@ -158,7 +158,7 @@ def test_run_epochs_logs_rate_and_eta_per_epoch(caplog):
 def test_cuda_performance_paths_bf16_and_channels_last_train_on_cpu(method):
     # The CUDA defaults (bf16 autocast, channels_last) exercised on the CPU, where both exist.
     data = SyntheticPairs(8, 32, 4)
-    train = TrainParams(performance={"autocast": "bf16", "channels_last": "on"})
+    train = TrainParams(performance={"autocast": "bf16", "channels_last": True})
     session = TrainingSession(ModelParams(image_size=32, method=method), train, len(data), torch.device("cpu"))
     assert session.autocast_dtype == torch.bfloat16 and session.channels_last
     for batch in data.steps(2):

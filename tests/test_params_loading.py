@@ -1,5 +1,7 @@
 """The params loader every stage uses: failures name the file, the key and the reason."""
 
+from typing import Literal
+
 import pytest
 from pydantic import Field
 
@@ -66,3 +68,14 @@ def test_not_a_mapping_and_missing_file(tmp_path):
         load_params(write(tmp_path, "- 1\n- 2\n"), Example)
     with pytest.raises(ParamsError, match=r"nope.yaml: file not found"):
         load_params(tmp_path / "nope.yaml", Example)
+
+
+class Switches(StrictModel):
+    fused: bool | Literal["auto"] = "auto"
+
+
+def test_a_value_fitting_no_branch_of_a_union_is_one_problem_under_its_key(tmp_path):
+    with pytest.raises(ParamsError) as caught:
+        load_params(write(tmp_path, "fused: maybe\n"), Switches)
+    assert [key for key, _ in caught.value.problems] == ["fused"]
+    assert "valid boolean" in caught.value.problems[0][1] and "'auto'" in caught.value.problems[0][1]

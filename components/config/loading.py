@@ -33,14 +33,18 @@ class ParamsError(ValueError):
         super().__init__("invalid params\n" + "\n".join(lines))
 
 
+# Tags pydantic puts in an error's location for the branches of a union (`bool | "auto"`):
+# they are not keys a user can find in the YAML file.
+_UNION_BRANCH_TAGS = {"bool", "int", "float", "str", "none", "list", "dict", "tagged-union"}
+
+
 def _dotted(location: tuple) -> str:
-    # pydantic reports union branches and list positions in the location; keep what a
-    # user can find in the YAML file (names and list indices), drop the branch tags.
+    # Keep what a user can find in the YAML file (names and list indices).
     parts = []
     for item in location:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(item, str) and (item.startswith("function-") or "[" in item or item in {"tagged-union"}):
+        elif isinstance(item, str) and (item.startswith("function-") or "[" in item or item in _UNION_BRANCH_TAGS):
             continue
         else:
             parts.append(("." if parts else "") + str(item))
@@ -87,7 +91,12 @@ def validate_params(data: dict, model: type[ParamsModel], path: Path | str, cont
             elif reason.startswith("Value error, "):
                 reason = reason.removeprefix("Value error, ")
             problems.append((_dotted(item["loc"]), reason))
-        raise ParamsError(path, problems) from None
+        # A value that fits no branch of a union fails once per branch: one line per key.
+        merged: dict[str, list[str]] = {}
+        for key, reason in problems:
+            if reason not in merged.setdefault(key, []):
+                merged[key].append(reason)
+        raise ParamsError(path, [(key, "; or ".join(reasons)) for key, reasons in merged.items()]) from None
 
 
 def load_params(path: Path | str, model: type[ParamsModel], context: dict | None = None) -> ParamsModel:

@@ -52,14 +52,17 @@ class HealthParams(StrictModel):
 
 
 class PerformanceParams(StrictModel):
-    """Speed switches; "auto" turns each on where it helps (CUDA) and off on the CPU."""
+    """Speed switches; "auto" turns each on where it helps (CUDA) and off on the CPU.
+
+    The on/off switches take true, false or auto (YAML reads a bare on/off as true/false too).
+    """
 
     autocast: Literal["auto", "none", "bf16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    fused_adam: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    fused_adam: bool | Literal["auto"] = "auto"
     tf32: bool = True
     # torch.compile of each network; a network that fails to compile runs eagerly with a warning.
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
 
 
 class TrainParams(StrictModel):

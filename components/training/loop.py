@@ -32,8 +32,8 @@ def identity(module: nn.Module) -> nn.Module:
     return module
 
 
-def _switch(value: str, cuda: bool) -> bool:
-    return value == "on" or (value == "auto" and cuda)
+def _switch(value: bool | str, cuda: bool) -> bool:
+    return value is True or (value == "auto" and cuda)
 
 
 def lr_factor(kind: str, epochs: int, decay_epochs: int, floor_ratio: float) -> Callable[[int], float]:
@@ -74,7 +74,7 @@ class TrainingSession:
             if self.channels_last:
                 network = network.to(memory_format=torch.channels_last)
             network = wrap(network)
-            if performance.compile:
+            if _switch(performance.compile, cuda):
                 # A network that fails to compile then runs eagerly, with dynamo's warning.
                 torch._dynamo.config.suppress_errors = True
                 network = torch.compile(network)
