@@ -128,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     if clashes:
         return _fail("inputs that would write the same output: " + "; ".join(_listing(paths) for paths in clashes))
     outputs = {path: args.output / f"{path.stem}.png" for path in inputs}
+    # an output written over its own (or another) input would destroy the source image, --overwrite or not
+    input_files = {path.resolve() for path in inputs}
+    over_inputs = [output for output in outputs.values() if output.resolve() in input_files]
+    if over_inputs:
+        return _fail(f"outputs would replace input images, nothing was written (choose another --output): {_listing(over_inputs)}")
     existing = [output for output in outputs.values() if output.exists()]
     if existing and not args.overwrite:
         return _fail(f"outputs already exist, nothing was written (use --overwrite to replace them): {_listing(existing)}")

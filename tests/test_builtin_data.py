@@ -53,3 +53,19 @@ def test_fewer_pairs_leave_no_stale_files(tmp_path, write_params, monkeypatch):
     write_params(tmp_path / "params", source={"kind": "pix2pix", "path": "out", "builtin": {"train_pairs": 2}})
     assert main(["builtin-data", "--params-dir", str(params), "--out", "out"]) == 0
     assert sorted(p.name for p in (tmp_path / "out/train").iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_a_split_with_no_pairs_gets_no_folder_and_prepare_carves_val(tmp_path, write_params, monkeypatch):
+    # val_pairs: 0 is valid: an empty val/ folder would make prepare stop on an "empty split"
+    monkeypatch.chdir(tmp_path)
+    params = write_params(tmp_path / "params", source={"kind": "pix2pix", "path": "data/builtin",
+                                                       "builtin": {"train_pairs": 8, "val_pairs": 0, "test_pairs": 2}},
+                          val_fraction=0.25)
+    assert main(["builtin-data", "--params-dir", str(params), "--out", "data/builtin"]) == 0
+    assert sorted(p.name for p in (tmp_path / "data/builtin").iterdir()) == ["test", "train"]
+    assert main(["prepare", "--params-dir", str(params), "--out", "data/prepared", "--report", "prepare.json",
+                 "--no-progress"]) == 0
+    from components.data.manifest import load_manifest
+
+    counts = {name: split.count for name, split in load_manifest(tmp_path / "data/prepared").splits.items()}
+    assert counts["test"] == 2 and counts["train"] + counts["val"] == 8

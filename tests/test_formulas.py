@@ -266,3 +266,22 @@ def test_adaptive_t_uses_r_d_and_image_count_summed_over_workers():
     augment.after_batch(4)
     assert augment.r_d.item() == 0.0  # below d_target: p falls by 8 images / 100
     assert augment.p.item() == pytest.approx(0.5 - 8 / 100)
+
+
+def test_ddgan_d_loss_is_the_official_unhalved_softplus_sum_and_pix2pix_keeps_its_half():
+    # DDGAN's lazy R1 (gamma / 2 |grad|^2) is weighed against this loss: halving it (pix2pix's
+    # convention) would silently double the effective r1_gamma against the published values.
+    real = torch.tensor([[2.0, -1.0, 0.3]], dtype=torch.float64)
+    fake = torch.tensor([[-3.0, 0.5, 1.2]], dtype=torch.float64)
+    softplus = torch.nn.functional.softplus
+    official = (softplus(-real).mean() + softplus(fake).mean()).item()
+
+    def method(name: str, extra: dict):
+        model = ModelParams(image_size=16, method={"name": name, "discriminator": {"ndf": 8, "n_layers": 1}, **extra})
+        return TrainingSession(model, TrainParams(), 1, torch.device("cpu")).method
+
+    small_unet = {"width": 8, "channel_multipliers": [1, 2], "attention_levels": []}
+    ddgan = method("ddgan", {"generator": small_unet, "num_steps": 2})
+    pix2pix = method("pix2pix", {"generator": {"ngf": 8}})
+    assert ddgan.gan_loss.discriminator(real, fake).item() == pytest.approx(official, rel=1e-6)
+    assert pix2pix.gan_loss.discriminator(real, fake).item() == pytest.approx(0.5 * official, rel=1e-6)

@@ -166,3 +166,19 @@ def test_cuda_performance_paths_bf16_and_channels_last_train_on_cpu(method):
     metrics = session.end_epoch()
     assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
     assert session.sample(batch["source"]).dtype == torch.float32
+
+
+def test_loading_a_file_that_is_not_a_generator_names_the_file_and_the_problem(tmp_path):
+    # The likely mistakes: a training checkpoint (state.pt) or some other file given as --model.
+    session = TrainingSession(ModelParams(image_size=32, method=PIX2PIX), TrainParams(), 8, torch.device("cpu"))
+    checkpoint = tmp_path / "state.pt"
+    torch.save(session.state_dict(), checkpoint)
+    with pytest.raises(ValueError, match=r"state\.pt: not an exported generator .*lacks sampler_state"):
+        load_translator(checkpoint)
+    for name, content in (("notes.pt", b"hello\n"), ("random.pt", bytes(range(256)) * 4)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}: not a pairgan generator file"):
+            load_translator(tmp_path / name)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"tensor\.pt: not an exported generator: it holds a Tensor"):
+        load_translator(tmp_path / "tensor.pt")

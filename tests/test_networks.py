@@ -65,3 +65,16 @@ def test_atme_w_maps_the_d_map_to_any_image_size(size, map_size):
     out = w(torch.rand(2, 1, map_size, map_size))
     assert out.shape == (2, 1, size, size)
     assert out.abs().max() < 1
+
+
+def test_patchgan_sees_70x70_patches_and_has_no_norm_on_its_first_layer():
+    discriminator = PatchGAN(6, ndf=4, n_layers=3, norm="instance")
+    assert isinstance(discriminator.norms[0], torch.nn.Identity)
+    assert all(isinstance(norm, torch.nn.InstanceNorm2d) for norm in discriminator.norms[1:])
+    # Receptive field of one logit: the input pixels its gradient reaches (norm "none" so the
+    # per-image statistics of a norm do not spread it over the whole image).
+    discriminator = PatchGAN(6, ndf=4, n_layers=3, norm="none")
+    image = torch.randn(1, 6, 256, 256, requires_grad=True)
+    discriminator(image)[0, 0, 15, 15].backward()
+    rows, cols = image.grad[0].abs().sum(0).nonzero().unbind(1)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (70, 70)

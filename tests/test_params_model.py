@@ -96,6 +96,7 @@ def test_bad_model_values(tmp_path, text, key, reason):
         ("performance:\n  autocast: fp8\n", "performance.autocast", "'auto', 'none' or 'bf16'"),
         ("optimizer:\n  betas: [0.5, 1.5]\n", "optimizer.betas[1]", "less than 1"),
         ("health:\n  patience: 3\n", "health.patience", "unknown key"),
+        ("optimizer:\n  lr_d: 1.0e-5\nlr_schedule:\n  kind: cosine\n  lr_floor: 2.0e-5\n", "", "lr_floor = 2e-05 exceeds"),
     ],
 )
 def test_bad_train_values(tmp_path, text, key, reason):

@@ -64,3 +64,13 @@ def test_missing_or_wrong_model_file_is_named(inputs, tmp_path, capsys):
     assert predict(tmp_path / "notes.pt", inputs, tmp_path / "out") == 1
     assert "notes.pt: cannot be used as a generator" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_outputs_never_replace_the_input_images_even_with_overwrite(generator, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (20, 20), (10, 100, 200)).save(folder / "sketch.png")
+    before = (folder / "sketch.png").read_bytes()
+    assert predict(generator, folder, folder, "--overwrite") == 1
+    assert "sketch.png" in capsys.readouterr().err
+    assert (folder / "sketch.png").read_bytes() == before

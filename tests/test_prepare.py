@@ -169,3 +169,80 @@ def test_s3_missing_bucket_fails_clearly(tmp_path, monkeypatch, write_params, s3
     write_params(tmp_path / "params", source={"kind": "pix2pix", "path": "s3://no-such-bucket/x", "s3": {"endpoint_url": s3_endpoint, "max_attempts": 1}})
     assert prepare(tmp_path) == 1
     assert "s3://no-such-bucket/x: cannot list objects" in caplog.text and "NoSuchBucket" in caplog.text
+
+
+class _CutFirstBodyProxy:
+    """An HTTP proxy in front of the moto server that cuts the first download of each object
+    short (the connection drops mid-body, as on a flaky network); later requests pass through."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        cut: set[str] = set()
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = connection.getresponse()
+                payload = response.read()
+                is_object_get = self.command == "GET" and "?" not in self.path and "." in self.path.rsplit("/", 1)[-1]
+                with lock:
+                    first = is_object_get and response.status == 200 and self.path not in cut
+                    if first:
+                        cut.add(self.path)
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in {"content-length", "transfer-encoding", "connection"}:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                if first:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload[: len(payload) // 2] if first else payload)
+                if first:
+                    self.close_connection = True
+                connection.close()
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.cut = cut
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_downloads_cut_short_are_retried_not_reported_as_bad_input(
+    tmp_path, monkeypatch, write_params, write_pix2pix, s3_endpoint
+):
+    monkeypatch.chdir(tmp_path)
+    write_pix2pix(tmp_path / "local", {"train": 3}, size=16)
+    _upload(tmp_path / "local", s3_endpoint, "flaky-network", "set")
+    proxy = _CutFirstBodyProxy(s3_endpoint)
+    try:
+        s3 = {"endpoint_url": proxy.url, "region": "us-east-1", "max_attempts": 3}
+        write_params(tmp_path / "params", source={"kind": "pix2pix", "path": "s3://flaky-network/set", "s3": s3},
+                     image_size=16, val_fraction=0)
+        assert prepare(tmp_path) == 0
+    finally:
+        proxy.close()
+    assert len(proxy.cut) == 3  # every object's first download really was cut short
+    manifest = load_manifest(tmp_path / "data/prepared")
+    assert manifest.split("train").count == 3 and manifest.skipped == []

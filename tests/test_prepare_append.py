@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from components.data.manifest import load_manifest
@@ -80,3 +81,43 @@ def test_append_of_more_builtin_pairs_keeps_existing_ones(tmp_path, monkeypatch,
 
     write_params(tmp_path / "params", mode="append", source={**more, "builtin": {**more["builtin"], "seed": 1}})
     assert prepare() == 1  # another seed is another data set
+
+
+def test_append_never_stores_a_pair_twice_when_it_moves_split_or_is_renamed(tmp_path, monkeypatch, write_params, write_pix2pix, caplog):
+    monkeypatch.chdir(tmp_path)
+    write_pix2pix(tmp_path / "pairs", {"train": 6, "test": 2}, size=16)
+    write_params(tmp_path / "params", source={"kind": "pix2pix", "path": "pairs"}, image_size=16,
+                 val_fraction=0.0, shard_max_count=4, mode="append")
+    assert prepare() == 0
+    out = tmp_path / "data/prepared"
+    before = snapshot(out)
+    # a training pair moved into test/ would leak training data into the held-out split
+    (tmp_path / "pairs/train/0003.png").rename(tmp_path / "pairs/test/moved.png")
+    (tmp_path / "pairs/train/0004.png").rename(tmp_path / "pairs/train/renamed.png")
+    assert prepare() == 0
+    manifest = load_manifest(out)
+    assert manifest.split("test").count == 2 and manifest.split("train").count == 6
+    assert {name: data for name, data in snapshot(out).items() if name != "manifest.json"} == {
+        name: data for name, data in before.items() if name != "manifest.json"
+    }
+    reasons = {(c["split"], c["key"]): c["reason"] for c in manifest.changed}
+    assert "same content as train/0003" in reasons[("test", "moved")]
+    assert "same content as train/0004" in reasons[("train", "renamed")]
+    assert json.loads((tmp_path / "reports/prepare.json").read_text())["new_pairs"] == 0
+
+
+def test_append_accepts_new_s3_connection_settings_but_not_another_source():
+    from components.data.writer import PrepareError, _check_append_compatible
+
+    def used(path: str, endpoint: str, attempts: int) -> dict:
+        return {"source": {"kind": "pix2pix", "path": path, "direction": "AtoB",
+                           "s3": {"endpoint_url": endpoint, "region": None, "max_attempts": attempts}},
+                "image_size": 64, "jpeg_quality": 95, "val_fraction": 0.1, "seed": 0}
+
+    class Existing:
+        params = used("s3://pairs/set", "http://minio-old:9000", 5)
+        root = Path("data/prepared")
+
+    _check_append_compatible(Existing, used("s3://pairs/set", "https://minio-new:9000", 10))
+    with pytest.raises(PrepareError, match="source.path"):
+        _check_append_compatible(Existing, used("s3://other/set", "http://minio-old:9000", 5))

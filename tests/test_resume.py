@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from components.config.model import ModelParams
 from components.config.train import TrainParams
+from components.methods.base import unwrap
 from components.training.loop import TrainingSession
 from synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
@@ -141,3 +142,25 @@ def test_session_trains_ddp_wrapped_networks_and_saves_plain_state(tmp_path):
         assert plain.step == 2
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["pix2pix+diffusion_gan+r1", "ddgan+guidance"])
+def test_workers_draw_independent_noise_from_identical_initial_weights(method):
+    # Under DDP every worker runs the same session code: one seed for all would give sample k
+    # of every rank the same diffusion t and noise, latent z and condition dropout.
+    def first_step(rank: int) -> tuple[dict, dict]:
+        model = ModelParams(image_size=32, load_size=40, method=METHODS[method])
+        session = TrainingSession(model, TrainParams(), 12, torch.device("cpu"), rank=rank)
+        initial = {
+            name: {key: value.clone() for key, value in unwrap(network).state_dict().items()}
+            for name, network in session.method.networks().items()
+        }
+        session.train_step(next(iter(SyntheticPairs(12, 32, 4, seed=1, load_size=40))))
+        return initial, {name: value.item() for name, value in session.stats.step_values.items()}
+
+    initial_0, values_0 = first_step(0)
+    initial_1, values_1 = first_step(1)
+    for name, state in initial_0.items():  # DDP starts every replica from the same weights
+        assert all(torch.equal(value, initial_1[name][key]) for key, value in state.items()), name
+    assert values_0["loss/D"] != values_1["loss/D"] and values_0["loss/G"] != values_1["loss/G"]
+    assert first_step(1)[1] == values_1  # and each rank's draws are reproducible

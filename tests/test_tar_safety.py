@@ -69,3 +69,21 @@ def test_loaders_check_every_shard_before_reading(tmp_path, prepared_builtin, ba
     write_tar(shard, [regular("k.src.jpg"), regular("../k.tgt.jpg")])
     with pytest.raises(UnsafeTarError, match="k.tgt.jpg"):
         make_loader(copy, "train", LoaderParams(backend=backend, load_size=32, crop_size=32), batch_size=2, train=True)
+
+
+@pytest.mark.parametrize("bad_path", ["../../outside/train-000000.tar", "/etc/shard.tar"])
+def test_a_manifest_pointing_a_shard_outside_its_folder_is_refused(tmp_path, prepared_builtin, bad_path):
+    import hashlib
+    import json
+
+    from components.data.manifest import ManifestError, _canonical
+
+    copy = shutil.copytree(prepared_builtin, tmp_path / "data")
+    body = json.loads((copy / "manifest.json").read_text())
+    body.pop("checksum")
+    body["splits"]["train"]["shards"][0]["tar"] = bad_path
+    # a consistent checksum: the checksum catches accidents, not a crafted manifest
+    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(body))
+    with pytest.raises(ManifestError, match=r"splits\.train\.shards\[0\]\.tar .*leaves the data set's folder"):
+        make_loader(copy, "train", LoaderParams(backend="torch", load_size=32, crop_size=32), batch_size=2, train=True)

@@ -125,3 +125,20 @@ def test_system_metrics_are_logged_by_the_worker_logger(tmp_path):
         threading.Event().wait(0.05)
     epoch_logger.close()
     assert any(key.startswith("system/cpu") for key in client.get_run(run_id).data.metrics)
+
+
+def test_a_tracking_uri_with_a_password_never_reaches_rays_run_state():
+    # Ray Train V2 stringifies train_loop_config into its run state (dashboard, export events)
+    from ray.train.v2._internal.state.schema import _to_json_serializable_value
+
+    from components.config.data import LoaderParams
+    from components.config.model import ModelParams
+    from components.config.train import TrainParams
+    from components.training.distributed import TrainingJob
+
+    job = TrainingJob(
+        model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_dir="/data", data_checksum="abc",
+        dataset_size=4, tracking_uri="https://alice:s3cret-token@mlflow.example.com", mlflow_run_id="run1",
+    )
+    shown = str(_to_json_serializable_value({"job": job, "outcome": None}))
+    assert "s3cret-token" not in shown and "run1" in shown

@@ -116,3 +116,37 @@ def test_no_manifest_holds_a_literal_credential(name):
 
     assert not [key for document in yaml.safe_load_all(text) for key in literal_secrets(document)]
     assert "AKIA" not in text  # an AWS access key id
+
+
+def _rsync_excludes(pattern: str, path: str) -> bool:
+    """rsync's --exclude matching for `path` (relative to the transfer root, '/'-separated):
+    '**' spans folders, '*' and '?' do not; a leading '/' anchors at the root, otherwise the
+    pattern matches the end of the path (any trailing run of whole components)."""
+    import re
+
+    anchored = pattern.startswith("/")
+    body = pattern.strip("/")
+    regex = "".join(
+        ".*" if token == "**" else "[^/]*" if token == "*" else "[^/]" if token == "?" else re.escape(token)
+        for token in re.split(r"(\*\*|\*|\?)", body)
+        if token
+    )
+    return re.fullmatch(regex if anchored else f"(?:.*/)?{regex}", path) is not None
+
+
+def test_rsync_excludes_leave_every_source_file_on_the_nodes():
+    # file_mounts copies the project to every node and setup_commands `pip install -e` it there:
+    # an exclude pattern that also matches a source folder (e.g. '**/data' and components/data)
+    # gives nodes a project that fails at import.
+    patterns = cluster_config()["rsync_exclude"]
+    sources = [PROJECT / "pyproject.toml", *sorted((PROJECT / "components").rglob("*.py")),
+               *sorted((PROJECT / "pipelines").rglob("*.py")), *sorted((PROJECT / "params").glob("*.yaml"))]
+    dropped = []
+    for source in sources:
+        parts = source.relative_to(PROJECT).parts
+        prefixes = ["/".join(parts[: end]) for end in range(1, len(parts) + 1)]
+        dropped += [f"{prefix} (by {pattern!r})" for pattern in patterns for prefix in prefixes if _rsync_excludes(pattern, prefix)]
+    assert not dropped, f"ray_cluster.yaml rsync_exclude drops project files: {sorted(set(dropped))}"
+    # the checker itself tells the two kinds of pattern apart
+    assert _rsync_excludes("**/data", "components/data") and not _rsync_excludes("/data", "components/data")
+    assert _rsync_excludes("/data", "data")

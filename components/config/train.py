@@ -82,4 +82,11 @@ class TrainParams(StrictModel):
         decay = self.lr_schedule.decay_epochs
         if decay is not None and decay > self.epochs:
             raise ValueError(f"lr_schedule.decay_epochs = {decay} exceeds epochs = {self.epochs}")
+        lowest = min(self.optimizer.lr_g, self.optimizer.lr_d)
+        if self.lr_schedule.kind == "cosine" and self.lr_schedule.lr_floor > lowest:
+            # The cosine would climb from the base LR up to the "floor" instead of decaying.
+            raise ValueError(
+                f"lr_schedule.lr_floor = {self.lr_schedule.lr_floor} exceeds the learning rate {lowest} "
+                "(optimizer.lr_g / lr_d) that the cosine decays from"
+            )
         return self

@@ -95,8 +95,11 @@ def write_builtin_folder(params: BuiltinSourceParams, image_size: int, out_dir: 
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     counts = {"train": params.train_pairs, "val": params.val_pairs, "test": params.test_pairs}
+    staging.mkdir(parents=True)
     for split, count in counts.items():
-        (staging / split).mkdir(parents=True)
+        if count == 0:
+            continue  # an empty folder would be an "empty split" to prepare; no folder lets it carve val
+        (staging / split).mkdir()
         for index in range(count):
             edges, photo = make_builtin_pair(params, split, index, image_size)
             side_by_side = np.concatenate([edges, photo], axis=1)

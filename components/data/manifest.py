@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pairgan-shards/1"
@@ -108,6 +108,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(temp, path)
 
 
+def _check_inside(manifest_path: Path, key: str, relative: str) -> None:
+    # Shard paths are relative to the manifest's folder: a reader must never be sent outside it.
+    posix = PurePosixPath(relative)
+    if posix.is_absolute() or ".." in posix.parts or "\\" in relative or (len(relative) > 1 and relative[1] == ":"):
+        raise ManifestError(f"{manifest_path}: {key} {relative!r} leaves the data set's folder (absolute or '..')")
+
+
 def load_manifest(path: Path | str) -> Manifest:
     """Read a manifest (the file, or the folder holding manifest.json) and check its checksum."""
     path = Path(path)
@@ -124,6 +131,10 @@ def load_manifest(path: Path | str) -> Manifest:
     checksum = data.pop("checksum", None)
     if checksum != hashlib.sha256(_canonical(data)).hexdigest():
         raise ManifestError(f"{path}: checksum mismatch: the manifest was edited or truncated")
+    for name, split in data["splits"].items():
+        for number, shard in enumerate(split["shards"]):
+            for member in ("tar", "index"):
+                _check_inside(path, f"splits.{name}.shards[{number}].{member}", shard[member])
     splits = {
         name: SplitManifest(
             shards=[ShardEntry(**s) for s in split["shards"]],

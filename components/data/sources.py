@@ -102,6 +102,7 @@ class S3Storage:
         self.description = uri
         self.bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.max_attempts = params.max_attempts
         self.client = boto3.client(
             "s3",
             endpoint_url=params.endpoint_url,
@@ -125,12 +126,30 @@ class S3Storage:
         return sorted({str(PurePosixPath(f).parent) for f in self.list_files()} - {"."})
 
     def read(self, relative: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + relative)["Body"].read()
-        except (BotoCoreError, ClientError) as error:
-            raise OSError(f"cannot get s3://{self.bucket}/{self.prefix}{relative}: {error}") from None
+        # botocore retries the request, not the download of the body that follows it: a
+        # connection dropped mid-body is retried here, or a flaky network would turn good
+        # images into "bad inputs".
+        interrupted = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
+        key = self.prefix + relative
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except interrupted as error:
+                if attempt == self.max_attempts:
+                    raise OSError(f"cannot get s3://{self.bucket}/{key} ({attempt} attempts): {error}") from None
+                log.warning("s3://%s/%s: download interrupted (%s); retrying", self.bucket, key, error)
+            except (BotoCoreError, ClientError) as error:
+                raise OSError(f"cannot get s3://{self.bucket}/{key}: {error}") from None
+        raise AssertionError("unreachable: max_attempts >= 1")
 
 
 def make_key(stem: str) -> str:

@@ -94,6 +94,14 @@ class _Encoded:
     target_jpeg: bytes
 
 
+@dataclass(frozen=True)
+class _AlreadyStored:
+    """A new name whose content the data set already holds (a moved or renamed pair)."""
+
+    split: str
+    entry: SampleEntry
+
+
 @dataclass
 class _SplitState:
     """A split while it is being written: the committed part plus the new samples and shards."""
@@ -199,10 +207,13 @@ def _remove_uncommitted_shards(out_dir: Path, manifest: Manifest) -> None:
 
 def _shard_defining(params_used: dict) -> dict[str, object]:
     """Dotted key -> value of every param that decides a shard's bytes. The built-in source's
-    pair counts are not among them: raising a count is how new built-in pairs appear."""
+    pair counts are not among them (raising a count is how new built-in pairs appear), nor the
+    S3 connection settings (a new endpoint or retry count reads the same objects)."""
     values = {key: params_used.get(key) for key in SHARD_DEFINING_PARAMS if key != "source"}
     source = params_used.get("source", {})
     for key, value in source.items():
+        if key == "s3":
+            continue  # how to reach the store (endpoint, region, retries), not what is in it
         if key == "builtin":
             values |= {f"source.builtin.{k}": v for k, v in value.items() if not k.endswith("_pairs")}
         else:
@@ -261,13 +272,17 @@ def prepare_dataset(
         for split in SPLITS
     }
     known = {split: {s.key: s for s in state.samples} for split, state in states.items()}
+    # content already stored under any name: a pair moved to another split (a val/ folder
+    # added after val was carved off train) or renamed must not be added a second time
+    stored = {s.sha256: _AlreadyStored(split, s) for split, state in states.items() for s in state.samples}
     problems: list[BadInput] = list(listing.problems)
     changed: list[dict] = []
     new_pairs = 0
     staging.mkdir(parents=True)
 
-    def process(pair: SourcePair) -> _Encoded | list[BadInput] | SampleEntry | None:
-        """The encoded new pair, its problems, the old entry when it changed, or None if unchanged."""
+    def process(pair: SourcePair) -> _Encoded | list[BadInput] | SampleEntry | _AlreadyStored | None:
+        """The encoded new pair, its problems, the old entry when it changed, where its content
+        already is when it was stored under another name, or None if unchanged."""
         try:
             blobs = pair.read()
         except BadInputError as error:
@@ -276,6 +291,8 @@ def prepare_dataset(
         old_entry = known[pair.split].get(pair.key)
         if old_entry is not None:
             return None if old_entry.sha256 == checksum else old_entry
+        if checksum in stored:
+            return stored[checksum]
         encoded = encode_pair(pair, blobs, listing.layout, params.source.direction, params.image_size, params.jpeg_quality)
         if isinstance(encoded, list):
             return encoded
@@ -306,6 +323,12 @@ def prepare_dataset(
                     changed.append({
                         "split": pair.split, "key": pair.key, "origin": list(pair.origin),
                         "reason": f"content changed since it was written as index {outcome.index}; the old content is kept",
+                    })
+                elif isinstance(outcome, _AlreadyStored):
+                    changed.append({
+                        "split": pair.split, "key": pair.key, "origin": list(pair.origin),
+                        "reason": f"same content as {outcome.split}/{outcome.entry.key} (index {outcome.entry.index}), "
+                                  "already in the data set; not added again",
                     })
                 elif outcome is not None:
                     new_pairs += 1

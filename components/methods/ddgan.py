@@ -125,7 +125,8 @@ class DDGAN:
         self.G = prepare(build_ddpm_generator(model, target + source, target, latent_dim=method.nz))
         self.D = prepare(build_discriminator(model, 2 * target + source, time_conditioned=True))
         self.ema = EMA(unwrap(self.G), method.ema_decay)
-        self.gan_loss = GANLoss(method.loss)
+        # The official DDGAN loss: softplus(-D(real)) + softplus(D(fake)), not halved.
+        self.gan_loss = GANLoss(method.loss, discriminator_scale=1.0)
         self.lambda_l1 = method.loss.lambda_l1
         self.r1_gamma = method.loss.r1_gamma
         self.r1_interval = method.loss.r1_interval if method.loss.r1_gamma > 0 else 0

@@ -7,11 +7,17 @@ from components.config.model import LossParams
 
 
 class GANLoss:
-    """D and G losses on logit maps; D's loss is halved as in pix2pix (D learns at half G's rate)."""
+    """D and G losses on logit maps.
 
-    def __init__(self, params: LossParams):
+    `discriminator_scale` multiplies D's loss: 0.5 for pix2pix and ATME (pix2pix halves it so D
+    learns at half G's rate), 1 for DDGAN, whose official loss is the plain sum; the lazy R1
+    penalty is added on that scale, so halving it there would double the effective r1_gamma.
+    """
+
+    def __init__(self, params: LossParams, discriminator_scale: float = 0.5):
         self.kind = params.gan_loss
         self.real_label = 1.0 - params.label_smoothing
+        self.discriminator_scale = discriminator_scale
 
     def discriminator(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
         real_logits, fake_logits = real_logits.float(), fake_logits.float()
@@ -26,7 +32,7 @@ class GANLoss:
         else:
             real = F.relu(self.real_label - real_logits)
             fake = F.relu(1.0 + fake_logits)
-        return 0.5 * (real.mean() + fake.mean())
+        return self.discriminator_scale * (real.mean() + fake.mean())
 
     def generator(self, fake_logits: torch.Tensor) -> torch.Tensor:
         fake_logits = fake_logits.float()

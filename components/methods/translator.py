@@ -6,6 +6,7 @@ as a dict, tensors, numbers), saved with torch.save and read back with weights_o
 DDGAN's noise comes from torch.randn (set `seed` only for reproducible eager sampling).
 """
 
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,12 +92,28 @@ def export_translator(session: "TrainingSession", metadata: dict | None = None) 
     }
 
 
+EXPORT_KEYS = ("format_version", "model", "sampler_state", "guidance_weight")
+
+
 def translator_from_export(exported: dict) -> Translator:
-    if exported.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported translator format {exported.get('format_version')!r}, expected {FORMAT_VERSION}")
+    """Raises ValueError, saying what is wrong, for anything that is not an export of this format."""
+    if not isinstance(exported, dict):
+        raise ValueError(f"not an exported generator: it holds a {type(exported).__name__}, not the export's dict")
+    missing = [key for key in EXPORT_KEYS if key not in exported]
+    if missing:
+        # A training checkpoint (state.pt) has a format_version and model but no sampler_state.
+        raise ValueError(
+            f"not an exported generator (models/generator.pt or a checkpoint's generator.pt): "
+            f"it lacks {', '.join(missing)}"
+        )
+    if exported["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"unsupported translator format {exported['format_version']!r}, expected {FORMAT_VERSION}")
     model = ModelParams.model_validate(exported["model"])
     sampler = build_sampler(model)
-    sampler.load_state_dict(exported["sampler_state"])
+    try:
+        sampler.load_state_dict(exported["sampler_state"])
+    except RuntimeError as error:
+        raise ValueError(f"its weights do not fit its model params: {error}") from error
     translator = Translator(sampler, model.method.name)
     if translator.supports_guidance:
         translator.guidance_weight = exported["guidance_weight"]
@@ -112,5 +129,16 @@ def save_translator(path: Path | str, session: "TrainingSession", metadata: dict
 
 
 def load_translator(path: Path | str, map_location: str | torch.device = "cpu") -> Translator:
-    exported = torch.load(path, map_location=map_location, weights_only=True)
-    return translator_from_export(exported)
+    """The Translator saved at `path`; a file that is not one raises ValueError naming the file."""
+    try:
+        exported = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError) as error:
+        # What torch.load raises for a file that is not a torch.save of plain data (a truncated
+        # or foreign file, or one that needs pickled code, which weights_only=True refuses).
+        raise ValueError(
+            f"{path}: not a pairgan generator file: torch.load(weights_only=True) failed with {type(error).__name__}"
+        ) from error
+    try:
+        return translator_from_export(exported)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error

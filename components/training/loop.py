@@ -12,7 +12,9 @@ import math
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from components.config.model import DDGANParams, ModelParams
@@ -34,6 +36,11 @@ def identity(module: nn.Module) -> nn.Module:
 
 def _switch(value: bool | str, cuda: bool) -> bool:
     return value is True or (value == "auto" and cuda)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step's random draws on one worker, distinct for every (seed, rank, step)."""
+    return int(np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1, np.uint64)[0])
 
 
 def lr_factor(kind: str, epochs: int, decay_epochs: int, floor_ratio: float) -> Callable[[int], float]:
@@ -58,8 +65,11 @@ class TrainingSession:
         device: torch.device,
         wrap: Callable[[nn.Module], nn.Module] = identity,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        rank: int | None = None,
     ):
         self.model, self.train, self.device = model, train, torch.device(device)
+        # None: this process's rank in the default process group (0 without one).
+        self.rank = rank if rank is not None else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
         cuda = self.device.type == "cuda"
         performance = train.performance
         self.channels_last = _switch(performance.channels_last, cuda)
@@ -118,6 +128,11 @@ class TrainingSession:
         return moved
 
     def train_step(self, batch: Batch) -> None:
+        # Every step's draws (dropout, z, diffusion t and noise, condition dropout) come from a
+        # seed of (seed, rank, step): workers draw independent noise for their samples, where one
+        # seed for all would give sample k of every rank the same t, z and noise; and a resumed
+        # run repeats them exactly on every rank, where only rank 0's RNG state is checkpointed.
+        torch.manual_seed(step_seed(self.train.seed, self.rank, self.step))
         batch = self._to_device(batch)
         method, stats = self.method, self.stats
         stats.begin_step()
