@@ -124,3 +124,22 @@ def test_loader_errors_name_the_problem(prepared_builtin, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(edited))
     with pytest.raises(ManifestError, match="checksum mismatch"):
         make_loader(tmp_path, "train", params, batch_size=1, train=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_resumed_training_worker_gets_the_draws_of_the_epoch_it_resumes_at(prepared_builtin, backend):
+    from types import SimpleNamespace
+
+    from components.training.distributed import _ObservedLoader
+
+    params = LoaderParams(backend=backend, load_size=32, crop_size=24)
+
+    def draws(batches):
+        return [(b["index"].tolist(), b["crop"].tolist(), b["flip"].tolist()) for b in batches]
+
+    uninterrupted = make_loader(prepared_builtin, "train", params, batch_size=4, train=True, seed=5)
+    epochs = [draws(uninterrupted) for _ in range(3)]
+    assert epochs[2] != epochs[0]
+    resumed = _ObservedLoader(make_loader(prepared_builtin, "train", params, batch_size=4, train=True, seed=5),
+                              0, None, SimpleNamespace(epoch=2, step=0))
+    assert draws(resumed) == epochs[2]

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
@@ -17,7 +18,7 @@ OUTPUTS = ["source", "target", "index", "flip", "crop"]
 
 def build_pipeline(
     manifest: Manifest, split: str, loader: LoaderParams, batch_size: int, train: bool,
-    rank: int, world_size: int, seed: int, device_id: int | None,
+    rank: int, world_size: int, pipeline_seed: int, device_id: int | None,
 ) -> Pipeline:
     """The DALI graph. Each random value is drawn once per sample and fed to both images'
     operators, which is what makes the crop and flip shared by source and target."""
@@ -26,7 +27,7 @@ def build_pipeline(
     resize_to = loader.load_size if train else loader.crop_size
     pipe = Pipeline(
         batch_size=batch_size, num_threads=loader.num_threads, device_id=device_id,
-        seed=seed * 1000 + rank, prefetch_queue_depth=loader.prefetch,
+        seed=pipeline_seed, prefetch_queue_depth=loader.prefetch,
     )
     with pipe:
         source, target, index = fn.readers.webdataset(
@@ -65,8 +66,18 @@ def build_pipeline(
     return pipe
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The DALI pipeline seed of one rank's epoch (DALI takes a 32-bit seed)."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
 class DaliPairLoader:
-    """A `PairLoader` on DALI. One `iter()` is one epoch of exactly `len()` batches."""
+    """A `PairLoader` on DALI. One `iter()` is one epoch of exactly `len()` batches.
+
+    A DALI pipeline cannot be re-seeded, so each epoch gets a pipeline of its own seeded by
+    (seed, rank, epoch): an epoch's shuffle, crops and flips do not depend on how many epochs
+    this process ran before, and a run resumed at epoch e draws what an uninterrupted run draws.
+    """
 
     backend: Backend = "dali"
 
@@ -79,23 +90,29 @@ class DaliPairLoader:
         self.owned = owned_indices(count, rank, world_size)
         self._length = batches_per_epoch(count, batch_size, train, rank, world_size)
         self._device = device
+        self._train, self._seed, self._rank, self._epoch = train, seed, rank, 0
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
-        pipe = build_pipeline(manifest, split, loader, batch_size, train, rank, world_size, seed, device_id)
-        self._iterator = DALIGenericIterator(
-            [pipe], OUTPUTS, reader_name="reader", auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
-        )
+        self._pipeline_args = (manifest, split, loader, batch_size, train, rank, world_size)
+        self._device_id = device_id
 
     def __len__(self) -> int:
         return self._length
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next `iter()` at this epoch (a resumed run picks up the same random draws)."""
+        self._epoch = epoch
+
     def __iter__(self) -> Iterator[Batch]:
-        produced, finished = 0, False
+        pipe = build_pipeline(*self._pipeline_args, epoch_seed(self._seed, self._rank, self._epoch), self._device_id)
+        iterator = DALIGenericIterator(
+            [pipe], OUTPUTS, reader_name="reader",
+            last_batch_policy=LastBatchPolicy.DROP if self._train else LastBatchPolicy.PARTIAL,
+        )
+        self._epoch += 1
         try:
-            for (outputs,) in self._iterator:
+            for produced, (outputs,) in enumerate(iterator):
                 if produced == self._length:
-                    continue  # the rank holding one sample more than the others: drain it unseen
-                produced += 1
+                    break  # the rank holding one sample more than the others: that one is dropped
                 yield Batch(
                     source=outputs["source"].to(self._device, non_blocking=True),
                     target=outputs["target"].to(self._device, non_blocking=True),
@@ -103,10 +120,6 @@ class DaliPairLoader:
                     flip=outputs["flip"].view(-1).bool().to(self._device),
                     crop=outputs["crop"].long().to(self._device),
                 )
-            finished = True
         finally:
-            # DALI cannot reset mid-epoch: a consumer that stops early (break, exception)
-            # leaves the rest of the epoch to drain so the next iter() starts a fresh one.
-            if not finished:
-                for _ in self._iterator:
-                    pass
+            # The epoch's pipeline ends with it, also when a consumer stops early.
+            del iterator, pipe

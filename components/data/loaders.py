@@ -39,6 +39,10 @@ class PairLoader(Protocol):
 
     def __iter__(self) -> Iterator[Batch]: ...
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next `iter()` epoch `epoch`: its random draws depend on (seed, rank, epoch)
+        only, so a resumed run repeats exactly the draws of the epoch it resumes at."""
+
 
 class LoaderError(ValueError):
     """The loader cannot be built for this split, batch size and world size."""

@@ -34,7 +34,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -71,7 +71,9 @@ class TrainingJob:
     data_dir: str
     data_checksum: str
     dataset_size: int
-    tracking_uri: str | None = None
+    # repr=False: Ray Train V2 shows str(train_loop_config) in its run state (dashboard, export
+    # events), and a tracking URI may carry user:password.
+    tracking_uri: str | None = field(default=None, repr=False)
     mlflow_run_id: str | None = None
     step_hook: StepHook | None = None
 
@@ -261,6 +263,8 @@ class _ObservedLoader:
         return len(self.loader)
 
     def __iter__(self):
+        # A resumed run must get the draws of the epoch it resumes at, not those of epoch 0 again.
+        self.loader.set_epoch(self.session.epoch)
         for batch in self.loader:
             if self.first_batch is None:
                 self.first_batch = {key: value.detach().cpu().clone() for key, value in batch.items()}
