@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from components.config import load_params
-from components.config.data import DataParams
+from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.evaluate import EvaluateParams
 from components.data.batch import Batch
 from components.data.loaders import make_loader
@@ -83,7 +83,7 @@ def _json_number(value: float) -> float | None:
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
-    data_params = load_params(params_dir / "data.yaml", DataParams)
+    data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
     out = Path(args.out)
     def held_out(description: str = "evaluate") -> Iterable[Batch]:
         loader = make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device)

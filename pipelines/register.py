@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from components.config import ParamsError, load_params
-from components.config.data import DataParams
+from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.evaluate import EvaluateParams
 from components.config.register import RegisterParams
 from components.data.loaders import make_loader
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     register_path = params_dir / "register.yaml"
     params = load_params(register_path, RegisterParams)
     evaluate_params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
-    data_params = load_params(params_dir / "data.yaml", DataParams)
+    data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
 
     try:
         train_report = read_train_report(Path(args.train_report))

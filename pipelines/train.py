@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from components.config import ParamsError, load_params
-from components.config.data import DataParams
+from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.data.manifest import ManifestError, load_manifest
@@ -93,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
     model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
     model = load_params(model_path, ModelParams)
     train = load_params(train_path, TrainParams)
-    data = load_params(data_path, DataParams)
+    data = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
     _check_sizes(model, data, model_path, data_path)
     try:
         manifest = load_manifest(args.data)
         dataset_size = manifest.split("train").count
     except (ManifestError, KeyError, FileNotFoundError) as error:
-        print(f"pairgan train: {error} (run `pairgan prepare` first)", file=sys.stderr)
+        print(f"pairgan train: {error}", file=sys.stderr)
         return EXIT_FAILED
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())

@@ -1,11 +1,15 @@
 """The `pairgan` console script as a user meets it."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipelines.cli import STAGES
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def pairgan(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -33,3 +37,15 @@ def test_unknown_stage_is_a_usage_error():
     result = pairgan("fly")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+@pytest.mark.parametrize(("stage", "missing"), [("train", "no manifest"), ("evaluate", "no train report"),
+                                                ("register", "no train report")])
+def test_stages_reading_the_shards_do_not_need_the_source_folder(tmp_path, stage, missing):
+    # A training node or a CI job with restored shards has no source folder: params still
+    # validate, and the stage names what it really lacks.
+    shutil.copytree(PROJECT / "params", tmp_path / "params")
+    assert not (tmp_path / "data/builtin").exists()
+    result = pairgan(stage, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert missing in result.stderr and "source.path" not in result.stderr

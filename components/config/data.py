@@ -103,6 +103,12 @@ class LoaderParams(StrictModel):
         return crop_size
 
 
+# Validation context for stages that read data.yaml only for its `loader` section (train,
+# evaluate, register): they read the prepared shards, so the source folder need not exist
+# where they run (a training node, a CI job that restored data/prepared).
+READS_SHARDS_ONLY = {"check_source_path": False}
+
+
 class DataParams(StrictModel):
     """The whole of params/data.yaml."""
 
