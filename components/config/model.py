@@ -100,23 +100,23 @@ _ONE_STEP_GUIDANCE = (
 )
 
 
-def _reject_guidance(data: Any) -> Any:
-    if isinstance(data, dict) and "guidance" in data:
-        raise ValueError(_ONE_STEP_GUIDANCE.format(name=data.get("name")))
-    return data
+class OneStepMethodParams(StrictModel):
+    """Methods whose generator maps the source to the image in one call (pix2pix, ATME)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_guidance(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "guidance" in data:
+            raise ValueError(_ONE_STEP_GUIDANCE.format(name=data.get("name")))
+        return data
 
 
-class Pix2PixParams(StrictModel):
+class Pix2PixParams(OneStepMethodParams):
     name: Literal["pix2pix"]
     generator: UNetParams = UNetParams()
     discriminator: PatchGANParams = PatchGANParams()
     loss: LossParams = LossParams()
     diffusion_gan: DiffusionGANParams | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_guidance(cls, data: Any) -> Any:
-        return _reject_guidance(data)
 
 
 class ATMEWParams(StrictModel):
@@ -133,7 +133,7 @@ class ATMEWParams(StrictModel):
         return self
 
 
-class ATMEParams(StrictModel):
+class ATMEParams(OneStepMethodParams):
     name: Literal["atme"]
     generator: DDPMUNetParams = DDPMUNetParams()
     discriminator: PatchGANParams = PatchGANParams()
@@ -143,11 +143,6 @@ class ATMEParams(StrictModel):
     # state training drives D towards (the reference used 0.5 + 0.001 N(0, 1), i.e. D = 0.62).
     test_map_logit: float = 0.0
     diffusion_gan: DiffusionGANParams | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_guidance(cls, data: Any) -> Any:
-        return _reject_guidance(data)
 
 
 class GuidanceParams(StrictModel):
