@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support.images import pair_halves, pair_seed
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Tests make their own MLflow stores and local Ray instances: never write to a tracking
@@ -16,21 +18,6 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
         os.environ.pop(name, None)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-
-
-def pair_halves(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic pair: a smooth colour field (target) and a quantised 'label map' of it (source).
-
-    Different content left/right and top/bottom, so a wrong crop, flip or half shows up."""
-    rng = np.random.default_rng(seed)
-    low = rng.integers(0, 256, size=(4, 4, 3)).astype(np.uint8)
-    target = np.asarray(Image.fromarray(low).resize((size, size), Image.BILINEAR))
-    source = (target // 64 * 85).astype(np.uint8)
-    return source, target
-
-
-def pair_seed(split: str, number: int) -> int:
-    return ("train", "val", "test").index(split) * 100_000 + number
 
 
 @pytest.fixture

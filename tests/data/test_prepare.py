@@ -8,7 +8,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from conftest import pair_halves, pair_seed
+from support.images import pair_halves, pair_seed
 from PIL import Image
 
 from components.data.manifest import load_manifest

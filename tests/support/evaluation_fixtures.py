@@ -10,7 +10,7 @@ from components.config.model import ModelParams
 from components.methods.translator import FORMAT_VERSION, build_sampler
 from pipelines.cli import main as pairgan
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
 TEST_PAIRS = 3
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

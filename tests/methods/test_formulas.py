@@ -15,7 +15,7 @@ from components.methods.losses import GANLoss, r1_penalty
 from components.training.health import binary_entropy_of_logits, report_discriminator_health
 from components.training.loop import TrainingSession
 from components.training.stats import StatsCollector
-from synthetic_pairs import single_thread  # noqa: F401 (fixture)
+from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ from components.config import ParamsError, load_params
 from components.config.data import DataParams
 from pipelines.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_params_use_the_small_builtin_source():

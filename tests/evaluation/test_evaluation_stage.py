@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from evaluation_fixtures import DDGAN_GUIDED, TEST_PAIRS, make_project, write_generator, write_train_report
+from support.evaluation_fixtures import DDGAN_GUIDED, TEST_PAIRS, make_project, write_generator, write_train_report
 from pipelines.cli import main as pairgan
 
 

@@ -8,7 +8,7 @@ from components.config import ParamsError, load_params
 from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
 from components.config.train import TrainParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_params_files_load():

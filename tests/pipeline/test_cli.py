@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.cli import STAGES
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def pairgan(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from evaluation_fixtures import write_generator
+from support.evaluation_fixtures import write_generator
 from pipelines.cli import main as pairgan
 
 

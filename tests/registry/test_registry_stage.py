@@ -6,7 +6,7 @@ import socket
 import mlflow
 import pytest
 
-from evaluation_fixtures import make_project, write_generator, write_train_report
+from support.evaluation_fixtures import make_project, write_generator, write_train_report
 from pipelines.cli import main as pairgan
 
 
@@ -104,7 +104,7 @@ def test_feature_metric_gate_without_inception_weights_is_a_params_error(project
 
 
 def test_guided_ddgan_registers_and_loads_with_its_guidance(project, tmp_path, monkeypatch):
-    from evaluation_fixtures import DDGAN_GUIDED
+    from support.evaluation_fixtures import DDGAN_GUIDED
 
     write_generator(project / "models/ddgan.pt", DDGAN_GUIDED)
     args = ["--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),

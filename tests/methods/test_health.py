@@ -10,7 +10,7 @@ from components.config.train import HealthParams, TrainParams
 from components.training.health import DivergenceDetector, TrainingDiverged
 from components.training.loop import TrainingSession
 from components.training.stats import StatsCollector
-from synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
+from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,7 +6,7 @@ import torch
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet
 from components.networks.pix2pix import PatchGAN, UNetGenerator, patch_map_size
-from synthetic_pairs import single_thread  # noqa: F401 (fixture)
+from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,7 +11,7 @@ from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.methods.base import unwrap
 from components.training.loop import TrainingSession
-from synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
+from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

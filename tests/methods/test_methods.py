@@ -7,7 +7,7 @@ from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.methods.translator import export_translator, load_translator, save_translator, translator_from_export
 from components.training.loop import TrainingSession, run_epochs
-from synthetic_pairs import SyntheticPairs, colour_transform, make_sources, single_thread  # noqa: F401 (fixture)
+from support.synthetic_pairs import SyntheticPairs, colour_transform, make_sources, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
