@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from components.config.flatten import flatten
 from components.evaluation.grid import sample_grid
 
 if TYPE_CHECKING:
@@ -150,14 +151,7 @@ def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"run.scaling.num_workers": "2", ...}, the form MLflow params take."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, prefix=f"{name}."))
-        else:
-            flat[name] = str(value)[:_PARAM_VALUE_LIMIT]
-    return flat
+    return {name: str(value)[:_PARAM_VALUE_LIMIT] for name, value in flatten(config, prefix).items()}
 
 
 def git_commit(repo_dir: Path) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from components.config import load_params
 from components.config.data import DataParams
 from components.data.builtin import write_builtin_folder
+from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
 
@@ -25,4 +26,4 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(Path(args.params_dir) / "data.yaml", DataParams, context={"check_source_path": False})
     counts = write_builtin_folder(params.source.builtin, params.image_size, args.out)
     log.info("wrote the built-in pairs to %s: %s", args.out, counts)
-    return 0
+    return ExitStatus.OK

@@ -11,8 +11,7 @@ from types import ModuleType
 
 from components.config import ParamsError
 from pipelines import builtin_data, evaluate, predict, prepare, register, train
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMS, EXIT_DIVERGED = 0, 1, 2, 3
+from pipelines.exit_status import ExitStatus
 
 # name -> module with `add_arguments(parser)` and `run(args) -> int`, listed explicitly so a
 # reader sees every stage here (no discovery by string).
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.stage.run(args)
     except ParamsError as error:
         print(f"pairgan {args.command}: {error}", file=sys.stderr)
-        return EXIT_BAD_PARAMS
+        return ExitStatus.BAD_PARAMS
 
 
 if __name__ == "__main__":

@@ -17,20 +17,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from components.atomic_files import write_bytes_atomic, write_json_atomic
 from components.config import load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.evaluate import EvaluateParams
+from components.config.flatten import flatten
 from components.data.batch import Batch
 from components.data.loaders import make_loader
-from components.data.manifest import load_manifest, write_atomic
+from components.data.manifest import load_manifest
 from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.grid import sample_grid
 from components.evaluation.held_out import measure_latency, pick_device, score_held_out, sweep_guidance
 from components.methods.translator import load_translator
+from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
 
-EXIT_FAILED = 1
 
 METRICS_FILE, PER_IMAGE_FILE, SWEEP_FILE, GRID_FILE = "metrics.json", "per_image.csv", "guidance_sweep.csv", "samples.png"
 
@@ -57,14 +59,7 @@ def read_train_report(path: Path) -> dict:
 
 def numeric_leaves(report: Mapping, prefix: str = "") -> dict[str, float | bool]:
     """Flatten the numbers and flags of a nested report ({"health": {"d_loss": 0.6}} -> "health.d_loss")."""
-    leaves: dict[str, float | bool] = {}
-    for key, value in report.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            leaves.update(numeric_leaves(value, f"{name}."))
-        elif isinstance(value, bool | int | float):
-            leaves[name] = value
-    return leaves
+    return {name: value for name, value in flatten(report, prefix).items() if isinstance(value, bool | int | float)}
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -99,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         # KeyError: the split is not in the manifest; RuntimeError: no GPU for device: cuda
         print(f"pairgan evaluate: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     log.info("generator %s: method %s, NFE %d", args.model, translator.method, translator.nfe)
 
     extractor, features_note = None, None
@@ -139,13 +134,13 @@ def run(args: argparse.Namespace) -> int:
     }
 
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / PER_IMAGE_FILE, _csv_text(scores.per_image).encode())
-    write_atomic(out / SWEEP_FILE, _csv_text(sweep).encode())
+    write_bytes_atomic(out / PER_IMAGE_FILE, _csv_text(scores.per_image).encode())
+    write_bytes_atomic(out / SWEEP_FILE, _csv_text(sweep).encode())
     grid = io.BytesIO()
     sample_grid(scores.samples).save(grid, format="PNG")
-    write_atomic(out / GRID_FILE, grid.getvalue())
+    write_bytes_atomic(out / GRID_FILE, grid.getvalue())
     # metrics.json last: its presence means the whole report is there
-    write_atomic(out / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode())
+    write_json_atomic(out / METRICS_FILE, metrics, sort_keys=False)
     mean = scores.means
     log.info(
         "%s: L1 %.4f  PSNR %.2f dB  SSIM %.4f%s  NFE %d  %.1f ms/image (batch 1, %s)",
@@ -155,4 +150,4 @@ def run(args: argparse.Namespace) -> int:
     )
     if not scores.finite:
         log.error("some metrics are not finite: the generator produces NaN/inf; register will refuse it")
-    return 0
+    return ExitStatus.OK

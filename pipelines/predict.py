@@ -10,7 +10,6 @@ or is named and skipped while the others are written (--on-bad-input skip).
 
 import argparse
 import logging
-import os
 import pickle
 import sys
 from dataclasses import dataclass
@@ -22,15 +21,17 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm import tqdm
 
+from components.atomic_files import atomic_path
 from components.evaluation.held_out import pick_device
 from components.evaluation.image_metrics import to_unit_range
 from components.methods.translator import translator_from_export
 from components.registry import load_registered, model_card
-from components.tracking import TrackingUnavailable, check_tracking_reachable, default_tracking_uri, redact_uri
+from components.tracking import TrackingUnavailable, check_tracking_reachable, redact_uri
+from pipelines import environment
+from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
 
-EXIT_FAILED = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
@@ -59,7 +60,7 @@ def load_model(reference: str, device: torch.device) -> LoadedModel:
     if reference.startswith(MLFLOW_SCHEMES):
         from mlflow.exceptions import MlflowException
 
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+        tracking_uri = environment.tracking_uri()
         # "Default" exists in every store: the check reads, it creates nothing
         check_tracking_reachable(tracking_uri, "Default")
         try:
@@ -97,15 +98,14 @@ def _write_png(image: torch.Tensor, size: tuple[int, int], path: Path) -> None:
     picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     if picture.size != size:
         picture = picture.resize(size, Image.Resampling.BICUBIC)
-    # temp file + rename: an interrupted run never leaves a half-written image under the final name
-    temporary = path.with_name(f".{path.name}.tmp")
-    picture.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    # an interrupted run never leaves a half-written image under the final name
+    with atomic_path(path) as temporary:
+        picture.save(temporary, format="PNG")
 
 
 def _fail(message: str) -> int:
     print(f"pairgan predict: {message}", file=sys.stderr)
-    return EXIT_FAILED
+    return ExitStatus.FAILED
 
 
 def _listing(paths: list[Path], limit: int = 10) -> str:
@@ -177,4 +177,4 @@ def run(args: argparse.Namespace) -> int:
         log.warning("wrote %d image(s) to %s; skipped %d unreadable: %s", written, args.output, len(bad), _listing(list(bad)))
     else:
         log.info("wrote %d image(s) to %s", written, args.output)
-    return 0
+    return ExitStatus.OK

@@ -6,15 +6,16 @@ unless params/data.yaml says on_bad_input: skip.
 """
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from components.atomic_files import write_json_atomic
 from components.config import load_params
 from components.config.data import DataParams
-from components.data.manifest import ManifestError, write_atomic
+from components.data.manifest import ManifestError
 from components.data.sources import SourceError, open_source
 from components.data.writer import PrepareError, prepare_dataset
+from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
         result = prepare_dataset(params, listing, args.out, progress=not args.no_progress)
     except (SourceError, PrepareError, ManifestError) as error:
         log.error("%s", error)
-        return 1
+        return ExitStatus.FAILED
     report = result.report()
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.report, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+    write_json_atomic(args.report, report, indent=1)
     log.info(
         "prepared %s: %s pairs (%d new, %d skipped, %d changed) in %.1f s; manifest %s",
         args.out, report["counts"], report["new_pairs"], report["skipped"], report["changed"],
         report["seconds"], report["manifest_checksum"][:12],
     )
-    return 0
+    return ExitStatus.OK

@@ -12,34 +12,40 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from components.atomic_files import write_json_atomic
 from components.config import ParamsError, load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.evaluate import EvaluateParams
 from components.config.register import RegisterParams
 from components.data.loaders import make_loader
-from components.data.manifest import load_manifest, write_atomic
+from components.data.manifest import load_manifest
 from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.held_out import pick_device, score_held_out
 from components.methods.translator import load_translator
-from components.registry import ChampionUnscoreable, RegistrationRefused, TranslatorCard, refuse_unless_healthy, register_with_gate
+from components.registry import (
+    ChampionUnscoreable,
+    RegistrationRefused,
+    TranslatorCard,
+    refuse_unless_healthy,
+    register_with_gate,
+)
 from components.tracking import (
     TAG_GIT_COMMIT,
     TAG_MANIFEST_CHECKSUM,
     TrackingUnavailable,
     check_tracking_reachable,
-    default_tracking_uri,
     git_commit,
     redact_uri,
 )
+from pipelines import environment
 from pipelines.evaluate import GRID_FILE, METRICS_FILE, read_train_report
+from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
 
-EXIT_FAILED = 1
 TAG_PARAMS_HASH = "pairgan.params_sha256"
 # the feature-based metrics need the Inception extractor in the gate as well
 FEATURE_METRICS = {"fid", "kid"}
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         evaluation = _read_metrics(Path(args.evaluation))
     except (FileNotFoundError, ValueError) as error:
         print(f"pairgan register: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     means = evaluation["mean"]
     if params.primary_metric not in means:
         raise ParamsError(
@@ -94,14 +100,14 @@ def run(args: argparse.Namespace) -> int:
         refuse_unless_healthy(train_report, means)
     except RegistrationRefused as refusal:
         print(f"pairgan register: {refusal}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    tracking_uri = environment.tracking_uri()
     try:
         check_tracking_reachable(tracking_uri, params.experiment)
     except TrackingUnavailable as error:
         print(f"pairgan register: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     log.info("MLflow: %s, registered model %r", redact_uri(tracking_uri), params.model_name)
 
     try:
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         translator = load_translator(args.model, map_location="cpu").eval()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"pairgan register: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     extractor = None
     if params.primary_metric in FEATURE_METRICS:
         try:
@@ -135,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         example = next(iter(held_out()))["source"]
     except (ValueError, KeyError) as error:
         print(f"pairgan register: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     card = TranslatorCard(
         nfe=translator.nfe,
         supports_guidance=translator.supports_guidance,
@@ -158,15 +164,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except (RegistrationRefused, ChampionUnscoreable) as error:
         print(f"pairgan register: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(outcome.report(), indent=2) + "\n").encode())
+    write_json_atomic(out, outcome.report(), sort_keys=False)
     gate = outcome.gate
     log.info(
         "%s version %s: %s (%s: challenger %.4g, champion %s); champion is version %s",
         outcome.model_name, outcome.version, gate.decision, gate.primary_metric, gate.challenger_score,
         "none" if gate.champion_score is None else f"{gate.champion_score:.4g}", outcome.champion_version_after,
     )
-    return 0
+    return ExitStatus.OK

@@ -9,14 +9,11 @@ checkpoint the params cannot resume, 3 training diverged (not retried).
 """
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from components.atomic_files import copy_file_atomic, write_json_atomic
 from components.config import ParamsError, load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.model import ModelParams
@@ -29,17 +26,17 @@ from components.tracking import (
     TAG_MANIFEST_CHECKSUM,
     TrackingUnavailable,
     check_tracking_reachable,
-    default_tracking_uri,
     finish_job_run,
     flatten_params,
     git_commit,
     redact_uri,
     start_job_run,
 )
+from pipelines import environment
+from pipelines.exit_status import ExitStatus
 
 logger = logging.getLogger("pairgan.train")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_PARAMS, EXIT_DIVERGED = 0, 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,22 +69,6 @@ def _storage_path(storage: str) -> str:
     return storage if storage.startswith("s3://") else str(Path(storage).resolve())
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(handle.name, path)
-
-
-def _install_generator(source: Path, destination: Path) -> None:
-    # Copy next to the destination, then rename: a crash never leaves half a model behind.
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, destination)
-
-
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
@@ -100,22 +81,25 @@ def run(args: argparse.Namespace) -> int:
         dataset_size = manifest.split("train").count
     except (ManifestError, KeyError, FileNotFoundError) as error:
         print(f"pairgan train: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    tracking_uri = environment.tracking_uri()
     tracking = train.run.tracking
     try:
         check_tracking_reachable(tracking_uri, tracking.experiment)
     except TrackingUnavailable as error:
         print(f"pairgan train: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     logger.info("MLflow: %s, experiment %r", redact_uri(tracking_uri), tracking.experiment)
 
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
     from ray.train import TrainingFailedError
 
-    from components.training.distributed import GENERATOR_FILE, CheckpointIncompatible, TrainingJob, run_training
+    from components.training.checkpoints import GENERATOR_FILE
+    from components.training.compatibility import CheckpointIncompatible
+    from components.training.driver import run_training
+    from components.training.job import TrainingJob
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "data": {"loader": data.loader.model_dump(mode="json")}}
@@ -131,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri, mlflow_run_id=run_id,
     )
     if not ray.is_initialized():
-        # "local" always starts a fresh local Ray (address=None would join any cluster a
-        # `ray start` left on this machine); RAY_ADDRESS joins the cluster it names.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        ray.init(address=environment.ray_address(), include_dashboard=False)
     storage = _storage_path(train.run.storage_path)
     try:
         outcome = run_training(job, train.run, storage)
@@ -151,11 +133,11 @@ def run(args: argparse.Namespace) -> int:
             + f"\nrestore them to resume it, or start over: change run.name in {train_path}, or delete that folder",
             file=sys.stderr,
         )
-        return EXIT_BAD_PARAMS
+        return ExitStatus.BAD_PARAMS
     except TrainingFailedError as error:
         finish_job_run(tracking_uri, run_id, "failed")
         print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitStatus.FAILED
     except BaseException:
         # Anything else (Ctrl-C, Ray itself failing): close the run as failed, then let it surface.
         finish_job_run(tracking_uri, run_id, "failed")
@@ -173,17 +155,17 @@ def run(args: argparse.Namespace) -> int:
     }
     if outcome.status == "diverged":
         report["divergence_reason"] = outcome.divergence_reason
-        _write_json(Path(args.report), report)
+        write_json_atomic(Path(args.report), report)
         finish_job_run(
             tracking_uri, run_id, "diverged",
             {TAG_DIVERGED: "true", TAG_DIVERGENCE_REASON: (outcome.divergence_reason or "")[:5000]},
         )
         print(f"pairgan train: training diverged: {outcome.divergence_reason}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return ExitStatus.DIVERGED
 
     with outcome.checkpoint.as_directory() as folder:
-        _install_generator(Path(folder) / GENERATOR_FILE, Path(args.model_out))
-    _write_json(Path(args.report), report)
+        copy_file_atomic(Path(folder) / GENERATOR_FILE, Path(args.model_out))
+    write_json_atomic(Path(args.report), report)
     finish_job_run(tracking_uri, run_id, "finished")
     logger.info("trained %d epochs (%d steps); generator written to %s", outcome.epoch, outcome.step, args.model_out)
-    return EXIT_OK
+    return ExitStatus.OK

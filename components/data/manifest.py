@@ -7,9 +7,10 @@ canonical JSON body) identifies the data set and tags every MLflow run trained o
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+
+from components.atomic_files import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pairgan-shards/1"
@@ -94,18 +95,8 @@ def write_manifest(folder: Path, body: dict) -> str:
     """Write `folder/manifest.json` atomically; return its checksum."""
     checksum = hashlib.sha256(_canonical(body)).hexdigest()
     text = json.dumps({**body, "checksum": checksum}, indent=1, sort_keys=True) + "\n"
-    write_atomic(folder / MANIFEST_NAME, text.encode())
+    write_bytes_atomic(folder / MANIFEST_NAME, text.encode())
     return checksum
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over `path`."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
 
 
 def _check_inside(manifest_path: Path, key: str, relative: str) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from components.atomic_files import atomic_path
 from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
 from components.methods.atme import ATMESampler, build_ddpm_generator
 from components.methods.ddgan import DDGANSampler
@@ -121,11 +122,8 @@ def translator_from_export(exported: dict) -> Translator:
 
 
 def save_translator(path: Path | str, session: "TrainingSession", metadata: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(export_translator(session, metadata), temporary)
-    temporary.replace(path)  # never leave a half-written generator behind
+    with atomic_path(path) as temporary:  # never leave a half-written generator behind
+        torch.save(export_translator(session, metadata), temporary)
 
 
 def load_translator(path: Path | str, map_location: str | torch.device = "cpu") -> Translator:

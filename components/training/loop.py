@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from components.config.flatten import changed_keys
 from components.config.model import DDGANParams, ModelParams
 from components.config.train import TrainParams
 from components.data.batch import Batch
@@ -195,7 +196,7 @@ class TrainingSession:
         saved = state["model"]
         current = self.model.model_dump(mode="json")
         if saved != current:
-            changed = sorted(_differences(saved, current))
+            changed = changed_keys(saved, current)
             raise ValueError(f"the checkpoint was trained with different model params: {', '.join(changed)} changed")
         for name, network in self.method.networks().items():
             unwrap(network).load_state_dict(state["networks"][name])
@@ -208,13 +209,6 @@ class TrainingSession:
         self.detector.load_state_dict(state["detector"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         restore_rng(state["rng"])
-
-
-def _differences(saved: object, current: object, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = saved.keys() | current.keys()
-        return [d for key in keys for d in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
-    return [] if saved == current else [prefix.rstrip(".")]
 
 
 def run_epochs(

@@ -130,7 +130,7 @@ def test_loader_errors_name_the_problem(prepared_builtin, tmp_path):
 def test_a_resumed_training_worker_gets_the_draws_of_the_epoch_it_resumes_at(prepared_builtin, backend):
     from types import SimpleNamespace
 
-    from components.training.distributed import _ObservedLoader
+    from components.training.worker import ObservedLoader
 
     params = LoaderParams(backend=backend, load_size=32, crop_size=24)
 
@@ -140,6 +140,6 @@ def test_a_resumed_training_worker_gets_the_draws_of_the_epoch_it_resumes_at(pre
     uninterrupted = make_loader(prepared_builtin, "train", params, batch_size=4, train=True, seed=5)
     epochs = [draws(uninterrupted) for _ in range(3)]
     assert epochs[2] != epochs[0]
-    resumed = _ObservedLoader(make_loader(prepared_builtin, "train", params, batch_size=4, train=True, seed=5),
+    resumed = ObservedLoader(make_loader(prepared_builtin, "train", params, batch_size=4, train=True, seed=5),
                               0, None, SimpleNamespace(epoch=2, step=0))
     assert draws(resumed) == epochs[2]

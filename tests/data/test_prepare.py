@@ -8,12 +8,12 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from support.images import pair_halves, pair_seed
 from PIL import Image
 
 from components.data.manifest import load_manifest
 from components.data.tar_safety import check_tar_members
 from pipelines.cli import main
+from support.images import pair_halves, pair_seed
 
 
 def prepare(tmp_path: Path, out: str = "data/prepared") -> int:

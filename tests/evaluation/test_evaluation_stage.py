@@ -6,8 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from support.evaluation_fixtures import DDGAN_GUIDED, TEST_PAIRS, make_project, write_generator, write_train_report
 from pipelines.cli import main as pairgan
+from support.evaluation_fixtures import DDGAN_GUIDED, TEST_PAIRS, make_project, write_generator, write_train_report
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from support.evaluation_fixtures import write_generator
 from pipelines.cli import main as pairgan
+from support.evaluation_fixtures import write_generator
 
 
 @pytest.fixture(scope="module")

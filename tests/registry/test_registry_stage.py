@@ -6,8 +6,8 @@ import socket
 import mlflow
 import pytest
 
-from support.evaluation_fixtures import make_project, write_generator, write_train_report
 from pipelines.cli import main as pairgan
+from support.evaluation_fixtures import make_project, write_generator, write_train_report
 
 
 @pytest.fixture(autouse=True)

@@ -134,7 +134,7 @@ def test_a_tracking_uri_with_a_password_never_reaches_rays_run_state():
     from components.config.data import LoaderParams
     from components.config.model import ModelParams
     from components.config.train import TrainParams
-    from components.training.distributed import TrainingJob
+    from components.training.job import TrainingJob
 
     job = TrainingJob(
         model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_dir="/data", data_checksum="abc",

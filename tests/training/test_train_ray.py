@@ -28,7 +28,9 @@ from components.data.loaders import owned_indices
 from components.data.manifest import load_manifest
 from components.methods.translator import load_translator
 from components.tracking import TAG_DIVERGED, TAG_MANIFEST_CHECKSUM, TAG_OUTCOME
-from components.training.distributed import INFO_FILE, STATE_FILE, TrainingJob, run_training
+from components.training.checkpoints import INFO_FILE, STATE_FILE
+from components.training.driver import run_training
+from components.training.job import TrainingJob
 from pipelines.cli import main as pairgan
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from components.config.train import HealthParams
-from components.training.distributed import AgreeingDetector, _gathered_memory
+from components.training.checkpoints import gathered_memory
+from components.training.collectives import AgreeingDetector
 from components.training.health import TrainingDiverged
 
 
@@ -41,7 +42,7 @@ def _worker(rank: int, init_file: str, results) -> None:
         for index in mine:
             maps[index] = -(10 * rank + index)  # D's logits as this rank wrote them
             owned[index] = True
-        gathered = _gathered_memory(_Memory(maps, owned), written_before=torch.tensor([False, False, False, True]))
+        gathered = gathered_memory(_Memory(maps, owned), written_before=torch.tensor([False, False, False, True]))
         results[rank] = (verdict, gathered["maps"].clone(), gathered["owned"].clone())
     finally:
         dist.destroy_process_group()

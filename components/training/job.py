@@ -1,0 +1,46 @@
+"""What the driver sends every worker (`TrainingJob`) and what it learns back (`TrainingOutcome`)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from components.config.data import LoaderParams
+from components.config.model import ModelParams
+from components.config.train import TrainParams
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
+
+# A step hook is called on every worker after every training step as hook(world_rank, step);
+# tests use it to kill a worker mid-epoch. It must be picklable (a module-level function).
+StepHook = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything a worker needs; sent to the workers, so only absolute paths (they change directory)."""
+
+    model: ModelParams
+    train: TrainParams
+    loader: LoaderParams
+    data_dir: str
+    data_checksum: str
+    dataset_size: int
+    # repr=False: Ray Train V2 shows str(train_loop_config) in its run state (dashboard, export
+    # events), and a tracking URI may carry user:password.
+    tracking_uri: str | None = field(default=None, repr=False)
+    mlflow_run_id: str | None = None
+    step_hook: StepHook | None = None
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What the driver learns from a finished job."""
+
+    status: Literal["finished", "diverged"]
+    epoch: int
+    step: int
+    metrics: dict[str, float]
+    divergence_reason: str | None = None
+    # The latest checkpoint; for a finished run it holds GENERATOR_FILE.
+    checkpoint: "Checkpoint | None" = None

@@ -1,0 +1,20 @@
+"""What the stages take from the environment; components receive these values as arguments.
+
+MLFLOW_TRACKING_URI: the tracking server or store (default: a SQLite file in the working dir).
+RAY_ADDRESS: the Ray cluster to join (default: start a local Ray).
+"""
+
+import os
+from pathlib import Path
+
+from components.tracking import default_tracking_uri
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+
+
+def ray_address() -> str:
+    # "local" always starts a fresh local Ray (address=None would join any cluster a
+    # `ray start` left on this machine); RAY_ADDRESS joins the cluster it names.
+    return os.environ.get("RAY_ADDRESS") or "local"
