@@ -10,7 +10,9 @@ Nothing here logs a credential: tracking URIs are shown with their user:password
 and params come from the validated config models, which hold no secrets.
 """
 
+import contextlib
 import logging
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -236,3 +238,50 @@ class EpochLogger:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+
+# system metrics are sampled on their own clock (their step is a sample count, not an epoch)
+_SYSTEM_METRICS_PREFIX = "system/"
+
+
+def epoch_history(uri: str, run_id: str) -> list[dict[str, float]]:
+    """Every per-epoch metric the run logged, one row per epoch (the MLflow step), in epoch order.
+
+    An epoch logged twice (a worker restarted from an earlier checkpoint and trained it again)
+    keeps its later values. Raises MlflowException when the store or the run cannot be read.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    rows: dict[int, dict[str, float]] = {}
+    for key in sorted(client.get_run(run_id).data.metrics):
+        if key.startswith(_SYSTEM_METRICS_PREFIX):
+            continue
+        for point in sorted(client.get_metric_history(run_id, key), key=lambda point: point.timestamp):
+            rows.setdefault(point.step, {})[key] = point.value
+    return [{**values, "epoch": epoch} for epoch, values in sorted(rows.items())]
+
+
+def require_existing_store(tracking_uri: str) -> None:
+    """For readers of a store (predict): a SQLite store must already exist and be MLflow's.
+
+    MLflow creates a SQLite database on first contact; to a reader a missing or foreign file
+    means the wrong store (another working directory, a mistyped MLFLOW_TRACKING_URI), so it
+    raises TrackingUnavailable instead of creating an empty store. Other stores are not checked.
+    """
+    if urllib.parse.urlsplit(tracking_uri).scheme != "sqlite":
+        return
+    database = _sqlite_file(tracking_uri)
+    hint = "set MLFLOW_TRACKING_URI to the store that holds the model, or run where its mlflow.db is"
+    if not database.is_file():
+        raise TrackingUnavailable(f"MLflow store {redact_uri(tracking_uri)}: {database} does not exist; {hint}")
+    try:
+        # read-only: even a foreign file is left untouched
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise TrackingUnavailable(
+            f"MLflow store {redact_uri(tracking_uri)}: {database} is not a SQLite database ({error}); {hint}"
+        ) from None
+    if "registered_models" not in tables:
+        raise TrackingUnavailable(f"MLflow store {redact_uri(tracking_uri)}: {database} is not an MLflow store; {hint}")

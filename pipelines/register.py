@@ -10,7 +10,6 @@ MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db; an unreachable one 
 
 import argparse
 import hashlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from components.data.loaders import make_loader
 from components.data.manifest import load_manifest
 from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.held_out import pick_device, score_held_out
+from components.evaluation.report import GRID_FILE, METRICS_FILE, read_evaluation
 from components.methods.translator import load_translator
 from components.registry import (
     ChampionUnscoreable,
@@ -40,8 +40,8 @@ from components.tracking import (
     git_commit,
     redact_uri,
 )
+from components.training.report import read_train_report
 from pipelines import environment
-from pipelines.evaluate import GRID_FILE, METRICS_FILE, read_train_report
 from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,6 @@ def params_hash(params_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_metrics(folder: Path) -> dict:
-    path = folder / METRICS_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no evaluation report; run `pairgan evaluate` first") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     register_path = params_dir / "register.yaml"
@@ -86,18 +76,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train_report = read_train_report(Path(args.train_report))
-        evaluation = _read_metrics(Path(args.evaluation))
+        evaluation = read_evaluation(Path(args.evaluation))
     except (FileNotFoundError, ValueError) as error:
         print(f"pairgan register: {error}", file=sys.stderr)
         return ExitStatus.FAILED
-    means = evaluation["mean"]
+    means = evaluation.scores
     if params.primary_metric not in means:
         raise ParamsError(
             register_path,
-            [("primary_metric", f"{params.primary_metric} was not computed by evaluate ({evaluation['features']['skipped']})")],
+            [("primary_metric", f"{params.primary_metric} was not computed by evaluate ({evaluation.info.features.skipped})")],
         )
     try:
-        refuse_unless_healthy(train_report, means)
+        refuse_unless_healthy(train_report.model_dump(), means)
     except RegistrationRefused as refusal:
         print(f"pairgan register: {refusal}", file=sys.stderr)
         return ExitStatus.FAILED
@@ -153,14 +143,12 @@ def run(args: argparse.Namespace) -> int:
     commit = git_commit(Path.cwd())
     if commit:
         tags[TAG_GIT_COMMIT] = commit
-    numeric = {name: value for name, value in means.items() if value is not None}
-    numeric["nfe"] = evaluation["nfe"]
-    numeric.update({f"latency_ms_per_image_{label}": evaluation["latency"][f"latency_ms_per_image_{label}"] for label in ("batch1", "batched")})
+    numeric = evaluation.metrics.model_dump(exclude_unset=True)
     artifacts = [Path(args.evaluation) / name for name in (METRICS_FILE, GRID_FILE)]
     try:
         outcome = register_with_gate(
             tracking_uri, params, translator, card, score, device,
-            run_id=train_report.get("mlflow_run_id"), metrics=numeric, tags=tags, artifacts=artifacts,
+            run_id=train_report.mlflow_run_id, metrics=numeric, tags=tags, artifacts=artifacts,
         )
     except (RegistrationRefused, ChampionUnscoreable) as error:
         print(f"pairgan register: {error}", file=sys.stderr)

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from components.atomic_files import copy_file_atomic, write_json_atomic
+from components.atomic_files import copy_file_atomic
 from components.config import ParamsError, load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.model import ModelParams
@@ -26,12 +26,14 @@ from components.tracking import (
     TAG_MANIFEST_CHECKSUM,
     TrackingUnavailable,
     check_tracking_reachable,
+    epoch_history,
     finish_job_run,
     flatten_params,
     git_commit,
     redact_uri,
     start_job_run,
 )
+from components.training.report import TrainReport, compared_metrics, write_train_report
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
@@ -45,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-out", default="models/generator.pt", help="exported generator (default: models/generator.pt)"
     )
     parser.add_argument(
-        "--report", default="reports/train.json", help="training report, a DVC metrics file (default: reports/train.json)"
+        "--report", default="reports/train.json",
+        help="training report, a DVC metrics file (default: reports/train.json); train_info.json, "
+        "train_curves.csv and train_validation.csv are written beside it",
     )
 
 
@@ -62,6 +66,17 @@ def _check_sizes(model: ModelParams, data: DataParams, model_path: Path, data_pa
         )
     if problems:
         raise ParamsError(model_path, problems)
+
+
+def _epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
+    # The curves are a by-product: a store that cannot be read back costs them, not the model.
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return epoch_history(tracking_uri, run_id)
+    except (MlflowException, OSError) as error:
+        logger.warning("per-epoch curves not written: MLflow run %s could not be read (%s)", run_id, error)
+        return []
 
 
 def _storage_path(storage: str) -> str:
@@ -143,19 +158,19 @@ def run(args: argparse.Namespace) -> int:
         finish_job_run(tracking_uri, run_id, "failed")
         raise
 
-    report = {
-        "status": outcome.status,
-        "method": model.method.name,
-        "epochs": outcome.epoch,
-        "steps": outcome.step,
-        "data_checksum": manifest.checksum,
-        "mlflow_run_id": run_id,
-        "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
-        "metrics": outcome.metrics,
-    }
+    report = TrainReport(
+        metrics=compared_metrics(outcome.metrics, outcome.epoch),
+        status=outcome.status,
+        method=model.method.name,
+        steps=outcome.step,
+        data_checksum=manifest.checksum,
+        mlflow_run_id=run_id,
+        checkpoint=outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        divergence_reason=outcome.divergence_reason,
+    )
+    history = _epoch_history(tracking_uri, run_id)
     if outcome.status == "diverged":
-        report["divergence_reason"] = outcome.divergence_reason
-        write_json_atomic(Path(args.report), report)
+        write_train_report(Path(args.report), report, history)
         finish_job_run(
             tracking_uri, run_id, "diverged",
             {TAG_DIVERGED: "true", TAG_DIVERGENCE_REASON: (outcome.divergence_reason or "")[:5000]},
@@ -165,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     with outcome.checkpoint.as_directory() as folder:
         copy_file_atomic(Path(folder) / GENERATOR_FILE, Path(args.model_out))
-    write_json_atomic(Path(args.report), report)
+    write_train_report(Path(args.report), report, history)
     finish_job_run(tracking_uri, run_id, "finished")
     logger.info("trained %d epochs (%d steps); generator written to %s", outcome.epoch, outcome.step, args.model_out)
     return ExitStatus.OK

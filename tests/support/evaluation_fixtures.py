@@ -1,6 +1,5 @@
 """Small prepared data sets, generator files and train reports for the evaluate/register/predict stage tests."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -8,6 +7,8 @@ import yaml
 
 from components.config.model import ModelParams
 from components.methods.translator import FORMAT_VERSION, build_sampler
+from components.training.report import TrainReport
+from components.training.report import write_train_report as write_train_report_files
 from pipelines.cli import main as pairgan
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -57,8 +58,11 @@ def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0) -> Path:
 
 
 def write_train_report(path: Path, status: str = "finished", **extra) -> Path:
+    """A train stage report (train.json and train_info.json) of a 1-epoch pix2pix run."""
+    report = TrainReport.model_validate({
+        "status": status, "method": "pix2pix", "steps": 2, "data_checksum": "0" * 64, "mlflow_run_id": None,
+        "checkpoint": None, "metrics": {"loss/G": 2.5, "loss/D": 0.7, "epoch": 1}, **extra,
+    })
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"status": status, "method": "pix2pix", "epochs": 1, "steps": 2, "mlflow_run_id": None,
-              "metrics": {"loss_g": 2.5, "loss_d": 0.7}, **extra}
-    path.write_text(json.dumps(report))
+    write_train_report_files(path, report, history=[{"epoch": 1, "loss/G": 2.5, "loss/D": 0.7}])
     return path

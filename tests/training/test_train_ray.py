@@ -5,6 +5,7 @@ each test uses its own storage folder and MLflow store. The data is the session'
 prepared built-in set (13 training pairs, 32 px): 2 workers x batch 2 = 3 steps per epoch.
 """
 
+import csv
 import functools
 import io
 import json
@@ -31,6 +32,7 @@ from components.tracking import TAG_DIVERGED, TAG_MANIFEST_CHECKSUM, TAG_OUTCOME
 from components.training.checkpoints import INFO_FILE, STATE_FILE
 from components.training.driver import run_training
 from components.training.job import TrainingJob
+from components.training.report import read_train_report
 from pipelines.cli import main as pairgan
 
 pytestmark = pytest.mark.slow
@@ -188,8 +190,10 @@ def test_two_workers_train_atme_with_ddp_checkpoints_in_s3_export_and_mlflow(
 
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
 
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["status"] == "finished" and report["epochs"] == 2 and report["steps"] == 2 * STEPS_PER_EPOCH
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.status == "finished" and report.metrics["epoch"] == 2 and report.steps == 2 * STEPS_PER_EPOCH
+    with open(tmp_path / "out/train_curves.csv", newline="") as curves:
+        assert [row["epoch"] for row in csv.DictReader(curves)] == ["1", "2"]  # every epoch, from the MLflow run
     translator = load_translator(tmp_path / "out/generator.pt")
     assert translator.method == "atme"
     with torch.no_grad():
@@ -277,17 +281,17 @@ def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
     # The stage again with the job's own params: continues after epoch 2 instead of starting over.
     write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train)
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["epochs"] == 4 and report["steps"] == 4 * STEPS_PER_EPOCH
-    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [3, 4]
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.metrics["epoch"] == 4 and report.steps == 4 * STEPS_PER_EPOCH
+    assert epochs_logged(tracking_uri, report.mlflow_run_id) == [3, 4]
 
     # That job has finished: another seed is a new job (`dvc repro` after a params change),
     # trained from scratch rather than refused or answered with the old model.
     write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, {**train, "seed": 7})
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["steps"] == 4 * STEPS_PER_EPOCH
-    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [1, 2, 3, 4]
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.steps == 4 * STEPS_PER_EPOCH
+    assert epochs_logged(tracking_uri, report.mlflow_run_id) == [1, 2, 3, 4]
 
 
 def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(
@@ -307,10 +311,10 @@ def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(
     assert "diverged" in output.err and "discriminator loss" in output.err
     assert "RETRY" not in output.out + output.err  # Ray's failure policy never saw an error
     assert not (tmp_path / "out/generator.pt").exists()
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["status"] == "diverged" and report["steps"] == 1
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.status == "diverged" and report.steps == 1
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(report["mlflow_run_id"])
+    run = client.get_run(report.mlflow_run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags[TAG_DIVERGED] == "true" and run.data.tags[TAG_OUTCOME] == "diverged"
 
