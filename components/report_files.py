@@ -11,13 +11,13 @@ Report = TypeVar("Report", bound=BaseModel)
 def read_report(path: Path, model: type[Report], when_missing: str) -> Report:
     """`path` parsed and validated as `model`.
 
-    A missing file raises FileNotFoundError with `when_missing` (what to run first); invalid
-    JSON or content of another shape raises ValueError listing each key and what is wrong.
+    A missing file raises FileNotFoundError "<path>: <when_missing>" (say what to run first);
+    invalid JSON or content of another shape raises ValueError listing each key and what is wrong.
     """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found; {when_missing}") from None
+        raise FileNotFoundError(f"{path}: {when_missing}") from None
     try:
         return model.model_validate_json(text)
     except ValidationError as error:

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data/prepared", help="prepared data set (folder with manifest.json)")
     parser.add_argument("--model", default="models/generator.pt", help="the trained generator (train stage)")
     parser.add_argument("--train-report", default="reports/train.json", help="train stage report (the training run)")
-    parser.add_argument("--out", default="reports/evaluate", help="folder for metrics.json, info.json, plots, samples.png")
+    parser.add_argument("--out", default="reports/evaluate", help="folder for the report: metrics.json, info.json, plots")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         features_note = f"FID/KID skipped: {reason}"
         log.warning("%s", features_note)
 
-    evaluation = evaluate_translator(translator, held_out, manifest.split(params.split).count, device, params, extractor)
+    split_size = manifest.split(params.split).count
+    evaluation = evaluate_translator(translator, held_out, split_size, device, params, extractor)
     scores, latency = evaluation.scores, evaluation.latency
     report = EvaluationReport(
         metrics=EvaluationMetrics(

@@ -128,7 +128,7 @@ def write_evaluation(
 def read_evaluation(folder: Path | str) -> EvaluationReport:
     """metrics.json and info.json of `folder`; missing, unreadable or foreign files are errors naming the file."""
     folder = Path(folder)
-    when_missing = "run `pairgan evaluate` first"
+    when_missing = "no evaluation report; run `pairgan evaluate` first"
     return EvaluationReport(
         metrics=read_report(folder / METRICS_FILE, EvaluationMetrics, when_missing),
         info=read_report(folder / INFO_FILE, EvaluationInfo, when_missing),

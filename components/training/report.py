@@ -101,7 +101,10 @@ def write_train_report(path: Path | str, report: TrainReport, history: Sequence[
 def read_train_report(path: Path | str) -> TrainReport:
     """train.json and its train_info.json; a missing, unreadable or foreign one is an error naming the file."""
     path = Path(path)
-    # info first: a report from before the split into two files has no train_info.json
-    info = read_report(sibling(path, "info.json"), TrainInfo, "run `pairgan train` (again, if train.json is older)")
-    metrics = read_report(path, TrainMetrics, "run `pairgan train` first")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no train report; run `pairgan train` first")
+    # info before the metrics: a report older than the split into two files has no train_info.json
+    info_path = sibling(path, "info.json")
+    info = read_report(info_path, TrainInfo, "missing: the train report is older; run `pairgan train` again")
+    metrics = read_report(path, TrainMetrics, "no train report; run `pairgan train` first")
     return TrainReport(metrics=metrics.root, **info.model_dump())

@@ -88,7 +88,7 @@ def test_missing_generator_or_report_is_named(project, capsys):
     assert "models/none.pt" in capsys.readouterr().err
     code = pairgan(["evaluate", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
                     "--train-report", str(project / "reports/absent.json"), "--model", str(project / "models/generator.pt")])
-    assert code == 1 and "absent_info.json: not found" in capsys.readouterr().err
+    assert code == 1 and "absent.json: no train report; run `pairgan train` first" in capsys.readouterr().err
 
 
 def test_a_train_report_of_another_shape_is_named_with_its_key(project, tmp_path, capsys):

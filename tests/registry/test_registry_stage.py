@@ -52,9 +52,10 @@ def test_first_registration_is_champion_and_a_rerun_keeps_it(project, tmp_path, 
     challenger = client.get_model_version_by_alias("pairgan-generator", "challenger")
     assert str(challenger.version) == "2"
     evaluation = json.loads((project / "reports/evaluate/metrics.json").read_text())
-    assert challenger.tags["pairgan.data_manifest_checksum"] == evaluation["data_manifest_checksum"]
+    evaluation_info = json.loads((project / "reports/evaluate/info.json").read_text())
+    assert challenger.tags["pairgan.data_manifest_checksum"] == evaluation_info["data_manifest_checksum"]
     assert len(challenger.tags["pairgan.params_sha256"]) == 64
-    assert float(challenger.tags["metric.psnr"]) == pytest.approx(evaluation["mean"]["psnr"], rel=1e-4)
+    assert float(challenger.tags["metric.psnr"]) == pytest.approx(evaluation["psnr"], rel=1e-4)
     assert challenger.tags["gate.decision"] == "kept_champion"
     artifacts = {item.path for item in client.list_artifacts(first["run_id"], "evaluation")}
     assert artifacts == {"evaluation/metrics.json", "evaluation/samples.png"}

@@ -53,7 +53,10 @@ def test_a_run_without_validation_writes_only_the_header_so_dvc_draws_no_plot(tm
 
 
 def test_a_missing_or_foreign_report_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_info.json: not found; run `pairgan train`"):
+    with pytest.raises(FileNotFoundError, match="train.json: no train report; run `pairgan train` first"):
+        read_train_report(tmp_path / "train.json")
+    (tmp_path / "train.json").write_text(json.dumps({"status": "finished", "metrics": {"loss/G": 1.0}}))  # an old report
+    with pytest.raises(FileNotFoundError, match="train_info.json: missing: the train report is older"):
         read_train_report(tmp_path / "train.json")
     write_train_report(tmp_path / "train.json", report(), [])
     (tmp_path / "train.json").write_text(json.dumps({"status": "finished", "metrics": {"loss/G": 1.0}}))  # an old report
