@@ -25,8 +25,9 @@ from components.atomic_files import atomic_path
 from components.evaluation.held_out import pick_device
 from components.evaluation.image_metrics import to_unit_range
 from components.methods.translator import translator_from_export
+from components.redaction import redact_uri
 from components.registry import load_registered, model_card
-from components.tracking import TrackingUnavailable, check_tracking_reachable, redact_uri
+from components.tracking import TrackingUnavailable, check_tracking_reachable
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 

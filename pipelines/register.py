@@ -25,6 +25,7 @@ from components.data.manifest import load_manifest
 from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.held_out import pick_device, score_held_out
 from components.methods.translator import load_translator
+from components.redaction import redact_uri
 from components.registry import (
     ChampionUnscoreable,
     RegistrationRefused,
@@ -38,7 +39,6 @@ from components.tracking import (
     TrackingUnavailable,
     check_tracking_reachable,
     git_commit,
-    redact_uri,
 )
 from pipelines import environment
 from pipelines.evaluate import GRID_FILE, METRICS_FILE, read_train_report

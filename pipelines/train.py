@@ -19,6 +19,7 @@ from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.data.manifest import ManifestError, load_manifest
+from components.redaction import redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_DIVERGENCE_REASON,
@@ -29,7 +30,6 @@ from components.tracking import (
     finish_job_run,
     flatten_params,
     git_commit,
-    redact_uri,
     start_job_run,
 )
 from pipelines import environment

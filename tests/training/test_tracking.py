@@ -8,6 +8,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from components.redaction import redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_GIT_COMMIT,
@@ -19,7 +20,6 @@ from components.tracking import (
     default_tracking_uri,
     finish_job_run,
     flatten_params,
-    redact_uri,
     start_job_run,
 )
 
