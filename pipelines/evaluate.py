@@ -38,7 +38,9 @@ METRICS_FILE, PER_IMAGE_FILE, SWEEP_FILE, GRID_FILE = "metrics.json", "per_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared data set (folder with manifest.json)")
+    parser.add_argument(
+        "--data", default="data/prepared", help="prepared data set: folder with manifest.json, or s3://bucket/prefix"
+    )
     parser.add_argument("--model", default="models/generator.pt", help="the trained generator (train stage)")
     parser.add_argument("--train-report", default="reports/train.json", help="train stage report (health, divergence)")
     parser.add_argument("--out", default="reports/evaluate", help="folder for metrics.json, plots and samples.png")
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
     out = Path(args.out)
     def held_out(description: str = "evaluate") -> Iterable[Batch]:
-        loader = make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device)
+        loader = make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device,
+                             expected_checksum=manifest.checksum)
         # disable=None: a bar on a terminal, nothing in DVC's logs
         return tqdm(loader, total=len(loader), desc=description, unit="batch", disable=None)
 

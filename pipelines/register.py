@@ -52,7 +52,9 @@ FEATURE_METRICS = {"fid", "kid"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared data set (folder with manifest.json)")
+    parser.add_argument(
+        "--data", default="data/prepared", help="prepared data set: folder with manifest.json, or s3://bucket/prefix"
+    )
     parser.add_argument("--model", default="models/generator.pt", help="the trained generator (train stage)")
     parser.add_argument("--train-report", default="reports/train.json", help="train stage report")
     parser.add_argument("--evaluation", default="reports/evaluate", help="evaluate stage output folder")
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
     def held_out():
         return make_loader(
-            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device
+            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device,
+            expected_checksum=manifest.checksum,
         )
 
     def score(module) -> float:

@@ -137,7 +137,7 @@ def test_a_tracking_uri_with_a_password_never_reaches_rays_run_state():
     from components.training.job import TrainingJob
 
     job = TrainingJob(
-        model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_dir="/data", data_checksum="abc",
+        model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_location="/data", data_checksum="abc",
         dataset_size=4, tracking_uri="https://alice:s3cret-token@mlflow.example.com", mlflow_run_id="run1",
     )
     shown = str(_to_json_serializable_value({"job": job, "outcome": None}))
