@@ -50,25 +50,41 @@ class TarSample:
     members: tuple[TarMember, ...]
 
 
+def stored_digest(members: list[bytes]) -> str:
+    """SHA-256 identifying a sample's members as stored (in order): the manifest's `stored_sha256`."""
+    digest = hashlib.sha256()
+    for data in members:
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """(key, suffix) the way WebDataset and DALI split a member name: at the first dot of its file name."""
     dot = name.find(".", name.rfind("/") + 1)
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
-def read_tar_samples(path: Path) -> list[TarSample]:
-    """The samples of a shard, in order, from its headers only. Raises tarfile.TarError for an unreadable tar."""
+def read_tar_samples(path: Path, until_damage: bool = False) -> list[TarSample]:
+    """The samples of a shard, in order, from its headers only.
+
+    Raises tarfile.TarError for an unreadable tar, unless until_damage: then the samples
+    before the first unreadable header.
+    """
     samples: list[TarSample] = []
-    with tarfile.open(path, mode="r:") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, suffix = split_member_name(member.name)
-            entry = TarMember(suffix, member.offset_data, member.size, member.name)
-            if samples and samples[-1].key == key:
-                samples[-1] = TarSample(key, samples[-1].members + (entry,))
-            else:
-                samples.append(TarSample(key, (entry,)))
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, suffix = split_member_name(member.name)
+                entry = TarMember(suffix, member.offset_data, member.size, member.name)
+                if samples and samples[-1].key == key:
+                    samples[-1] = TarSample(key, samples[-1].members + (entry,))
+                else:
+                    samples.append(TarSample(key, (entry,)))
+    except tarfile.TarError:
+        if not until_damage:
+            raise
     return samples
 
 
@@ -106,10 +122,7 @@ def diagnose_shard(path: Path, label: str, split: str, shard: ShardEntry, sample
     def sample_name(entry: SampleEntry) -> str:
         return f"sample {split}/{entry.key} (index {entry.index})"
 
-    try:
-        found = read_tar_samples(path)
-    except (tarfile.TarError, OSError) as error:
-        return f"{label}: not a readable tar archive ({error}); sha256 {actual_sha256[:12]}, manifest {expected_sha256[:12]}"
+    found = read_tar_samples(path, until_damage=True)
     by_key = {sample.key: sample for sample in found}
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -121,6 +134,7 @@ def diagnose_shard(path: Path, label: str, split: str, shard: ShardEntry, sample
                 return (f"{label}, {sample_name(entry)}: missing; {len(missing)} of the shard's {len(samples)} "
                         f"samples are not in it ({shown}): the shard was cut short or rewritten")
             members = {member.suffix: member for member in sample.members}
+            contents = []
             for suffix in MEMBER_SUFFIXES:
                 member = members.get(suffix)
                 if member is None:
@@ -129,11 +143,16 @@ def diagnose_shard(path: Path, label: str, split: str, shard: ShardEntry, sample
                     return f"{label}, {sample_name(entry)}: member {member.name} is cut short (the shard ends inside it)"
                 handle.seek(member.offset)
                 data = handle.read(member.size)
+                contents.append(data)
                 if suffix.endswith("jpg"):
                     problem = _jpeg_problem(data)
                     if problem:
                         return f"{label}, {sample_name(entry)}: JPEG {member.name} does not decode ({problem})"
                 elif suffix == "index" and (len(data) != 8 or struct.unpack("<q", data)[0] != entry.index):
                     return f"{label}, {sample_name(entry)}: member {member.name} does not hold index {entry.index}"
+            if entry.stored_sha256 is not None and stored_digest(contents) != entry.stored_sha256:
+                # a JPEG decoder shows most damage inside the compressed data as noise, not as an error
+                return (f"{label}, {sample_name(entry)}: its bytes differ from what `prepare` wrote (damaged or "
+                        "modified after it was written); run `pairgan prepare` again")
     return (f"{label}: sha256 {actual_sha256[:12]} differs from the manifest's {expected_sha256[:12]}, although every "
             "sample reads: the shard was rewritten or modified after `prepare` wrote it; run `pairgan prepare` again")

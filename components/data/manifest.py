@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class ShardEntry:
     tar: str  # path relative to the manifest's folder
-    index: str  # the DALI index file (wds2idx) next to it
+    index: str  # the DALI webdataset index (wds2idx format) next to it
     sha256: str
     count: int
     first_index: int  # samples first_index .. first_index + count - 1, in this order
@@ -36,6 +36,9 @@ class SampleEntry:
     shard: int  # position in the split's shard list
     origin: list[str]  # source file(s), relative to the source root
     sha256: str  # of the source bytes: tells a changed pair from an unchanged one
+    # of the sample's members as stored in its shard (`stored_digest`): names the damaged sample
+    # of a shard that fails its checksum; None in data sets written before it was recorded
+    stored_sha256: str | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from components.config.data import DataParams
-from components.data.integrity import dali_index_text, file_sha256, read_tar_samples
+from components.data.integrity import dali_index_text, file_sha256, read_tar_samples, stored_digest
 from components.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -148,12 +148,14 @@ def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
-def write_shard(tar_path: Path, index_path: Path, samples: list[tuple[_Encoded, int]], source: str) -> str:
-    """Write one tar shard and its DALI index; return the tar's SHA-256.
+def write_shard(tar_path: Path, index_path: Path, samples: list[tuple[_Encoded, int]],
+                source: str) -> tuple[str, list[str]]:
+    """Write one tar shard and its DALI index; return the tar's SHA-256 and each sample's `stored_digest`.
 
     Members per sample: KEY.src.jpg, KEY.tgt.jpg, KEY.json (origin, checksum, index) and
     KEY.index (the dataset index as 8 bytes little-endian int64, which DALI reads as INT64).
     """
+    digests = []
     with tarfile.open(tar_path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample, index in samples:
             meta = {"key": sample.key, "index": index, "source": source, "origin": list(sample.origin), "sha256": sample.checksum}
@@ -165,9 +167,10 @@ def write_shard(tar_path: Path, index_path: Path, samples: list[tuple[_Encoded, 
             )
             for suffix, data in members:
                 tar.addfile(*_tar_member(f"{sample.key}.{suffix}", data))
+            digests.append(stored_digest([data for _, data in members]))
     # the same index DALI's wds2idx writes, made here so that prepare does not need DALI
     index_path.write_text(dali_index_text(read_tar_samples(tar_path)))
-    return file_sha256(tar_path)
+    return file_sha256(tar_path), digests
 
 
 Item = TypeVar("Item")
@@ -310,10 +313,11 @@ def _write_into_staging(params: DataParams, listing: SourceListing, existing: Ma
         (staging / split).mkdir(exist_ok=True)
         first_index = len(state.samples)
         indexed = [(sample, first_index + i) for i, sample in enumerate(state.pending)]
-        sha256 = write_shard(staging / tar_name, staging / index_name, indexed, listing.description)
+        sha256, digests = write_shard(staging / tar_name, staging / index_name, indexed, listing.description)
         state.shards.append(ShardEntry(tar_name, index_name, sha256, len(indexed), first_index))
         state.samples.extend(
-            SampleEntry(sample.key, index, number, list(sample.origin), sample.checksum) for sample, index in indexed
+            SampleEntry(sample.key, index, number, list(sample.origin), sample.checksum, digest)
+            for (sample, index), digest in zip(indexed, digests)
         )
         state.pending = []
         if on_shard_written is not None:
