@@ -179,7 +179,8 @@ class _S3Lock:
             age_s = (store_now - current["LastModified"]).total_seconds()
             ttl_s = (info or {}).get("ttl_s", self.ttl_s)
             if age_s <= ttl_s:
-                raise LockHeld(f"{self.uri.removesuffix('.lock')} is locked by {_describe(info)}; lock object {self.uri}")
+                raise LockHeld(f"{self.uri.removesuffix('.lock')} is locked by {_describe(info)}; lock object "
+                               f"{self.uri} (if that process has died, the lock expires {ttl_s - age_s:.0f} s from now)")
             log.warning("lock %s of %s expired %.0f s ago (a crashed run); taking it over",
                         self.uri, _describe(info), age_s - ttl_s)
             try:

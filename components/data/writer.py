@@ -53,7 +53,7 @@ from components.data.manifest import (
 )
 from components.data.pairs import encode_pair
 from components.data.sources import BadInput, BadInputError, SourceListing, SourcePair
-from components.locks import HeldLock, exclusive_lock
+from components.locks import DEFAULT_TTL_S, HeldLock, exclusive_lock
 from components.object_store import (
     delete_object,
     join_s3_uri,
@@ -378,6 +378,7 @@ def prepare_dataset(
     progress: bool = True,
     on_shard_written: Callable[[Path], None] | None = None,
     client: Any = None,
+    lock_ttl_s: int = DEFAULT_TTL_S,
 ) -> PrepareResult:
     """Write (or extend, with mode append) the prepared data set in `out`: a local folder or s3://bucket/prefix.
 
@@ -386,6 +387,7 @@ def prepare_dataset(
     on_shard_written: called with each shard's staging path once it is complete (progress
     hooks; tests use it to kill the process mid-run).
     client: the boto3 client for an S3 output (default: boto3's standard configuration).
+    lock_ttl_s: how long the S3 lock of a run that crashed blocks the next one.
     Raises PrepareError listing every bad input when on_bad_input is stop.
     """
     started = time.perf_counter()
@@ -394,7 +396,7 @@ def prepare_dataset(
     params_used = params.model_dump(mode="json", exclude={"loader"})
     if isinstance(out, str) and out.startswith("s3://"):
         client = client or s3_client()
-        with exclusive_lock(out, PREPARE_PURPOSE, client=client) as lock:
+        with exclusive_lock(out, PREPARE_PURPOSE, ttl_s=lock_ttl_s, client=client) as lock:
             written = _prepare_on_s3(params, listing, out.rstrip("/"), params_used, progress, on_shard_written,
                                      client, lock)
         manifest = load_manifest(out, client)
