@@ -40,11 +40,15 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 300
 
 
-class LockHeld(RuntimeError):
+class LockError(RuntimeError):
+    """The lock could not be taken or kept."""
+
+
+class LockHeld(LockError):
     """Another process holds the lock; the message says who."""
 
 
-class LockLost(RuntimeError):
+class LockLost(LockError):
     """The lock expired and was taken over while this process believed it held it."""
 
 
@@ -163,16 +167,16 @@ class _S3Lock:
                 break
             except ClientError as error:
                 if _error_code(error) not in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
-                    raise LockHeld(redact_text(f"cannot create lock object {self.uri}: {error}")) from None
+                    raise LockError(redact_text(f"cannot create lock object {self.uri}: {error}")) from None
             except BotoCoreError as error:
-                raise LockHeld(redact_text(f"cannot create lock object {self.uri}: {error}")) from None
+                raise LockError(redact_text(f"cannot create lock object {self.uri}: {error}")) from None
             try:
                 current = self.client.get_object(Bucket=self.bucket, Key=self.key)
                 info = json.loads(current["Body"].read() or b"null")
             except ClientError as error:
                 if _error_code(error) in {"NoSuchKey", "404"}:
                     continue
-                raise LockHeld(redact_text(f"cannot read lock object {self.uri}: {error}")) from None
+                raise LockError(redact_text(f"cannot read lock object {self.uri}: {error}")) from None
             except ValueError:
                 info = None
             store_now = parsedate_to_datetime(current["ResponseMetadata"]["HTTPHeaders"]["date"])
@@ -189,7 +193,7 @@ class _S3Lock:
             except ClientError as error:
                 if _error_code(error) in {"PreconditionFailed", "412", "NoSuchKey", "404", "409"}:
                     continue  # another taker was faster, or the object went away: look again
-                raise LockHeld(redact_text(f"cannot take over lock object {self.uri}: {error}")) from None
+                raise LockError(redact_text(f"cannot take over lock object {self.uri}: {error}")) from None
         else:
             raise LockHeld(f"{self.uri}: the lock object keeps changing; another process is taking it")
         self._heartbeat = threading.Thread(target=self._renew, name=f"lock-heartbeat {self.uri}", daemon=True)

@@ -17,7 +17,7 @@ from components.config.data import DataParams
 from components.data.manifest import ManifestError
 from components.data.sources import SourceError, open_source
 from components.data.writer import PrepareError, prepare_dataset
-from components.locks import LockHeld, LockLost
+from components.locks import LockError
 from components.object_store import ObjectStoreError
 from components.redaction import redact_text
 from pipelines.exit_status import ExitStatus
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         listing = open_source(params, base_dir)
         result = prepare_dataset(params, listing, args.out, progress=not args.no_progress)
-    except (SourceError, PrepareError, ManifestError, LockHeld, LockLost, ObjectStoreError) as error:
+    except (SourceError, PrepareError, ManifestError, LockError, ObjectStoreError) as error:
         log.error("%s", redact_text(str(error)))
         return ExitStatus.FAILED
     report = result.report()
