@@ -39,7 +39,7 @@ from typing import Any
 
 from components.data.integrity import DataError, file_sha256
 from components.locks import LockHeld, file_lock
-from components.object_store import download_file
+from components.object_store import download_file, is_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class ShardCache:
         client = None
         paths = []
         for shard in shards:
-            if shard.location.startswith("s3://"):
+            if is_s3_uri(shard.location):
                 client = client or client_factory()
                 paths.append(self.fetched_copy(shard, client))
             else:

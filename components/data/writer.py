@@ -56,6 +56,7 @@ from components.data.sources import BadInput, BadInputError, SourceListing, Sour
 from components.locks import DEFAULT_TTL_S, HeldLock, exclusive_lock
 from components.object_store import (
     delete_object,
+    is_s3_uri,
     join_s3_uri,
     list_keys,
     put_bytes,
@@ -394,7 +395,7 @@ def prepare_dataset(
     # The loader section is read by training, not by prepare: leaving it out keeps the data
     # set (and its checksum) unchanged when only augmentation settings change.
     params_used = params.model_dump(mode="json", exclude={"loader"})
-    if isinstance(out, str) and out.startswith("s3://"):
+    if is_s3_uri(out):
         client = client or s3_client()
         with exclusive_lock(out, PREPARE_PURPOSE, ttl_s=lock_ttl_s, client=client) as lock:
             written = _prepare_on_s3(params, listing, out.rstrip("/"), params_used, progress, on_shard_written,
