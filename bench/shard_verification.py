@@ -1,7 +1,7 @@
 """Shard verification cost: what checking shards against the manifest adds to building a loader, once per node.
 
-    python bench/shard_verification.py                   # prepare ../shared/data/facades at 256 px
-    python bench/shard_verification.py --prepared DIR    # reuse a prepared folder (holds manifest.json)
+    python bench/shard_verification.py --data FACADES     # prepare the facades folder (pix2pix layout) at 256 px
+    python bench/shard_verification.py --prepared DIR     # reuse a prepared folder (holds manifest.json)
 
 Times `make_loader` over the train split three ways: the first time on a node (every shard
 hashed), again with the record of that check (a later run: no hashing), and the hashing
@@ -35,11 +35,13 @@ def main() -> None:
     from components.data.manifest import load_manifest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/facades"), help="pix2pix-layout source")
+    parser.add_argument("--data", type=Path, help="pix2pix-layout source folder (the facades set)")
     parser.add_argument("--prepared", type=Path, help="a prepared folder to reuse instead of preparing --data")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--backend", default="torch", choices=["dali", "torch"])
     args = parser.parse_args()
+    if args.data is None and args.prepared is None:
+        parser.error("give --data (a source to prepare) or --prepared (a prepared folder)")
 
     with tempfile.TemporaryDirectory(prefix="pairgan-bench-") as folder:
         prepared = args.prepared or prepare_facades(args.data, Path(folder) / "prepared", args.image_size)
