@@ -20,8 +20,9 @@ from tqdm import tqdm
 from components.atomic_files import atomic_path
 from components.evaluation.image_metrics import to_unit_range
 from components.methods.translator import translator_from_export
+from components.redaction import redact_uri
 from components.registry import load_registered, model_card
-from components.tracking import check_tracking_reachable, redact_uri
+from components.tracking import check_tracking_reachable
 
 log = logging.getLogger(__name__)
 

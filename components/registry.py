@@ -24,7 +24,7 @@ from torch import nn
 
 from components.config.register import RegisterParams
 from components.evaluation.held_out import HIGHER_IS_BETTER
-from components.tracking import redact_uri
+from components.redaction import redact_uri
 
 _log = logging.getLogger(__name__)
 

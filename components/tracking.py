@@ -26,6 +26,7 @@ import torch
 
 from components.config.flatten import flatten
 from components.evaluation.grid import sample_grid
+from components.redaction import redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -45,17 +46,6 @@ _PARAM_VALUE_LIMIT = 6000
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be used; raised before any training starts."""
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with any user:password part removed, safe to print and to log."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def default_tracking_uri(working_dir: Path) -> str:

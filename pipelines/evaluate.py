@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared data set (folder with manifest.json)")
+    parser.add_argument(
+        "--data", default="data/prepared", help="prepared data set: folder with manifest.json, or s3://bucket/prefix"
+    )
     parser.add_argument("--model", default="models/generator.pt", help="the trained generator (train stage)")
     parser.add_argument("--train-report", default="reports/train.json", help="train stage report (the training run)")
     parser.add_argument("--out", default="reports/evaluate", help="folder for the report: metrics.json, info.json, plots")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
 
     def held_out() -> Iterable[Batch]:
-        return make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device)
+        return make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device,
+                           expected_checksum=manifest.checksum)
 
     try:
         train_report = read_train_report(Path(args.train_report))

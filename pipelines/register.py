@@ -25,6 +25,7 @@ from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.held_out import pick_device, score_held_out
 from components.evaluation.report import GRID_FILE, METRICS_FILE, read_evaluation
 from components.methods.translator import load_translator
+from components.redaction import redact_uri
 from components.registry import (
     ChampionUnscoreable,
     RegistrationRefused,
@@ -38,7 +39,6 @@ from components.tracking import (
     TrackingUnavailable,
     check_tracking_reachable,
     git_commit,
-    redact_uri,
 )
 from components.training.report import read_train_report
 from pipelines import environment
@@ -52,7 +52,9 @@ FEATURE_METRICS = {"fid", "kid"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared data set (folder with manifest.json)")
+    parser.add_argument(
+        "--data", default="data/prepared", help="prepared data set: folder with manifest.json, or s3://bucket/prefix"
+    )
     parser.add_argument("--model", default="models/generator.pt", help="the trained generator (train stage)")
     parser.add_argument("--train-report", default="reports/train.json", help="train stage report")
     parser.add_argument("--evaluation", default="reports/evaluate", help="evaluate stage output folder")
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     def held_out():
         return make_loader(
-            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device
+            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device,
+            expected_checksum=manifest.checksum,
         )
 
     def score(module) -> float:

@@ -18,7 +18,10 @@ from components.config import ParamsError, load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.model import ModelParams
 from components.config.train import TrainParams
+from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
+from components.object_store import is_s3_uri
+from components.redaction import redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_DIVERGENCE_REASON,
@@ -30,7 +33,6 @@ from components.tracking import (
     finish_job_run,
     flatten_params,
     git_commit,
-    redact_uri,
     start_job_run,
 )
 from components.training.report import TrainReport, compared_metrics, write_train_report
@@ -42,7 +44,9 @@ logger = logging.getLogger("pairgan.train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared data folder (default: data/prepared)")
+    parser.add_argument(
+        "--data", default="data/prepared", help="prepared data: folder or s3://bucket/prefix (default: data/prepared)"
+    )
     parser.add_argument(
         "--model-out", default="models/generator.pt", help="exported generator (default: models/generator.pt)"
     )
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     run_id = start_job_run(tracking_uri, tracking.experiment, train.run.name, flatten_params(config), tags)
 
     job = TrainingJob(
-        model=model, train=train, loader=data.loader, data_dir=str(Path(args.data).resolve()),
+        model=model, train=train, loader=data.loader,
+        data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
         data_checksum=manifest.checksum, dataset_size=dataset_size,
         tracking_uri=tracking_uri, mlflow_run_id=run_id,
     )
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:
         finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
-        files = {"model": model_path, "train": train_path, "data": Path(args.data) / "manifest.json"}
+        files = {"model": model_path, "train": train_path, "data": manifest.file_location()}
         lines = [
             f"  {files[change.key.split('.', 1)[0]]}: {change.key.split('.', 1)[1]}: "
             f"checkpoint has {change.checkpoint}, now {change.now}"
@@ -149,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitStatus.BAD_PARAMS
+    except DataError as error:
+        # a damaged shard: deterministic, so reported once instead of retried
+        finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "data error"})
+        print(f"pairgan train: data error: {error}", file=sys.stderr)
+        return ExitStatus.FAILED
     except TrainingFailedError as error:
         finish_job_run(tracking_uri, run_id, "failed")
         print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Shared fixtures: synthetic paired images on disk, a prepared data set, an S3 server (moto)."""
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,9 +17,16 @@ from support.images import pair_halves, pair_seed
 def pytest_configure(config: pytest.Config) -> None:
     # Tests make their own MLflow stores and local Ray instances: never write to a tracking
     # server or join a cluster that the developer's shell happens to point at.
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         os.environ.pop(name, None)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # The loaders' shard cache defaults to the user's cache folder: the tests use their own
+    # (inherited by the Ray workers they start), never the developer's ~/.cache.
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pairgan-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,6 +6,11 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from components.config.loading import StrictModel
+from components.redaction import has_userinfo
+
+# Refused in params: credentials come from the AWS chain, and params end up in manifest.json and MLflow.
+_NO_CREDENTIALS = ("holds a user name or password; remove it: credentials come from boto3's standard chain "
+                   "(environment, ~/.aws, instance or pod role), never from params")
 
 # The colour photographs bundled inside scikit-image (no download needed); the built-in
 # source crops them. Listed here so a typo in params/data.yaml is a validation error.
@@ -22,6 +27,13 @@ class S3Params(StrictModel):
     endpoint_url: str | None = None  # for S3-compatible stores (MinIO, Ceph, R2); None = AWS
     region: str | None = None
     max_attempts: int = Field(default=5, ge=1, le=20)  # botocore "standard" retries on transient errors
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, endpoint_url: str | None) -> str | None:
+        if endpoint_url is not None and has_userinfo(endpoint_url):
+            raise ValueError(_NO_CREDENTIALS)
+        return endpoint_url
 
 
 class BuiltinSourceParams(StrictModel):
@@ -64,6 +76,8 @@ class SourceParams(StrictModel):
         if not path:
             raise ValueError(f"is required when source.kind is {kind}: a local folder or s3://bucket/prefix")
         if path.startswith("s3://"):
+            if has_userinfo(path):
+                raise ValueError(_NO_CREDENTIALS)
             if not path.removeprefix("s3://").split("/", 1)[0]:
                 raise ValueError(f"{path!r} names no bucket (expected s3://bucket/prefix)")
             return path
@@ -93,6 +107,18 @@ class LoaderParams(StrictModel):
     num_threads: int = Field(default=2, ge=1, le=256)
     shuffle_buffer: int = Field(default=512, ge=1)  # samples held for shuffling (per rank)
     prefetch: int = Field(default=2, ge=1, le=32)  # batches decoded ahead
+    # Node-local cache of verified shards (S3 shards are downloaded into it). None: the
+    # user's cache folder on each node (~/.cache/pairgan/shards). Resolved on the node that
+    # reads, so it must be absolute or start with ~.
+    cache_dir: str | None = None
+    cache_max_gib: float = Field(default=50.0, gt=0)  # least recently used shards are evicted beyond this
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_absolute(cls, cache_dir: str | None) -> str | None:
+        if cache_dir is not None and not (cache_dir.startswith("~") or Path(cache_dir).is_absolute()):
+            raise ValueError(f"{cache_dir!r} is relative: use an absolute path or ~/... (each node resolves it)")
+        return cache_dir
 
     @field_validator("crop_size")
     @classmethod
@@ -122,4 +148,9 @@ class DataParams(StrictModel):
     seed: int = 0
     mode: Literal["overwrite", "append"] = "overwrite"
     on_bad_input: Literal["stop", "skip"] = "stop"
+    # Inputs refused as bad: a half whose shorter side would be enlarged more than max_upscale
+    # times to reach image_size, or whose aspect ratio (longer / shorter side) exceeds
+    # max_aspect_ratio (resizing to a square would stretch it).
+    max_upscale: float = Field(default=4.0, ge=1)
+    max_aspect_ratio: float = Field(default=1.25, ge=1)
     loader: LoaderParams = LoaderParams()

@@ -5,9 +5,10 @@ import logging
 from typing import Literal
 
 from components.config.run import RunParams
+from components.data.integrity import DataError
 from components.training.compatibility import ChangedKey, CheckpointIncompatible
 from components.training.job import TrainingJob, TrainingOutcome
-from components.training.outcome import OutcomeBox
+from components.training.outcome import DATA_ERROR, OutcomeBox
 from components.training.worker import train_worker
 
 logger = logging.getLogger(__name__)
@@ -25,8 +26,9 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> Trainin
     """Fit the job on the connected Ray cluster (call `ray.init` first).
 
     storage_path: absolute local folder or s3://; with `run.name` it identifies the run, so a
-    second call with the same pair resumes. Raises CheckpointIncompatible, or Ray's
-    TrainingFailedError once `run.max_failures` restarts are used up.
+    second call with the same pair resumes. Raises CheckpointIncompatible, DataError (a
+    damaged shard, never retried), or Ray's TrainingFailedError once `run.max_failures`
+    restarts are used up.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -52,10 +54,18 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> Trainin
         job.model.method.name, scaling.num_workers, "GPU" if use_gpu else "CPU", run.name, storage_path,
     )
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError:
+            # the attempt that met a damaged shard mid-epoch failed on purpose (see outcome.py)
+            if DATA_ERROR in (recorded := ray.get(box.get.remote())):
+                raise DataError(recorded[DATA_ERROR]) from None
+            raise
         early = ray.get(box.get.remote())
     finally:
         ray.kill(box)
+    if DATA_ERROR in early:
+        raise DataError(early[DATA_ERROR])
     if "incompatible" in early:
         changes = [ChangedKey(**change) for change in json.loads(early["incompatible"])]
         raise CheckpointIncompatible(early["checkpoint"], changes)

@@ -18,12 +18,13 @@ StepHook = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class TrainingJob:
-    """Everything a worker needs; sent to the workers, so only absolute paths (they change directory)."""
+    """Everything a worker needs; sent to the workers, so only absolute paths (they change directory) or
+    s3:// URIs, never a path that exists only on the driver's machine."""
 
     model: ModelParams
     train: TrainParams
     loader: LoaderParams
-    data_dir: str
+    data_location: str  # the prepared data set: an absolute path every node sees, or s3://bucket/prefix
     data_checksum: str
     dataset_size: int
     # repr=False: Ray Train V2 shows str(train_loop_config) in its run state (dashboard, export

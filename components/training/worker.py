@@ -33,7 +33,13 @@ from components.training.collectives import AgreeingDetector, all_reduce_sum
 from components.training.compatibility import compare_records, job_record
 from components.training.health import TrainingDiverged
 from components.training.job import StepHook, TrainingJob
-from components.training.outcome import end_early, report
+from components.training.outcome import (
+    data_error_recorded,
+    end_early,
+    record_data_error,
+    report,
+    stop_on_data_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from components.data.integrity import DataError
     from components.data.loaders import make_loader
     from components.methods.atme import ATME
     from components.tracking import EpochLogger
@@ -98,6 +105,9 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     configure_worker_logging(rank)
+    if data_error_recorded(config["outcome"]):
+        report({"data_error": 1})  # an earlier attempt met a damaged shard: the same bytes again, so stop
+        return
 
     session = TrainingSession(job.model, job.train, job.dataset_size, ray.train.torch.get_device(),
                               wrap=ddp_wrap, reduce=all_reduce_sum)
@@ -129,11 +139,18 @@ def train_worker(config: dict) -> None:
             logger.info("the finished run in %s had other params (%s): training a new model from scratch",
                         checkpoint.path, ", ".join(change.key for change in changes))
 
-    loader = ObservedLoader(
-        make_loader(job.data_dir, "train", job.loader, job.train.batch_size, train=True,
-                    rank=rank, world_size=world_size, seed=job.train.seed, device=session.device),
-        rank, job.step_hook, session,
-    )
+    # Each worker reads its own share from where the job says the data is (a path every node
+    # sees, or s3://), verified against the manifest the driver started from.
+    try:
+        rank_loader = make_loader(job.data_location, "train", job.loader, job.train.batch_size, train=True,
+                                  rank=rank, world_size=world_size, seed=job.train.seed, device=session.device,
+                                  expected_checksum=job.data_checksum)
+        data_error = None
+    except DataError as error:
+        rank_loader, data_error = None, str(error)
+    if stop_on_data_error(config["outcome"], data_error, session.device):
+        return
+    loader = ObservedLoader(rank_loader, rank, job.step_hook, session)
     epoch_logger = None
     if rank == 0 and job.tracking_uri and job.mlflow_run_id:
         epoch_logger = EpochLogger(job.tracking_uri, job.mlflow_run_id, run.tracking.system_metrics,
@@ -172,6 +189,11 @@ def train_worker(config: dict) -> None:
         end_early(config["outcome"], rank, {"diverged": 1, "divergence_reason": diverged.reason,
                                             "epoch": session.epoch, "step": session.step})
         return
+    except DataError as error:
+        # Mid-epoch the other ranks may be waiting in a collective: record it, then fail; the
+        # workers Ray restarts find it recorded and stop at once instead of training again.
+        record_data_error(config["outcome"], str(error))
+        raise
     finally:
         if epoch_logger is not None:
             epoch_logger.close()

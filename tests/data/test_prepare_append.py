@@ -116,7 +116,7 @@ def test_append_accepts_new_s3_connection_settings_but_not_another_source():
 
     class Existing:
         params = used("s3://pairs/set", "http://minio-old:9000", 5)
-        root = Path("data/prepared")
+        location = "data/prepared"
 
     _check_append_compatible(Existing, used("s3://pairs/set", "https://minio-new:9000", 10))
     with pytest.raises(PrepareError, match="source.path"):

@@ -64,11 +64,27 @@ def test_not_a_tar_is_refused(tmp_path):
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_loaders_check_every_shard_before_reading(tmp_path, prepared_builtin, backend):
+    import hashlib
+    import json
+
+    from components.data.integrity import DataError
+    from components.data.manifest import _canonical
+
     copy = shutil.copytree(prepared_builtin, tmp_path / "data")
     shard = copy / load_manifest(copy).split("train").shards[1].tar
     write_tar(shard, [regular("k.src.jpg"), regular("../k.tgt.jpg")])
+    params = LoaderParams(backend=backend, load_size=32, crop_size=32)
+    # a replaced shard fails its checksum first
+    with pytest.raises(DataError, match="train-000001.tar.*missing"):
+        make_loader(copy, "train", params, batch_size=2, train=True)
+    # a manifest crafted to match it: the tar headers are still checked before anything is read
+    body = json.loads((copy / "manifest.json").read_text())
+    body.pop("checksum")
+    body["splits"]["train"]["shards"][1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(UnsafeTarError, match="k.tgt.jpg"):
-        make_loader(copy, "train", LoaderParams(backend=backend, load_size=32, crop_size=32), batch_size=2, train=True)
+        make_loader(copy, "train", params, batch_size=2, train=True)
 
 
 @pytest.mark.parametrize("bad_path", ["../../outside/train-000000.tar", "/etc/shard.tar"])

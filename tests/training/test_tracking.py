@@ -8,6 +8,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from components.redaction import redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_GIT_COMMIT,
@@ -19,7 +20,6 @@ from components.tracking import (
     default_tracking_uri,
     finish_job_run,
     flatten_params,
-    redact_uri,
     start_job_run,
 )
 
@@ -137,7 +137,7 @@ def test_a_tracking_uri_with_a_password_never_reaches_rays_run_state():
     from components.training.job import TrainingJob
 
     job = TrainingJob(
-        model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_dir="/data", data_checksum="abc",
+        model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_location="/data", data_checksum="abc",
         dataset_size=4, tracking_uri="https://alice:s3cret-token@mlflow.example.com", mlflow_run_id="run1",
     )
     shown = str(_to_json_serializable_value({"job": job, "outcome": None}))

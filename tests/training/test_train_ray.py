@@ -115,7 +115,7 @@ def job_for(data: Path, model: dict, train: dict, tracking_uri: str | None = Non
     manifest = load_manifest(data)
     return TrainingJob(
         model=ModelParams.model_validate(model), train=TrainParams.model_validate(train),
-        loader=LoaderParams(load_size=36, crop_size=32, num_threads=1), data_dir=str(data),
+        loader=LoaderParams(load_size=36, crop_size=32, num_threads=1), data_location=str(data),
         data_checksum=manifest.checksum, dataset_size=manifest.split("train").count,
         tracking_uri=tracking_uri, mlflow_run_id=run_id, step_hook=step_hook,
     )
