@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
         files = {"model": model_path, "train": train_path, "data": Path(args.data) / "manifest.json"}
         # The model's sizes are set in data.yaml.
-        sizes = {"model.image_size": (data_path, "image_size"), "model.load_size": (data_path, "loader.load_scale, the load size")}
+        sizes = {"model.image_size": (data_path, "image_size"),
+                 "model.load_size": (data_path, "loader.load_scale, the load size")}
         lines = []
         for change in error.changes:
             file, key = sizes.get(change.key) or (files[change.key.split(".", 1)[0]], change.key.split(".", 1)[1])

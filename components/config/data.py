@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from components.config.loading import ParamsError, StrictModel
+from components.config.loading import ParamsError, StrictModel, location_keys
 
 # The colour photographs bundled inside scikit-image (no download needed); the built-in
 # source crops them. Listed here so a typo in params/data.yaml is a validation error.
@@ -126,8 +126,19 @@ class DataParams(StrictModel):
     @classmethod
     def _power_of_two(cls, image_size: int) -> int:
         if image_size & (image_size - 1):
-            raise ValueError(f"{image_size} is not a power of two (the U-Nets halve it per level): use 32, 64, 128, 256...")
+            raise ValueError(
+                f"{image_size} is not a power of two (the U-Nets halve it per level): use 32, 64, 128, 256..."
+            )
         return image_size
+
+    @classmethod
+    def unknown_key_reason(cls, location: tuple) -> str:
+        # The two sizes the loader had before image_size was the only one: say what replaced them.
+        replaced = {
+            ("loader", "crop_size"): "no longer a key: the crop is image_size, the one image size",
+            ("loader", "load_size"): "no longer a key: set loader.load_scale (load size = image_size x load_scale)",
+        }
+        return replaced.get(location_keys(location)) or super().unknown_key_reason(location)
 
     @property
     def load_size(self) -> int:

@@ -207,7 +207,8 @@ class TrainingSession:
         for scheduler in self.schedulers:
             # The coming epoch's LR under this session's schedule: the saved one was computed
             # for the saved `epochs`, which a finished run continued to more epochs no longer has.
-            for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            groups = scheduler.optimizer.param_groups
+            for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base_lr * factor(scheduler.last_epoch)
         self.method.load_extra_state(state["method"])
         self.stats.load_state_dict(state["stats"])

@@ -47,6 +47,8 @@ def _errors(path: Path, base_dir: Path) -> dict[str, str]:
         ({"loader": {"load_scale": 3.0}}, "loader.load_scale", "less than or equal to 2"),
         ({"loader": {"backend": "tensorflow"}}, "loader.backend", "'auto', 'dali' or 'torch'"),
         ({"loader": {"flip": "yes"}}, "loader.flip", "valid boolean"),
+        ({"loader": {"crop_size": 64}}, "loader.crop_size", "the crop is image_size"),
+        ({"loader": {"load_size": 72}}, "loader.load_size", "set loader.load_scale"),
     ],
 )
 def test_bad_value_names_key_and_reason(tmp_path, overrides, key, reason):
