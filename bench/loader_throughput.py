@@ -18,16 +18,27 @@ from pathlib import Path
 
 import torch
 
+PARAMS = Path(__file__).resolve().parents[1] / "params"
 
-def prepare_facades(source: Path, out: Path, image_size: int) -> Path:
+
+def data_params(args: argparse.Namespace, backend: str = "auto"):
+    """params/data.yaml with this run's source, size, load size and loader settings."""
+    from components.config import read_yaml_mapping, validate_params, with_overrides
     from components.config.data import DataParams
+
+    overrides = {"source": {"kind": "pix2pix", "path": str(args.data.resolve()), "direction": "BtoA"},
+                 "image_size": args.image_size,
+                 "loader": {"backend": backend, "load_scale": args.load_size / args.image_size, "flip": True,
+                            "num_threads": args.threads, "prefetch": 2}}
+    return validate_params(with_overrides(read_yaml_mapping(PARAMS / "data.yaml"), overrides), DataParams,
+                           PARAMS / "data.yaml", context={"check_source_path": False})
+
+
+def prepare_facades(args: argparse.Namespace, out: Path) -> Path:
     from components.data.sources import open_source
     from components.data.writer import prepare_dataset
 
-    params = DataParams.model_validate(
-        {"source": {"kind": "pix2pix", "path": str(source.resolve()), "direction": "BtoA"}, "image_size": image_size},
-        context={"base_dir": Path.cwd()},
-    )
+    params = data_params(args)
     started = time.perf_counter()
     result = prepare_dataset(params, open_source(params, Path.cwd()), out)
     print(f"prepare: {result.new_pairs} pairs in {time.perf_counter() - started:.1f} s")
@@ -35,11 +46,9 @@ def prepare_facades(source: Path, out: Path, image_size: int) -> Path:
 
 
 def time_loader(prepared: Path, backend: str, args: argparse.Namespace, device: torch.device) -> float:
-    from components.config.data import LoaderParams
     from components.data.loaders import make_loader
 
-    params = LoaderParams(backend=backend, load_size=args.load_size, crop_size=args.crop_size, flip=True,
-                          num_threads=args.threads, prefetch=2)
+    params = data_params(args, backend).loader
     loader = make_loader(prepared, "train", params, batch_size=args.batch_size, train=True, device=device)
     for _ in loader:  # warm-up epoch: pipeline build, page cache, thread start
         pass
@@ -68,7 +77,7 @@ def time_nvjpeg(prepared: Path, args: argparse.Namespace) -> float:
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     step = 2 * args.batch_size
-    offset = args.load_size - args.crop_size
+    offset = args.load_size - args.image_size
 
     def one_pass() -> int:
         pairs = 0
@@ -78,8 +87,8 @@ def time_nvjpeg(prepared: Path, args: argparse.Namespace) -> float:
             images = images.view(args.batch_size, 2, 3, args.load_size, args.load_size)  # (src, tgt) together
             top = torch.randint(0, offset + 1, (args.batch_size,), device=device, generator=generator)
             left = torch.randint(0, offset + 1, (args.batch_size,), device=device, generator=generator)
-            rows = (top[:, None] + torch.arange(args.crop_size, device=device))[:, None, None, :, None]
-            cols = (left[:, None] + torch.arange(args.crop_size, device=device))[:, None, None, None, :]
+            rows = (top[:, None] + torch.arange(args.image_size, device=device))[:, None, None, :, None]
+            cols = (left[:, None] + torch.arange(args.image_size, device=device))[:, None, None, None, :]
             flip = torch.rand(args.batch_size, device=device, generator=generator) < 0.5
             cols = torch.where(flip[:, None, None, None, None], cols.flip(-1), cols)
             batch_index = torch.arange(args.batch_size, device=device)[:, None, None, None, None]
@@ -102,9 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/facades"), help="pix2pix-layout source")
     parser.add_argument("--prepared", type=Path, help="a prepared folder to reuse instead of preparing --data")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--load-size", type=int, default=286)
-    parser.add_argument("--crop-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="prepared size, and the training crop's")
+    parser.add_argument("--load-size", type=int, default=286, help="training resize before the crop")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
@@ -115,8 +123,8 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     with tempfile.TemporaryDirectory(prefix="pairgan-bench-") as scratch:
-        prepared = args.prepared or prepare_facades(args.data, Path(scratch) / "prepared", args.image_size)
-        settings = f"load {args.load_size} crop {args.crop_size} flip, batch {args.batch_size}, {args.threads} threads"
+        prepared = args.prepared or prepare_facades(args, Path(scratch) / "prepared")
+        settings = f"load {args.load_size} crop {args.image_size} flip, batch {args.batch_size}, {args.threads} threads"
         for backend in args.backends:
             rate = time_loader(prepared, backend, args, torch.device("cpu"))
             print(f"{backend} (CPU decode, {settings}): {rate:.0f} pairs/s")

@@ -16,12 +16,15 @@ from pathlib import Path
 
 
 def prepare_facades(source: Path, out: Path, image_size: int) -> Path:
+    from components.config import read_yaml_mapping, with_overrides
     from components.config.data import DataParams
     from components.data.sources import open_source
     from components.data.writer import prepare_dataset
 
     params = DataParams.model_validate(
-        {"source": {"kind": "pix2pix", "path": str(source.resolve()), "direction": "BtoA"}, "image_size": image_size},
+        with_overrides(read_yaml_mapping("params/data.yaml"), {
+            "source": {"kind": "pix2pix", "path": str(source.resolve()), "direction": "BtoA"}, "image_size": image_size,
+        }),
         context={"base_dir": Path.cwd()},
     )
     prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False)
@@ -29,6 +32,7 @@ def prepare_facades(source: Path, out: Path, image_size: int) -> Path:
 
 
 def main() -> None:
+    from components.config import read_yaml_mapping
     from components.config.data import LoaderParams
     from components.data.integrity import file_sha256
     from components.data.loaders import make_loader
@@ -48,8 +52,10 @@ def main() -> None:
         manifest = load_manifest(prepared)
         shards = [Path(manifest.member_location(s.tar)) for s in manifest.split("train").shards]
         size_mib = sum(path.stat().st_size for path in shards) / (1 << 20)
-        params = LoaderParams(backend=args.backend, load_size=args.image_size, crop_size=args.image_size,
-                              cache_dir=str(Path(folder) / "cache"))
+        shipped = read_yaml_mapping("params/data.yaml")["loader"]
+        params = LoaderParams.model_validate(
+            {**shipped, "backend": args.backend, "load_scale": 1.0, "cache_dir": str(Path(folder) / "cache")}
+        )
 
         def build() -> float:
             started = time.perf_counter()

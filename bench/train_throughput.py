@@ -1,8 +1,8 @@
 """Training throughput per method: images/s, step time, peak memory and model-FLOPs utilisation.
 
 Each method runs the real training step (`TrainingSession.train_step`: G-main, D-main, the
-method's after_step) at the reference architecture (params defaults: pix2pix U-Net ngf 64,
-ATME/DDGAN DDPM U-Net width 64, multipliers 1-2-4-8, attention at every level, PatchGAN ndf 64),
+method's after_step) at the reference architecture (the presets params/examples/<method>-reference.yaml:
+pix2pix U-Net ngf 64, ATME/DDGAN DDPM U-Net width 64, multipliers 1-2-4-8, PatchGAN ndf 64),
 in two ways:
   resident: one batch kept on the device, stepped repeatedly (the compute ceiling);
   loader:   batches from the real loader over ../shared/data/facades (decode + augmentation).
@@ -29,32 +29,37 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from components.config.data import DataParams, LoaderParams
-from components.config.model import ModelParams
+from components.config import read_yaml_mapping, validate_params, with_overrides
+from components.config.data import DataParams
+from components.config.model import ModelParams, load_model_params
 from components.config.train import TrainParams
 from components.data.loaders import make_loader
 from components.training.loop import TrainingSession
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by device-name fragment.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PARAMS = Path(__file__).resolve().parents[1] / "params"
 
 
-def prepare_facades(source: Path, out: Path, image_size: int) -> Path:
+def data_params(args: argparse.Namespace) -> DataParams:
+    # Each facades JPEG is photo | labels: labels -> photo makes the right half the source.
+    overrides = {"source": {"kind": "pix2pix", "path": str(args.data.resolve()), "direction": "BtoA"},
+                 "image_size": args.image_size,
+                 "loader": {"load_scale": 286 / 256, "num_threads": args.threads, "backend": args.backend}}
+    return validate_params(with_overrides(read_yaml_mapping(PARAMS / "data.yaml"), overrides), DataParams,
+                           PARAMS / "data.yaml", context={"check_source_path": False})
+
+
+def prepare_facades(data: DataParams, out: Path) -> Path:
     from components.data.sources import open_source
     from components.data.writer import prepare_dataset
 
-    # Each facades JPEG is photo | labels: labels -> photo makes the right half the source.
-    params = DataParams.model_validate(
-        {"source": {"kind": "pix2pix", "path": str(source.resolve()), "direction": "BtoA"}, "image_size": image_size},
-        context={"base_dir": Path.cwd()},
-    )
-    prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False)
+    prepare_dataset(data, open_source(data, Path.cwd()), out, progress=False)
     return out
 
 
-def model_params(method: str, image_size: int) -> ModelParams:
-    load_size = image_size * 286 // 256
-    return ModelParams.model_validate({"image_size": image_size, "load_size": load_size, "method": {"name": method}})
+def model_params(method: str, data: DataParams) -> ModelParams:
+    return load_model_params(PARAMS / "examples" / f"{method}-reference.yaml", data, PARAMS / "data.yaml")
 
 
 def synchronize(device: torch.device) -> None:
@@ -92,13 +97,13 @@ def endless(loader):
         yield from loader
 
 
-def bench_method(method: str, prepared: Path, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    model = model_params(method, args.image_size)
-    loader_params = LoaderParams(load_size=model.load_size, crop_size=args.image_size, num_threads=args.threads,
-                                 backend=args.backend)
+def bench_method(method: str, prepared: Path, data: DataParams, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    model = model_params(method, data)
     # The detector's host sync every 50 steps is part of the product's step; keep it.
-    train = TrainParams.model_validate({"batch_size": args.batch_size, "performance": {"compile": args.compile}})
-    loader = make_loader(prepared, "train", loader_params, args.batch_size, train=True, device=device)
+    train_overrides = {"batch_size": args.batch_size, "performance": {"compile": args.compile}}
+    train = validate_params(with_overrides(read_yaml_mapping(PARAMS / "train.yaml"), train_overrides), TrainParams,
+                            PARAMS / "train.yaml")
+    loader = make_loader(prepared, "train", data.loader, args.batch_size, train=True, device=device)
     session = TrainingSession(model, train, loader.manifest.split("train").count, device)
     batches = endless(loader)
     resident = next(batches)
@@ -151,9 +156,10 @@ def main() -> None:
     print(json.dumps({"machine": platform.node(), "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()}))
     with tempfile.TemporaryDirectory() as scratch:
-        prepared = args.prepared or prepare_facades(args.data, Path(scratch) / "facades", args.image_size)
+        data = data_params(args)
+        prepared = args.prepared or prepare_facades(data, Path(scratch) / "facades")
         for method in args.methods:
-            bench_method(method, prepared, args, device)
+            bench_method(method, prepared, data, args, device)
 
 
 if __name__ == "__main__":

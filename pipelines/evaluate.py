@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from components.config import load_params
-from components.config.data import READS_SHARDS_ONLY, DataParams
+from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size, check_trained_size
 from components.config.evaluate import EvaluateParams
 from components.data.batch import Batch
 from components.data.loaders import make_loader
@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
-    data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
+    data_path = params_dir / "data.yaml"
+    data_params = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
 
     def held_out() -> Iterable[Batch]:
         return make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device,
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         # KeyError: the split is not in the manifest; RuntimeError: no GPU for device: cuda
         print(f"pairgan evaluate: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
         return ExitStatus.FAILED
+    # Scored at the size it was trained at, on data prepared at that size, or not at all.
+    check_trained_size(translator.image_size, args.model, data_params, data_path)
+    check_prepared_size(data_params, manifest.image_size, data_path, args.data)
     log.info("generator %s: method %s, NFE %d", args.model, translator.method, translator.nfe)
 
     extractor, features_note = None, None

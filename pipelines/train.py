@@ -1,7 +1,8 @@
 """Stage train: train the method of params/model.yaml on the prepared shards with Ray Train, tracked in MLflow.
 
 Reads params/model.yaml, params/train.yaml (its `run:` section: Ray workers, checkpoints,
-tracking) and the `loader:` section of params/data.yaml. Ray starts locally unless
+tracking) and from params/data.yaml the image size (the networks are built for it) and the
+`loader:` section. Ray starts locally unless
 RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
 Running the stage again with the same run.storage_path and run.name resumes from the latest
 checkpoint. Exit status: 0 trained, 1 failed (after Ray's retries), 2 invalid params or a
@@ -14,9 +15,9 @@ import sys
 from pathlib import Path
 
 from components.atomic_files import copy_file_atomic
-from components.config import ParamsError, load_params
-from components.config.data import READS_SHARDS_ONLY, DataParams
-from components.config.model import ModelParams
+from components.config import load_params
+from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
+from components.config.model import load_model_params
 from components.config.train import TrainParams
 from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
@@ -57,21 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_sizes(model: ModelParams, data: DataParams, model_path: Path, data_path: Path) -> None:
-    # The networks are built for model.image_size; the loader crops data.loader.crop_size.
-    problems = []
-    if model.image_size != data.loader.crop_size:
-        problems.append(
-            ("image_size", f"{model.image_size} differs from loader.crop_size = {data.loader.crop_size} in {data_path}")
-        )
-    if model.load_size is not None and model.load_size != data.loader.load_size:
-        problems.append(
-            ("load_size", f"{model.load_size} differs from loader.load_size = {data.loader.load_size} in {data_path}")
-        )
-    if problems:
-        raise ParamsError(model_path, problems)
-
-
 def _epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
     # The curves are a by-product: a store that cannot be read back costs them, not the model.
     from mlflow.exceptions import MlflowException
@@ -91,16 +77,17 @@ def _storage_path(storage: str) -> str:
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
-    model = load_params(model_path, ModelParams)
-    train = load_params(train_path, TrainParams)
     data = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
-    _check_sizes(model, data, model_path, data_path)
+    # The networks are built for the data's one image size (model.yaml has none).
+    model = load_model_params(model_path, data, data_path)
+    train = load_params(train_path, TrainParams)
     try:
         manifest = load_manifest(args.data)
         dataset_size = manifest.split("train").count
     except (ManifestError, KeyError, FileNotFoundError) as error:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
+    check_prepared_size(data, manifest.image_size, data_path, args.data)
 
     tracking_uri = environment.tracking_uri()
     tracking = train.run.tracking
@@ -121,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from components.training.job import TrainingJob
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
-              "data": {"loader": data.loader.model_dump(mode="json")}}
+              "data": {"image_size": data.image_size, "loader": data.loader.model_dump(mode="json")}}
     tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name}
     commit = git_commit(Path.cwd())
     if commit:
@@ -142,11 +129,13 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointIncompatible as error:
         finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
         files = {"model": model_path, "train": train_path, "data": manifest.file_location()}
-        lines = [
-            f"  {files[change.key.split('.', 1)[0]]}: {change.key.split('.', 1)[1]}: "
-            f"checkpoint has {change.checkpoint}, now {change.now}"
-            for change in error.changes
-        ]
+        # The model's sizes are set in data.yaml.
+        sizes = {"model.image_size": (data_path, "image_size"),
+                 "model.load_size": (data_path, "loader.load_scale, the load size")}
+        lines = []
+        for change in error.changes:
+            file, key = sizes.get(change.key) or (files[change.key.split(".", 1)[0]], change.key.split(".", 1)[1])
+            lines.append(f"  {file}: {key}: checkpoint has {change.checkpoint}, now {change.now}")
         print(
             f"pairgan train: the unfinished run in {error.checkpoint_path} was trained with other params:\n"
             + "\n".join(lines)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.config import with_overrides
 from support.images import pair_halves, pair_seed
+from support.params import shipped, write_shipped
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,25 +63,21 @@ def write_paired_folders() -> Callable[..., Path]:
     return write
 
 
+# params/data.yaml for tests: a few built-in pairs at 32 px (load size 36).
+SMALL_DATA = {
+    "source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 12, "val_pairs": 3, "test_pairs": 3}},
+    "image_size": 32,
+    "shard_max_count": 5,
+    "loader": {"load_scale": 1.125, "num_threads": 1},
+}
+
+
 @pytest.fixture
 def write_params() -> Callable[..., Path]:
-    """write_params(folder, **overrides) writes folder/data.yaml from a small builtin default."""
-    import yaml
+    """write_params(folder, **overrides) writes folder/data.yaml: the shipped file, SMALL_DATA, the overrides."""
 
     def write(folder: Path, **overrides: object) -> Path:
-        data: dict = {
-            "source": {"kind": "builtin", "builtin": {"train_pairs": 12, "val_pairs": 3, "test_pairs": 3}},
-            "image_size": 32,
-            "shard_max_count": 5,
-            "loader": {"load_size": 36, "crop_size": 32, "num_threads": 1},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "data.yaml").write_text(yaml.safe_dump(data))
+        write_shipped(folder, "data", **with_overrides(SMALL_DATA, overrides))
         return folder
 
     return write
@@ -113,17 +111,11 @@ def s3_endpoint() -> Iterator[str]:
 def prepared_builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared data set (built-in source, 32 px, 13 train pairs in 3 shards): the
     folder holding manifest.json. Shared read-only by tests of the loaders."""
-    from components.config.data import DataParams
     from components.data.sources import open_source
     from components.data.writer import prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / "data"
-    params = DataParams.model_validate(
-        {
-            "source": {"builtin": {"train_pairs": 13, "val_pairs": 2, "test_pairs": 2}},
-            "image_size": 32,
-            "shard_max_count": 5,
-        }
-    )
+    params = shipped("data", **with_overrides(SMALL_DATA, {"source": {"builtin": {"train_pairs": 13, "val_pairs": 2,
+                                                                                    "test_pairs": 2}}}))
     prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False)
     return out

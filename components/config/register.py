@@ -12,14 +12,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class RegisterParams(StrictModel):
-    model_name: str = "pairgan-generator"
-    experiment: str = "pairgan"
+    model_name: str
+    experiment: str
     primary_metric: Literal["l1", "psnr", "ssim", "fid", "kid"] = Field(
-        "psnr", description="the gate's metric; its direction (lower/higher is better) is fixed per metric"
+        description="the gate's metric; its direction (lower/higher is better) is fixed per metric"
     )
-    margin: float = Field(
-        0.0, ge=0.0, description="promote only if the challenger beats the champion by more than this"
-    )
+    margin: float = Field(ge=0.0, description="promote only if the challenger beats the champion by more than this")
 
     @field_validator("model_name", "experiment")
     @classmethod

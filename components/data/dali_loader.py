@@ -31,8 +31,8 @@ def build_pipeline(
     """The DALI graph. Each random value is drawn once per sample and fed to both images'
     operators, which is what makes the crop and flip shared by source and target."""
     owned = sum(len(shard.owned) for shard in shards)
-    out_size = loader.crop_size
-    resize_to = loader.load_size if train else loader.crop_size
+    out_size = image_size  # the one image size the data was prepared at
+    resize_to = loader.load_size_for(out_size) if train else out_size
     pipe = Pipeline(
         batch_size=batch_size, num_threads=loader.num_threads, device_id=device_id,
         seed=pipeline_seed, prefetch_queue_depth=loader.prefetch,
@@ -54,7 +54,7 @@ def build_pipeline(
         )
         if train:
             flip = fn.random.coin_flip(probability=0.5 if loader.flip else 0.0, dtype=types.INT32)
-            crop = fn.random.uniform(values=list(range(loader.load_size - out_size + 1)), shape=[2], dtype=types.INT32)
+            crop = fn.random.uniform(values=list(range(resize_to - out_size + 1)), shape=[2], dtype=types.INT32)
         else:
             flip = fn.constant(idata=0, dtype=types.INT32)
             crop = fn.constant(idata=[0, 0], dtype=types.INT32)

@@ -1,9 +1,10 @@
 """The loaders: prepared shards -> `Batch`es, with NVIDIA DALI or plain PyTorch.
 
 Both backends give the same batches up to JPEG decoder differences:
-- Training: resize to load_size, one random crop_size crop and one coin flip per pair, drawn
-  once and applied to source and target alike; `crop` and `flip` say what was drawn.
-- Evaluation: resize to crop_size, crop (0, 0), no flip, every sample once, in index order.
+- Training: resize the prepared image_size images to image_size x loader.load_scale, one
+  random image_size crop and one coin flip per pair, drawn once and applied to source and
+  target alike; `crop` and `flip` say what was drawn.
+- Evaluation: the images as prepared, crop (0, 0), no flip, every sample once, in index order.
 - Ranks: rank r of W owns the samples with index in [r*N//W, (r+1)*N//W), the same contiguous
   split DALI's reader makes with shard_id=r, num_shards=W. Ownership is fixed across epochs
   (only the order within a rank changes), so per-sample state such as ATME's memory can live on

@@ -76,12 +76,13 @@ class TorchPairLoader:
 
     def _augment(self, sample: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, int, bool, tuple[int, int]]:
         loader, index = self._loader, sample_index(sample)
-        resize_to = loader.load_size if self._train else loader.crop_size
+        size = self._image_size  # the one image size the data was prepared at
+        resize_to = loader.load_size_for(size) if self._train else size
         top = left = 0
         flip = False
         if self._train:
             draw = np.random.default_rng([self._seed, epoch, index])
-            top, left = (int(v) for v in draw.integers(0, resize_to - loader.crop_size + 1, size=2))
+            top, left = (int(v) for v in draw.integers(0, resize_to - size + 1, size=2))
             flip = loader.flip and bool(draw.random() < 0.5)
         halves = []
         for member in ("src.jpg", "tgt.jpg"):
@@ -95,7 +96,7 @@ class TorchPairLoader:
                                 f"{member} does not decode ({type(error).__name__}: {error})") from None
             if resize_to != self._image_size:
                 image = image.resize((resize_to, resize_to), Image.BILINEAR)
-            array = np.array(image)[top : top + loader.crop_size, left : left + loader.crop_size]
+            array = np.array(image)[top : top + size, left : left + size]
             if flip:
                 array = array[:, ::-1]
             halves.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(127.5).sub_(1.0))

@@ -26,12 +26,16 @@ FORMAT_VERSION = 1
 
 
 class Translator(nn.Module):
-    """source (N x C x H x W in [-1, 1]) -> translated image in [-1, 1]."""
+    """source (N x C x H x W in [-1, 1]) -> translated image in [-1, 1].
 
-    def __init__(self, sampler: nn.Module, method: str):
+    `image_size`: the size it was trained at (H = W); it translates images of that size only.
+    """
+
+    def __init__(self, sampler: nn.Module, method: str, image_size: int):
         super().__init__()
         self.sampler = sampler
         self.method = method
+        self.image_size = image_size
 
     @property
     def nfe(self) -> int:
@@ -115,7 +119,7 @@ def translator_from_export(exported: dict) -> Translator:
         sampler.load_state_dict(exported["sampler_state"])
     except RuntimeError as error:
         raise ValueError(f"its weights do not fit its model params: {error}") from error
-    translator = Translator(sampler, model.method.name)
+    translator = Translator(sampler, model.method.name, model.image_size)
     if translator.supports_guidance:
         translator.guidance_weight = exported["guidance_weight"]
     return translator.eval()

@@ -120,7 +120,7 @@ class TrainingSession:
         if batch["source"].shape[-2:] != (size, size) or batch["target"].shape[-2:] != (size, size):
             raise ValueError(
                 f"batch images are {tuple(batch['source'].shape[-2:])} / {tuple(batch['target'].shape[-2:])}, "
-                f"the model was built for image_size {size} (params/model.yaml image_size must match the data's crop size)"
+                f"the model was built for image_size {size} (params/data.yaml image_size; prepare the data at that size)"
             )
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         moved = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
@@ -204,6 +204,12 @@ class TrainingSession:
         self.optimizer_d.load_state_dict(state["optimizers"]["D"])
         self.schedulers[0].load_state_dict(state["schedulers"]["G"])
         self.schedulers[1].load_state_dict(state["schedulers"]["D"])
+        for scheduler in self.schedulers:
+            # The coming epoch's LR under this session's schedule: the saved one was computed
+            # for the saved `epochs`, which a finished run continued to more epochs no longer has.
+            groups = scheduler.optimizer.param_groups
+            for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)
         self.method.load_extra_state(state["method"])
         self.stats.load_state_dict(state["stats"])
         self.detector.load_state_dict(state["detector"])

@@ -30,7 +30,7 @@ from components.config.run import RunParams
 from components.data.batch import Batch
 from components.training.checkpoints import checkpoint_due, gathered_memory, load_checkpoint, write_checkpoint
 from components.training.collectives import AgreeingDetector, all_reduce_sum
-from components.training.compatibility import compare_records, job_record
+from components.training.compatibility import decide_resume, job_record
 from components.training.health import TrainingDiverged
 from components.training.job import StepHook, TrainingJob
 from components.training.outcome import (
@@ -116,28 +116,26 @@ def train_worker(config: dict) -> None:
     record = job_record(job)
     written_before = None
 
-    # Resume the same job, refuse an unfinished job with other params, or start over.
+    # Resume the same job (a finished one only to raise its epochs), refuse an unfinished job
+    # with other params, or start over (compatibility.py says which).
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         saved_info, state = load_checkpoint(checkpoint, session.device)
-        changes = compare_records(saved_info["job"], record)
-        if not changes:
+        decision = decide_resume(saved_info, record, job.train.epochs, checkpoint.path)
+        if decision.action == "refuse":
+            # Every rank sees the same, so all stop here.
+            incompatible = json.dumps([change.__dict__ for change in decision.changes])
+            end_early(config["outcome"], rank, {"incompatible": incompatible, "checkpoint": checkpoint.path})
+            return
+        if decision.action == "resume":
             session.load_state_dict(state)
             if memory is not None:
                 # `owned` means "written by this process since it started": the loaded entries
                 # are the gathered ones, the same on every rank; the next gather must not re-count them.
                 written_before = memory.owned.clone()
                 memory.owned.zero_()
-            if rank == 0:
-                logger.info("resumed from %s at epoch %d, step %d", checkpoint.path, session.epoch, session.step)
-        elif not saved_info["final"]:
-            # Every rank sees the same, so all stop here.
-            incompatible = json.dumps([change.__dict__ for change in changes])
-            end_early(config["outcome"], rank, {"incompatible": incompatible, "checkpoint": checkpoint.path})
-            return
-        elif rank == 0:
-            logger.info("the finished run in %s had other params (%s): training a new model from scratch",
-                        checkpoint.path, ", ".join(change.key for change in changes))
+        if rank == 0:
+            logger.info("%s", decision.message)
 
     # Each worker reads its own share from where the job says the data is (a path every node
     # sees, or s3://), verified against the manifest the driver started from.

@@ -109,15 +109,15 @@ def test_val_carving_is_seeded(tmp_path, monkeypatch, write_params, write_pix2pi
 
 def test_paired_folders_match_by_name(tmp_path, monkeypatch, write_params, write_paired_folders):
     monkeypatch.chdir(tmp_path)
-    write_paired_folders(tmp_path / "ab", {"train": 6, "val": 2}, size=24)
-    write_params(tmp_path / "params", source={"kind": "paired_folders", "path": "ab"}, image_size=24, jpeg_quality=100)
+    write_paired_folders(tmp_path / "ab", {"train": 6, "val": 2}, size=32)
+    write_params(tmp_path / "params", source={"kind": "paired_folders", "path": "ab"}, image_size=32, jpeg_quality=100)
     assert prepare(tmp_path) == 0
     manifest = load_manifest(tmp_path / "data/prepared")
     assert (manifest.split("train").count, manifest.split("val").count) == (6, 2)
     sample = manifest.split("val").samples[1]
     assert sample.origin == ["A/val/0001.png", "B/val/0001.png"]
     members = read_members(tmp_path / "data/prepared" / manifest.split("val").shards[0].tar)
-    source, target = pair_halves(pair_seed("val", 1), 24)
+    source, target = pair_halves(pair_seed("val", 1), 32)
     assert np.abs(decoded(members[f"{sample.key}.src.jpg"]) - source).mean() < 3
     assert np.abs(decoded(members[f"{sample.key}.tgt.jpg"]) - target).mean() < 3
 

@@ -61,7 +61,7 @@ def test_append_refuses_params_that_would_mix_two_data_sets(tmp_path, monkeypatc
     write_params(tmp_path / "params", mode="append")
     assert prepare() == 0
     before = snapshot(tmp_path / "data/prepared")
-    write_params(tmp_path / "params", mode="append", image_size=48)
+    write_params(tmp_path / "params", mode="append", image_size=64)
     assert prepare() == 1
     assert "params key image_size differs" in caplog.text and "mode: overwrite" in caplog.text
     assert snapshot(tmp_path / "data/prepared") == before

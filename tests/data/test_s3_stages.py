@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {
-    "image_size": 32, "load_size": 36,
     "method": {"name": "pix2pix", "generator": {"ngf": 8, "max_multiplier": 2, "norm": "instance"},
                "discriminator": {"ndf": 8, "n_layers": 2, "norm": "instance"}},
 }
@@ -50,7 +49,7 @@ def loader_params():
 
     return DataParams.model_validate(
         shipped("data.yaml", {"source": {"kind": "builtin", "path": None},
-                              "loader": {"backend": "torch", "load_size": 36, "crop_size": 32, "num_threads": 1}})
+                              "loader": {"backend": "torch", "load_scale": 1.125, "num_threads": 1}})
     ).loader
 
 
@@ -60,7 +59,7 @@ def write_project_params(folder: Path, workers: int, checkpoints: Path) -> Path:
         "data.yaml": shipped("data.yaml", {
             "source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 8, "val_pairs": 0, "test_pairs": 3}},
             "image_size": 32, "shard_max_count": 3,
-            "loader": {"load_size": 36, "crop_size": 32, "num_threads": 1}}),
+            "loader": {"load_scale": 1.125, "num_threads": 1}}),
         "model.yaml": shipped("model.yaml", TINY_MODEL),
         "train.yaml": shipped("train.yaml", {
             "epochs": 1, "batch_size": 2,

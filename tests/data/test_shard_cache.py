@@ -34,7 +34,7 @@ def data_params(**overrides) -> DataParams:
     """The shipped params/data.yaml with the small built-in source (13 train pairs, shards of 5) and overrides."""
     shipped = yaml.safe_load((REPO / "params/data.yaml").read_text())
     small = {"source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 13, "val_pairs": 2, "test_pairs": 2}},
-             "image_size": 32, "shard_max_count": 5, "loader": {"load_size": 32, "crop_size": 32, "num_threads": 1}}
+             "image_size": 32, "shard_max_count": 5, "loader": {"load_scale": 1.0, "num_threads": 1}}
     return DataParams.model_validate(merged(merged(shipped, small), overrides))
 
 

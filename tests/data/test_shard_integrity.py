@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def loader_params(**overrides) -> LoaderParams:
     """The shipped params/data.yaml loader section with overrides."""
     shipped = yaml.safe_load((REPO / "params/data.yaml").read_text())["loader"]
-    return LoaderParams.model_validate({**shipped, "load_size": 32, "crop_size": 32, "num_threads": 1, **overrides})
+    return LoaderParams.model_validate({**shipped, "load_scale": 1.0, "num_threads": 1, **overrides})
 
 
 @pytest.fixture

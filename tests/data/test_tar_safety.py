@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from components.config.data import LoaderParams
 from components.data.loaders import make_loader
 from components.data.manifest import load_manifest
 from components.data.tar_safety import UnsafeTarError, check_tar_members
+from support.params import shipped
 
 
 def write_tar(path: Path, members: list[tarfile.TarInfo]) -> Path:
@@ -73,7 +73,7 @@ def test_loaders_check_every_shard_before_reading(tmp_path, prepared_builtin, ba
     copy = shutil.copytree(prepared_builtin, tmp_path / "data")
     shard = copy / load_manifest(copy).split("train").shards[1].tar
     write_tar(shard, [regular("k.src.jpg"), regular("../k.tgt.jpg")])
-    params = LoaderParams(backend=backend, load_size=32, crop_size=32)
+    params = shipped("data", loader={"backend": backend}).loader
     # a replaced shard fails its checksum first
     with pytest.raises(DataError, match="train-000001.tar.*missing"):
         make_loader(copy, "train", params, batch_size=2, train=True)
@@ -102,4 +102,4 @@ def test_a_manifest_pointing_a_shard_outside_its_folder_is_refused(tmp_path, pre
     body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
     (copy / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(ManifestError, match=r"splits\.train\.shards\[0\]\.tar .*leaves the data set's folder"):
-        make_loader(copy, "train", LoaderParams(backend="torch", load_size=32, crop_size=32), batch_size=2, train=True)
+        make_loader(copy, "train", shipped("data", loader={"backend": "torch"}).loader, batch_size=2, train=True)

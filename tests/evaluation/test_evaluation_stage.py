@@ -11,7 +11,15 @@ from PIL import Image
 from components.data.manifest import load_manifest
 from components.evaluation.report import read_evaluation
 from pipelines.cli import main as pairgan
-from support.evaluation_fixtures import DDGAN_GUIDED, TEST_PAIRS, make_project, write_generator, write_train_report
+from support.evaluation_fixtures import (
+    DDGAN_GUIDED,
+    SIZE,
+    TEST_PAIRS,
+    make_project,
+    write_generator,
+    write_train_report,
+)
+from support.params import write_shipped
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +111,7 @@ def test_a_split_the_data_does_not_have_is_named(project, tmp_path, capsys):
     params = tmp_path / "params"
     params.mkdir()
     (params / "data.yaml").write_text((project / "params/data.yaml").read_text())
-    (params / "evaluate.yaml").write_text("split: holdout\n")
+    write_shipped(params, "evaluate", split="holdout")
     code = pairgan(["evaluate", "--params-dir", str(params), "--data", str(project / "data/prepared"),
                     "--train-report", str(project / "reports/train.json"), "--model", str(project / "models/generator.pt"),
                     "--out", str(tmp_path / "out")])
@@ -115,8 +123,17 @@ def test_bad_evaluate_params_exit_2_naming_file_and_key(project, tmp_path, capsy
     params = tmp_path / "params"
     params.mkdir()
     (params / "data.yaml").write_text((project / "params/data.yaml").read_text())
-    (params / "evaluate.yaml").write_text("split: test\nfeatures:\n  kid_subsets: 0\n")
+    write_shipped(params, "evaluate", features={"kid_subsets": 0})
     code = pairgan(["evaluate", "--params-dir", str(params), "--data", str(project / "data/prepared"),
                     "--train-report", str(project / "reports/train.json"), "--model", str(project / "models/generator.pt")])
     assert code == 2
     assert f"{params / 'evaluate.yaml'}: features.kid_subsets:" in capsys.readouterr().err
+
+
+def test_a_generator_trained_at_another_size_is_not_scored(project, tmp_path, capsys):
+    # Trained at 32 px, the data (params/data.yaml image_size and data/prepared) at 16.
+    model = write_generator(tmp_path / "generator-32px.pt", image_size=2 * SIZE)
+    assert evaluate(project, "--model", str(model), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"params/data.yaml: image_size: is {SIZE}, but {model} was trained at {2 * SIZE} px" in err
+    assert "train it again" in err and not (tmp_path / "out").exists()

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from components.config.model import DiffusionGANParams, LossParams, ModelParams
-from components.config.train import TrainParams
 from components.methods.atme import ATMEMemory, merge_memories
 from components.methods.ddgan import vp_schedule
 from components.methods.diffusion_gan import DiffusionAugment
@@ -15,9 +13,18 @@ from components.methods.losses import GANLoss, r1_penalty
 from components.training.health import binary_entropy_of_logits, report_discriminator_health
 from components.training.loop import TrainingSession
 from components.training.stats import StatsCollector
+from support.params import shipped
 from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def diffusion_gan_params(**keys):
+    return shipped("model", method={"diffusion_gan": keys}).method.diffusion_gan
+
+
+def loss_params(**keys):
+    return shipped("model", method={"loss": keys}).method.loss
 
 
 @pytest.mark.parametrize("num_steps", [2, 4])
@@ -43,7 +50,7 @@ def test_ddgan_betas_and_posterior_match_the_paper(num_steps):
 
 
 def test_diffusion_gan_alpha_bar_and_diffusion_match_reference():
-    params = DiffusionGANParams(t_min=5, t_max=100)
+    params = diffusion_gan_params(t_min=5, t_max=100)
     augment = DiffusionAugment(params, torch.device("cpu"))
     augment.T = torch.tensor(37)
     betas = np.linspace(params.beta_start, params.beta_end, 37, dtype=np.float64)
@@ -64,7 +71,7 @@ def test_diffusion_gan_alpha_bar_and_diffusion_match_reference():
 
 
 def test_adaptive_t_follows_the_scripted_r_d_sequence():
-    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.5, update_interval=4)
+    params = diffusion_gan_params(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.5, update_interval=4)
     augment = DiffusionAugment(params, torch.device("cpu"))
     batch = 8
     scripted = [0.9, 0.9, 0.7, 0.1, 0.6, 1.0, -0.5, 0.95] * 5
@@ -81,7 +88,7 @@ def test_adaptive_t_follows_the_scripted_r_d_sequence():
 
 
 def test_adaptive_t_updates_every_interval_from_mean_sign_of_real_logits():
-    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=4)
+    params = diffusion_gan_params(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=4)
     augment = DiffusionAugment(params, torch.device("cpu"))
     confident = torch.full((4, 1, 2, 2), 3.0)  # sign +1 everywhere: r_d = 1 > 0.6, T must grow
     for _ in range(3):
@@ -96,7 +103,7 @@ def test_adaptive_t_updates_every_interval_from_mean_sign_of_real_logits():
 
 @pytest.mark.parametrize("distribution", ["priority", "uniform"])
 def test_t_sampling_half_clean_rest_within_current_t(distribution):
-    params = DiffusionGANParams(t_min=5, t_max=50, t_distribution=distribution)
+    params = diffusion_gan_params(t_min=5, t_max=50, t_distribution=distribution)
     augment = DiffusionAugment(params, torch.device("cpu"))
     augment.T = torch.tensor(20)
     torch.manual_seed(0)
@@ -205,14 +212,14 @@ def test_gan_loss_options_match_their_definitions():
     real = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
     fake = torch.tensor([[-3.0, 0.5]], dtype=torch.float64)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
-    vanilla = GANLoss(LossParams(gan_loss="vanilla", label_smoothing=0.1))
+    vanilla = GANLoss(loss_params(gan_loss="vanilla", label_smoothing=0.1))
     expected = 0.5 * (bce(real, torch.full_like(real, 0.9)) + bce(fake, torch.zeros_like(fake)))
     assert vanilla.discriminator(real, fake).item() == pytest.approx(expected.item())
     assert vanilla.generator(fake).item() == pytest.approx(bce(fake, torch.ones_like(fake)).item())
-    lsgan = GANLoss(LossParams(gan_loss="lsgan"))
+    lsgan = GANLoss(loss_params(gan_loss="lsgan"))
     assert lsgan.discriminator(real, fake).item() == pytest.approx(0.5 * (((real - 1) ** 2).mean() + (fake**2).mean()).item())
     assert lsgan.generator(fake).item() == pytest.approx(((fake - 1) ** 2).mean().item())
-    hinge = GANLoss(LossParams(gan_loss="hinge"))
+    hinge = GANLoss(loss_params(gan_loss="hinge"))
     expected = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
     assert hinge.discriminator(real, fake).item() == pytest.approx(expected.item())
     assert hinge.generator(fake).item() == pytest.approx(-fake.mean().item())
@@ -228,7 +235,8 @@ def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
     # If G predicted y0 exactly, its fake y_t would be distributed as the real y_t: D could not
     # tell them apart. Check mean and std of y_t (for every t) against q(y_t | y_0).
     method = TrainingSession(
-        ModelParams(
+        shipped(
+            "model",
             image_size=16,
             method={
                 "name": "ddgan",
@@ -237,7 +245,7 @@ def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
                 "discriminator": {"ndf": 8, "n_layers": 1},
             },
         ),
-        TrainParams(),
+        shipped("train"),
         1,
         torch.device("cpu"),
     ).method
@@ -254,7 +262,7 @@ def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
 
 
 def test_adaptive_t_uses_r_d_and_image_count_summed_over_workers():
-    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=1)
+    params = diffusion_gan_params(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=1)
 
     def with_other_worker(totals: torch.Tensor) -> torch.Tensor:
         # The other worker saw 16 logits, all negative, over 4 images: global r_d = (16 - 16) / 32 = 0.
@@ -277,8 +285,8 @@ def test_ddgan_d_loss_is_the_official_unhalved_softplus_sum_and_pix2pix_keeps_it
     official = (softplus(-real).mean() + softplus(fake).mean()).item()
 
     def method(name: str, extra: dict):
-        model = ModelParams(image_size=16, method={"name": name, "discriminator": {"ndf": 8, "n_layers": 1}, **extra})
-        return TrainingSession(model, TrainParams(), 1, torch.device("cpu")).method
+        model = shipped("model", image_size=16, method={"name": name, "discriminator": {"ndf": 8, "n_layers": 1}, **extra})
+        return TrainingSession(model, shipped("train"), 1, torch.device("cpu")).method
 
     small_unet = {"width": 8, "channel_multipliers": [1, 2], "attention_levels": []}
     ddgan = method("ddgan", {"generator": small_unet, "num_steps": 2})

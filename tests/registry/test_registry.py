@@ -22,6 +22,7 @@ from components.registry import (
     refuse_unless_healthy,
     register_with_gate,
 )
+from support.params import shipped
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -67,7 +68,7 @@ def store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def register(store, translator, params=RegisterParams(model_name="facades"), **options):
+def register(store, translator, params=shipped("register", model_name="facades"), **options):
     return register_with_gate(store, params, translator, CARD, psnr_score, CPU, **options)
 
 
@@ -128,7 +129,7 @@ def test_better_challenger_is_promoted_and_worse_one_leaves_champion_untouched(s
 
 def test_improvement_within_the_margin_is_not_enough(store):
     register(store, Scale(0.3))
-    almost = register(store, Scale(0.31), params=RegisterParams(model_name="facades", margin=5.0))
+    almost = register(store, Scale(0.31), params=shipped("register", model_name="facades", margin=5.0))
     assert almost.gate.decision == "kept_champion" and champion_version(store) == "1"
 
 
@@ -167,7 +168,7 @@ def test_champion_that_cannot_run_on_the_data_stops_the_gate(store):
         return psnr_score(module)
 
     with pytest.raises(ChampionUnscoreable, match="version 1"):
-        register_with_gate(store, RegisterParams(model_name="facades"), Scale(0.4), CARD, failing_for_champion, CPU)
+        register_with_gate(store, shipped("register", model_name="facades"), Scale(0.4), CARD, failing_for_champion, CPU)
     assert champion_version(store) == "1"
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines.cli import main as pairgan
 from support.evaluation_fixtures import make_project, write_generator, write_train_report
+from support.params import write_shipped
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +96,7 @@ def test_feature_metric_gate_without_inception_weights_is_a_params_error(project
     params.mkdir()
     for name in ("data.yaml", "evaluate.yaml"):
         (params / name).write_text((project / "params" / name).read_text())
-    (params / "register.yaml").write_text("primary_metric: fid\n")
+    write_shipped(params, "register", primary_metric="fid")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     code = pairgan(["register", "--params-dir", str(params), "--data", str(project / "data/prepared"),
                     "--model", str(project / "models/generator.pt"), "--train-report", str(project / "reports/train.json"),

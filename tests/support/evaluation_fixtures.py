@@ -5,20 +5,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from components.config.model import ModelParams
 from components.methods.translator import FORMAT_VERSION, build_sampler
 from components.training.report import TrainReport
 from components.training.report import write_train_report as write_train_report_files
 from pipelines.cli import main as pairgan
+from support.params import shipped, write_shipped
 
 PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
 TEST_PAIRS = 3
 
 TINY_DATA = {
-    "source": {"kind": "builtin", "builtin": {"photos": ["astronaut", "coffee"], "train_pairs": 2, "val_pairs": 0, "test_pairs": TEST_PAIRS}},
+    "source": {"kind": "builtin", "path": None, "builtin": {"photos": ["astronaut", "coffee"], "train_pairs": 2, "val_pairs": 0, "test_pairs": TEST_PAIRS}},
     "image_size": SIZE,
-    "loader": {"backend": "torch", "load_size": SIZE + 2, "crop_size": SIZE},
+    "loader": {"backend": "torch", "load_scale": 1.125},
 }
 PIX2PIX = {"name": "pix2pix", "generator": {"ngf": 8}, "discriminator": {"n_layers": 1}}
 DDGAN_GUIDED = {
@@ -38,16 +38,16 @@ def make_project(root: Path) -> Path:
     evaluate["latency"] = {"warmup": 0, "repeats": 1}
     evaluate["guidance_sweep"] = {"weights": [0.0, 1.0]}
     (params / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
-    (params / "data.yaml").write_text(yaml.safe_dump(TINY_DATA))
+    write_shipped(params, "data", **TINY_DATA)
     assert pairgan(["prepare", "--params-dir", str(params), "--out", str(root / "data/prepared"),
                     "--report", str(root / "reports/prepare.json"), "--no-progress"]) == 0
     return root
 
 
-def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0) -> Path:
+def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0, image_size: int = SIZE) -> Path:
     """A train-stage generator file (the Translator export format), randomly initialised."""
     torch.manual_seed(seed)
-    model = ModelParams.model_validate({"image_size": SIZE, "method": method})
+    model = shipped("model", image_size=image_size, method=method)
     sampler = build_sampler(model)
     guidance = float(method.get("guidance", {}).get("weight", 0.0))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from components.config.train import HealthParams
 from components.training.checkpoints import gathered_memory
 from components.training.collectives import AgreeingDetector
 from components.training.health import TrainingDiverged
+from support.params import shipped
 
 
 class _Memory:
@@ -25,7 +25,7 @@ class _Memory:
 def _worker(rank: int, init_file: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        detector = AgreeingDetector(HealthParams(check_interval=1), torch.device("cpu"))
+        detector = AgreeingDetector(shipped("train", health={"check_interval": 1}).health, torch.device("cpu"))
         loss = torch.tensor(float("nan") if rank == 1 else 0.7)
         detector.observe({"loss/D": loss})
         try:
