@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -54,6 +54,23 @@ def redact_uri(uri: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` (e.g. an error message from MLflow, which may quote request URLs) without the
+    user:password part of `uri` anywhere in it."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return text
+    text = text.replace(uri, redact_uri(uri))
+    userinfo = parts.netloc.rpartition("@")[0]
+    secrets = [userinfo + "@", userinfo]
+    password = parts.password or ""
+    if len(password) >= 4:  # replacing a one-letter password everywhere would garble the text
+        secrets += [password, urllib.parse.unquote(password)]
+    for secret in sorted(set(filter(None, secrets)), key=len, reverse=True):
+        text = text.replace(secret, "" if secret.endswith("@") else "***")
+    return text
 
 
 def default_tracking_uri(working_dir: Path) -> str:
@@ -119,9 +136,9 @@ def check_tracking_reachable(uri: str, experiment: str, timeout_s: float = 5.0) 
     try:
         ensure_experiment(MlflowClient(tracking_uri=uri), uri, experiment)
     except MlflowException as error:
-        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error.message}") from None
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {redact_text(error.message, uri)}") from None
     except OSError as error:
-        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error}") from None
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {redact_text(str(error), uri)}") from None
 
 
 def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
@@ -194,6 +211,35 @@ def finish_job_run(
     for key, value in {TAG_OUTCOME: outcome, **(tags or {})}.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status="FINISHED" if outcome == "finished" else "FAILED")
+
+
+def log_evaluation(
+    uri: str, run_id: str, metrics: Mapping[str, float], artifacts: Sequence[Path] = (), timeout_s: float = 5.0
+) -> None:
+    """Log an evaluation to the run that trained the model: `metrics` as `eval/<name>`, `artifacts`
+    (report files) under `evaluation/`. Raises TrackingUnavailable, with the reason, when the
+    store does not answer or does not hold the run; nothing is logged then.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    if urllib.parse.urlsplit(uri).scheme in {"http", "https"}:
+        _check_http_health(uri, timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise TrackingUnavailable(
+            f"MLflow run {run_id} is not in {redact_uri(uri)} ({redact_text(error.message, uri)})"
+        ) from None
+    now_ms = int(time.time() * 1000)
+    # prefixed: the run already holds the per-epoch training curves under plain names
+    items = [Metric(_metric_key(f"eval/{name}"), float(value), now_ms, 0) for name, value in metrics.items()]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start : start + 1000])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
 
 def _metric_key(name: str) -> str:

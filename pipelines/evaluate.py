@@ -29,6 +29,8 @@ from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.grid import sample_grid
 from components.evaluation.held_out import measure_latency, pick_device, score_held_out, sweep_guidance
 from components.methods.translator import load_translator
+from components.tracking import TrackingUnavailable, log_evaluation
+from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,16 @@ def run(args: argparse.Namespace) -> int:
     write_bytes_atomic(out / GRID_FILE, grid.getvalue())
     # metrics.json last: its presence means the whole report is there
     write_json_atomic(out / METRICS_FILE, metrics, sort_keys=False)
+    if train_report.get("mlflow_run_id"):
+        try:  # the run that trained the model shows its evaluation; the report above is the record
+            log_evaluation(
+                environment.tracking_uri(), train_report["mlflow_run_id"],
+                {**{name: value for name, value in metrics["mean"].items() if value is not None}, "nfe": translator.nfe,
+                 **{name: value for name, value in latency.items() if name.startswith("latency_ms")}},
+                [out / METRICS_FILE, out / PER_IMAGE_FILE, out / GRID_FILE],
+            )
+        except TrackingUnavailable as error:
+            log.warning("evaluation not logged to MLflow: %s", error)
     mean = scores.means
     log.info(
         "%s: L1 %.4f  PSNR %.2f dB  SSIM %.4f%s  NFE %d  %.1f ms/image (batch 1, %s)",

@@ -25,8 +25,8 @@ from components.atomic_files import atomic_path
 from components.evaluation.held_out import pick_device
 from components.evaluation.image_metrics import to_unit_range
 from components.methods.translator import translator_from_export
-from components.registry import load_registered, model_card
-from components.tracking import TrackingUnavailable, check_tracking_reachable, redact_uri
+from components.registry.loading import UnsafeModelArtifact, load_registered
+from components.tracking import TrackingUnavailable, check_tracking_reachable, redact_text, redact_uri
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(reference: str, device: torch.device) -> LoadedModel:
-    """The generator behind an MLflow URI or a train-stage file, on `device`, with its input size."""
+    """The generator behind an MLflow URI or a train-stage file, on `device`, with its input size.
+
+    A registry artifact is checked before anything in it is loaded: only the pt2 format pairgan
+    writes is accepted (UnsafeModelArtifact otherwise), never a pickle.
+    """
     if reference.startswith(MLFLOW_SCHEMES):
         from mlflow.exceptions import MlflowException
 
@@ -64,11 +68,12 @@ def load_model(reference: str, device: torch.device) -> LoadedModel:
         # "Default" exists in every store: the check reads, it creates nothing
         check_tracking_reachable(tracking_uri, "Default")
         try:
-            card = model_card(reference, tracking_uri)
-            module = load_registered(reference, tracking_uri, device)
+            loaded = load_registered(reference, tracking_uri, device)
         except MlflowException as error:
-            raise FileNotFoundError(f"{reference}: not found in {redact_uri(tracking_uri)} ({error.message})") from None
-        return LoadedModel(module, card.image_size, card.channels, f"{reference} (NFE {card.nfe})")
+            message = redact_text(error.message, tracking_uri)
+            raise FileNotFoundError(f"{reference}: not found in {redact_uri(tracking_uri)} ({message})") from None
+        card = loaded.card
+        return LoadedModel(loaded.module, card.image_size, card.channels, f"{reference} (NFE {card.nfe})")
     path = Path(reference)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such generator file (or use models:/NAME@champion)")
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = pick_device(args.device)
         model = load_model(args.model, device)
-    except (FileNotFoundError, TrackingUnavailable) as error:
+    except (FileNotFoundError, TrackingUnavailable, UnsafeModelArtifact) as error:
         return _fail(str(error))
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
         # a file that is not a generator export, or device cuda without a GPU
