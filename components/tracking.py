@@ -218,7 +218,7 @@ def log_evaluation(
 ) -> None:
     """Log an evaluation to the run that trained the model: `metrics` as `eval/<name>`, `artifacts`
     (report files) under `evaluation/`. Raises TrackingUnavailable, with the reason, when the
-    store does not answer or does not hold the run; nothing is logged then.
+    store does not answer, does not hold the run or refuses the writes.
     """
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -236,10 +236,14 @@ def log_evaluation(
     now_ms = int(time.time() * 1000)
     # prefixed: the run already holds the per-epoch training curves under plain names
     items = [Metric(_metric_key(f"eval/{name}"), float(value), now_ms, 0) for name, value in metrics.items()]
-    for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start : start + 1000])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    try:
+        for start in range(0, len(items), 1000):
+            client.log_batch(run_id, metrics=items[start : start + 1000])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    except (MlflowException, OSError) as error:
+        reason = redact_text(getattr(error, "message", None) or str(error), uri)
+        raise TrackingUnavailable(f"logging to MLflow run {run_id} in {redact_uri(uri)} failed: {reason}") from None
 
 
 def _metric_key(name: str) -> str:

@@ -29,6 +29,7 @@ from components.tracking import (
     finish_job_run,
     flatten_params,
     git_commit,
+    redact_text,
     redact_uri,
     start_job_run,
 )
@@ -136,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         return ExitStatus.BAD_PARAMS
     except TrainingFailedError as error:
         finish_job_run(tracking_uri, run_id, "failed")
-        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)
+        # a worker's MLflow error can quote the tracking URI, password included
+        failure = redact_text(str(error), tracking_uri)
+        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {failure}", file=sys.stderr)
         return ExitStatus.FAILED
     except BaseException:
         # Anything else (Ctrl-C, Ray itself failing): close the run as failed, then let it surface.
