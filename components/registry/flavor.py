@@ -61,7 +61,7 @@ def pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
 
 
-def save_model(path: str, mlflow_model, translator: nn.Module, card: TranslatorCard, **_: Any) -> None:
+def save_model(path: str, mlflow_model, translator: nn.Module, card: TranslatorCard) -> None:
     """The `save_model` of this flavour, called by `mlflow.models.Model.log(flavor=<this module>)`.
 
     Writes the pt2 graph with MLflow's pytorch flavour, then adds the pyfunc entry that points
@@ -100,10 +100,8 @@ class TranslatorPyfunc:
         self.device = device
 
     def predict(self, model_input: Any, params: dict | None = None) -> np.ndarray:
-        if isinstance(model_input, dict):
+        if isinstance(model_input, dict):  # MLflow hands a named tensor input over as {name: array}
             model_input = model_input["source"]
-        if hasattr(model_input, "to_numpy"):  # a pandas DataFrame
-            model_input = model_input.to_numpy()
         source = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)
         with torch.no_grad():
             return self.module(source).float().cpu().numpy()

@@ -341,9 +341,11 @@ def register_with_gate(
     model_uri, run_id, created_run = _log_translator(client, tracking_uri, params.experiment, translator, card, run_id)
     try:
         challenger = score(load_registered(model_uri, tracking_uri, device).module)
-    except BaseException:
+    except BaseException as error:
         if created_run:
             client.set_terminated(run_id, "FAILED")
+        if isinstance(error, UnsafeModelArtifact):  # what was just logged fails our own format check
+            raise RegistrationRefused(f"the logged model does not load back: {error}") from error
         raise
     if created_run:
         client.set_terminated(run_id, "FINISHED")
