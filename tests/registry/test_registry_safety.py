@@ -65,18 +65,29 @@ def register(project, out):
                     "--evaluation", str(project / "reports/evaluate"), "--out", str(out)])
 
 
+@pytest.fixture(scope="module")
+def champion_store(project, tmp_path_factory):
+    """(store, a pristine copy of its model folder): one version, champion, by `pairgan register`."""
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(root)
+        store = f"sqlite:///{root / 'mlflow.db'}"
+        env.setenv("MLFLOW_TRACKING_URI", store)
+        assert register(project, root / "register.json") == 0
+    shutil.copytree(artifact_folder(store, "1"), root / "pristine")
+    return store, root / "pristine"
+
+
 @pytest.fixture
-def poisoned(project, tmp_path, monkeypatch):
-    """A store whose champion (version 1) has been replaced by a pickle with a payload."""
+def poisoned(champion_store, tmp_path, monkeypatch):
+    """The champion (version 1) replaced by a pickle whose payload writes this test's marker."""
+    champion_store, _ = champion_store
     monkeypatch.chdir(tmp_path)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    assert register(project, tmp_path / "first.json") == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", champion_store)
     marker = tmp_path / "PAYLOAD_RAN"
-    replace_with_pickle_flavour(artifact_folder(store, "1"), marker)
-    # the poisoned artifact is live: MLflow's own default loading runs the payload
+    replace_with_pickle_flavour(artifact_folder(champion_store, "1"), marker)
     assert not marker.exists()
-    return store, marker
+    return champion_store, marker
 
 
 def test_the_poisoned_artifact_would_run_its_payload_under_mlflow_defaults(poisoned, monkeypatch):
@@ -124,16 +135,10 @@ def test_after_any_pairgan_command_mlflow_itself_refuses_pickles(poisoned, tmp_p
     assert not marker.exists()
 
 
-@pytest.fixture(scope="module")
-def good_model(project, tmp_path_factory):
-    """A model folder exactly as the registry holds it."""
-    root = tmp_path_factory.mktemp("good")
-    with pytest.MonkeyPatch.context() as env:
-        env.chdir(root)
-        store = f"sqlite:///{root / 'mlflow.db'}"
-        env.setenv("MLFLOW_TRACKING_URI", store)
-        assert register(project, root / "register.json") == 0
-        return artifact_folder(store, "1")
+@pytest.fixture
+def good_model(champion_store):
+    """A model folder exactly as `pairgan register` left it in the registry."""
+    return champion_store[1]
 
 
 def _edit_mlmodel(folder: Path, change) -> None:
