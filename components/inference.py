@@ -20,8 +20,8 @@ from tqdm import tqdm
 from components.atomic_files import atomic_path
 from components.evaluation.image_metrics import to_unit_range
 from components.methods.translator import translator_from_export
-from components.redaction import redact_uri
-from components.registry import load_registered, model_card
+from components.redaction import redact_text, redact_uri
+from components.registry.loading import load_registered
 from components.tracking import check_tracking_reachable
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,23 @@ class LoadedModel:
 
 
 def load_model(reference: str, device: torch.device, tracking_uri: str) -> LoadedModel:
-    """The generator behind an MLflow URI or a train-stage file, on `device`, with its input size."""
+    """The generator behind an MLflow URI or a train-stage file, on `device`, with its input size.
+
+    A registry artifact is checked before anything in it is loaded: only the pt2 format pairgan
+    writes is accepted (UnsafeModelArtifact otherwise), never a pickle.
+    """
     if reference.startswith(MLFLOW_SCHEMES):
         from mlflow.exceptions import MlflowException
 
         # "Default" exists in every store: the check reads, it creates nothing
         check_tracking_reachable(tracking_uri, "Default")
         try:
-            card = model_card(reference, tracking_uri)
-            module = load_registered(reference, tracking_uri, device)
+            loaded = load_registered(reference, tracking_uri, device)
         except MlflowException as error:
-            raise FileNotFoundError(f"{reference}: not found in {redact_uri(tracking_uri)} ({error.message})") from None
-        return LoadedModel(module, card.image_size, card.channels, f"{reference} (NFE {card.nfe})")
+            message = redact_text(error.message, tracking_uri)
+            raise FileNotFoundError(f"{reference}: not found in {redact_uri(tracking_uri)} ({message})") from None
+        card = loaded.card
+        return LoadedModel(loaded.module, card.image_size, card.channels, f"{reference} (NFE {card.nfe})")
     path = Path(reference)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such generator file (or use models:/NAME@champion)")

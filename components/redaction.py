@@ -23,9 +23,23 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
-def redact_text(text: str) -> str:
-    """`text` with the user:password part of every URI in it removed (error messages of other libraries)."""
-    return _USERINFO.sub(r"\g<scheme>", text)
+def redact_text(text: str, uri: str | None = None) -> str:
+    """`text` (an error message of another library) with the user:password part of every URI in
+    it removed, and, when the `uri` it may quote is given, that URI's password wherever it appears
+    on its own (MLflow quotes request URLs and sometimes bare credentials)."""
+    text = _USERINFO.sub(r"\g<scheme>", text)
+    if uri is None:
+        return text
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return text
+    secrets = [parts.netloc.rpartition("@")[0]]  # user:password as quoted on its own
+    password = parts.password or ""
+    if len(password) >= 4:  # replacing a one-letter password everywhere would garble the text
+        secrets += [password, urllib.parse.unquote(password)]
+    for secret in sorted(set(filter(None, secrets)), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def has_userinfo(uri: str) -> bool:

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -26,7 +26,7 @@ import torch
 
 from components.config.flatten import flatten
 from components.evaluation.grid import sample_grid
-from components.redaction import redact_uri
+from components.redaction import redact_text, redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -111,9 +111,9 @@ def check_tracking_reachable(uri: str, experiment: str, timeout_s: float = 5.0) 
     try:
         ensure_experiment(MlflowClient(tracking_uri=uri), uri, experiment)
     except MlflowException as error:
-        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error.message}") from None
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {redact_text(error.message, uri)}") from None
     except OSError as error:
-        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error}") from None
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {redact_text(str(error), uri)}") from None
 
 
 def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
@@ -186,6 +186,39 @@ def finish_job_run(
     for key, value in {TAG_OUTCOME: outcome, **(tags or {})}.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status="FINISHED" if outcome == "finished" else "FAILED")
+
+
+def log_evaluation(
+    uri: str, run_id: str, metrics: Mapping[str, float], artifacts: Sequence[Path] = (), timeout_s: float = 5.0
+) -> None:
+    """Log an evaluation to the run that trained the model: `metrics` as `eval/<name>`, `artifacts`
+    (report files) under `evaluation/`. Raises TrackingUnavailable, with the reason, when the
+    store does not answer, does not hold the run or refuses the writes.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    if urllib.parse.urlsplit(uri).scheme in {"http", "https"}:
+        _check_http_health(uri, timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise TrackingUnavailable(
+            f"MLflow run {run_id} is not in {redact_uri(uri)} ({redact_text(error.message, uri)})"
+        ) from None
+    now_ms = int(time.time() * 1000)
+    # prefixed: the run already holds the per-epoch training curves under plain names
+    items = [Metric(_metric_key(f"eval/{name}"), float(value), now_ms, 0) for name, value in metrics.items()]
+    try:
+        for start in range(0, len(items), 1000):
+            client.log_batch(run_id, metrics=items[start : start + 1000])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    except (MlflowException, OSError) as error:
+        reason = redact_text(getattr(error, "message", None) or str(error), uri)
+        raise TrackingUnavailable(f"logging to MLflow run {run_id} in {redact_uri(uri)} failed: {reason}") from None
 
 
 def _metric_key(name: str) -> str:

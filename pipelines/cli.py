@@ -10,7 +10,7 @@ import sys
 from types import ModuleType
 
 from components.config import ParamsError
-from pipelines import builtin_data, evaluate, predict, prepare, register, train
+from pipelines import builtin_data, environment, evaluate, predict, prepare, register, rollback, train
 from pipelines.exit_status import ExitStatus
 
 # name -> module with `add_arguments(parser)` and `run(args) -> int`, listed explicitly so a
@@ -21,6 +21,7 @@ STAGES: dict[str, ModuleType] = {
     "train": train,
     "evaluate": evaluate,
     "register": register,
+    "rollback": rollback,
     "predict": predict,
 }
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    environment.configure_process()
     try:
         return args.stage.run(args)
     except ParamsError as error:

@@ -22,6 +22,10 @@ from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.grid import sample_grid
 from components.evaluation.held_out import evaluate_translator, pick_device
 from components.evaluation.report import (
+    GRID_FILE,
+    INFO_FILE,
+    METRICS_FILE,
+    PER_IMAGE_FILE,
     EvaluationInfo,
     EvaluationMetrics,
     EvaluationReport,
@@ -32,7 +36,9 @@ from components.evaluation.report import (
     write_evaluation,
 )
 from components.methods.translator import load_translator
+from components.tracking import TrackingUnavailable, log_evaluation
 from components.training.report import read_train_report
+from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
@@ -106,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     write_evaluation(args.out, report, scores.per_image, evaluation.sweep, sample_grid(scores.samples))
+    if train_report.mlflow_run_id:
+        try:  # the run that trained the model shows its evaluation; the report files are the record
+            folder = Path(args.out)
+            logged = {name: value for name, value in report.metrics.model_dump().items() if value is not None}
+            log_evaluation(environment.tracking_uri(), train_report.mlflow_run_id, logged,
+                           [folder / METRICS_FILE, folder / INFO_FILE, folder / PER_IMAGE_FILE, folder / GRID_FILE])
+        except TrackingUnavailable as error:
+            log.warning("evaluation not logged to MLflow: %s", error)
 
     mean = scores.means
     log.info(

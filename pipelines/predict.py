@@ -24,6 +24,7 @@ from components.inference import (
     plan_outputs,
     translate_images,
 )
+from components.registry.loading import UnsafeModelArtifact
 from components.tracking import TrackingUnavailable, require_existing_store
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model.startswith(MLFLOW_SCHEMES):
             require_existing_store(tracking_uri)
         model = load_model(args.model, device, tracking_uri)
-    except (FileNotFoundError, TrackingUnavailable) as error:
+    except (FileNotFoundError, TrackingUnavailable, UnsafeModelArtifact) as error:
         return _fail(str(error))
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
         # a file that is not a generator export, or device cuda without a GPU

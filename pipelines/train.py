@@ -22,7 +22,7 @@ from components.config.train import TrainParams
 from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
 from components.object_store import is_s3_uri
-from components.redaction import redact_uri
+from components.redaction import redact_text, redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_DIVERGENCE_REASON,
@@ -150,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
         return ExitStatus.FAILED
     except TrainingFailedError as error:
         finish_job_run(tracking_uri, run_id, "failed")
-        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)
+        # a worker's MLflow error can quote the tracking URI, password included
+        failure = redact_text(str(error), tracking_uri)
+        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {failure}", file=sys.stderr)
         return ExitStatus.FAILED
     except BaseException:
         # Anything else (Ctrl-C, Ray itself failing): close the run as failed, then let it surface.

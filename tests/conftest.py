@@ -31,6 +31,26 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
+# what `pairgan` sets for its own process (pipelines/environment.py); tests run commands in-process
+_PROCESS_SETTINGS = (
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+)
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_restored() -> Iterator[None]:
+    """Each test starts with the environment the developer's shell gave, whatever commands ran before."""
+    before = {name: os.environ.get(name) for name in _PROCESS_SETTINGS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def write_pix2pix() -> Callable[..., Path]:
     """write_pix2pix(root, {"train": 6, "test": 2}, size=32): pix2pix layout, A (source) left."""

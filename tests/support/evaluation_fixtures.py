@@ -1,5 +1,6 @@
 """Small prepared data sets, generator files and train reports for the evaluate/register/predict stage tests."""
 
+import math
 from pathlib import Path
 
 import torch
@@ -44,11 +45,25 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0, image_size: int = SIZE) -> Path:
-    """A train-stage generator file (the Translator export format), randomly initialised."""
+def write_generator(
+    path: Path, method: dict = PIX2PIX, seed: int = 0, image_size: int = SIZE, constant: float | None = None
+) -> Path:
+    """A train-stage generator file (the Translator export format), randomly initialised.
+
+    `constant` (pix2pix only): every weight zero and the output layer's bias atanh(constant),
+    so the generator draws that grey level everywhere; a predictable better or worse model.
+    """
     torch.manual_seed(seed)
     model = shipped("model", image_size=image_size, method=method)
     sampler = build_sampler(model)
+    if constant is not None:
+        state = sampler.state_dict()
+        for tensor in state.values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+        # the output layer's is the only bias with one value per target channel
+        (output_bias,) = [name for name, tensor in state.items() if name.endswith(".bias") and tensor.numel() == model.target_channels]
+        state[output_bias].fill_(math.atanh(constant))
     guidance = float(method.get("guidance", {}).get("weight", 0.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format_version": FORMAT_VERSION, "model": model.model_dump(mode="json"),
