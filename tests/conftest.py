@@ -31,8 +31,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
-# what `pairgan` sets for its own process (pipelines/environment.py); tests run commands in-process
+# what `pairgan` sets for its own process (pipelines/environment.py), and what
+# mlflow.set_tracking_uri sets (it exports the URI); tests run commands in-process
 _PROCESS_SETTINGS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",

@@ -61,7 +61,7 @@ def test_first_registration_is_champion_and_a_rerun_keeps_it(project, tmp_path, 
     assert challenger.tags["gate.decision"] == "kept_champion"
     # the same model twice: every per-image difference is 0, an interval [0, 0] not above margin 0
     assert second["improvement"] == 0 and second["interval_low"] == second["interval_high"] == 0
-    assert second["samples"] == evaluation["samples"] and second["resamples"] == 2000
+    assert second["samples"] == evaluation_info["samples"] and second["resamples"] == 2000
 
     # predict straight from the registry
     (inputs := tmp_path / "in").mkdir()
@@ -113,7 +113,7 @@ def test_tags_hold_the_gates_own_scores_not_a_faked_evaluation_report(project, t
     faked = tmp_path / "evaluate"
     shutil.copytree(project / "reports/evaluate", faked)
     metrics = json.loads((faked / "metrics.json").read_text())
-    metrics["mean"]["psnr"] = 99.0
+    metrics["psnr"] = 99.0
     (faked / "metrics.json").write_text(json.dumps(metrics))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -139,10 +139,11 @@ def test_evaluate_logs_its_metrics_to_the_run_that_trained_the_model(project, tm
                     "--out", str(tmp_path / "evaluate")]) == 0
     evaluation = json.loads((tmp_path / "evaluate/metrics.json").read_text())
     logged = client.get_run(run_id).data.metrics
-    assert logged["eval/psnr"] == pytest.approx(evaluation["mean"]["psnr"])
-    assert logged["eval/nfe"] == 1 and "eval/latency_ms_per_image_batch1" in logged
+    assert logged["eval/psnr"] == pytest.approx(evaluation["psnr"])
+    assert logged["eval/nfe"] == 1 and "eval/ms_per_image" in logged
     artifacts = {item.path for item in client.list_artifacts(run_id, "evaluation")}
-    assert artifacts == {"evaluation/metrics.json", "evaluation/per_image.csv", "evaluation/samples.png"}
+    assert artifacts == {"evaluation/metrics.json", "evaluation/info.json", "evaluation/per_image.csv",
+                         "evaluation/samples.png"}
 
 
 def test_evaluate_warns_and_succeeds_when_the_training_run_is_not_in_the_store(project, tmp_path, monkeypatch, caplog):

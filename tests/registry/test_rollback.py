@@ -17,6 +17,7 @@ from components.registry.gate import register_with_gate
 from components.registry.model_card import Provenance
 from components.tracking import TAG_OUTCOME
 from pipelines.cli import main as pairgan
+from support.params import shipped
 
 PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
@@ -81,7 +82,7 @@ def test_rollback_moves_champion_and_records_why_everywhere(store, tmp_path):
     assert client.get_experiment(run.info.experiment_id).name == "pairgan"
 
     # the next gate compares against the restored champion
-    outcome = register_with_gate(store, RegisterParams(model_name=MODEL), Scale(0.45), CARD, score, torch.device("cpu"), PROVENANCE)
+    outcome = register_with_gate(store, shipped("register", model_name=MODEL), Scale(0.45), CARD, score, torch.device("cpu"), PROVENANCE)
     assert outcome.gate.champion_version_before == "1" and outcome.gate.decision == "promoted"
 
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from components.config.register import RegisterParams
 from components.evaluation.held_out import score_held_out
 from components.registry.flavor import TranslatorCard
 from components.registry.gate import register_with_gate
 from components.registry.loading import UnsafeModelArtifact
 from components.registry.model_card import Provenance
+from support.params import shipped
 
 PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
@@ -49,7 +49,8 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as env:
         env.chdir(root)
-        register_with_gate(uri, RegisterParams(model_name="facades"), Scale(0.4), CARD, score, torch.device("cpu"),
+        env.setenv("MLFLOW_TRACKING_URI", uri)  # undone on exit: mlflow.set_tracking_uri exports it
+        register_with_gate(uri, shipped("register", model_name="facades"), Scale(0.4), CARD, score, torch.device("cpu"),
                            Provenance("pix2pix", {}, "abc", "f" * 64, None))
     return uri
 
