@@ -12,9 +12,8 @@ from components.methods.atme import ATMEMemory, merge_memories
 from components.methods.ddgan import vp_schedule
 from components.methods.diffusion_gan import DiffusionAugment
 from components.methods.losses import GANLoss, r1_penalty
-from components.training.health import binary_entropy_of_logits, report_discriminator_health
 from components.training.loop import TrainingSession
-from components.training.stats import StatsCollector
+from components.training_stats import StatsCollector, binary_entropy_of_logits, report_discriminator_health
 from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
