@@ -416,7 +416,8 @@ def _per_sample(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_ddgan_g_denoises_the_noisier_sample_at_its_noise_level_and_d_judges_the_posterior_sample():
-    session = _session(DDGAN)
+    # With guidance training: G and D of a phase see the same condition, dropped or not.
+    session = _session({**DDGAN, "guidance": {"p_uncond": 0.5, "weight": 0.0}})
     spy = Spy(session)
     batch = _batch(size=8)
     level = 0.5
@@ -439,8 +440,12 @@ def test_ddgan_g_denoises_the_noisier_sample_at_its_noise_level_and_d_judges_the
         for d_call in d_calls:
             pair, t = d_call["inputs"]
             assert torch.equal(pair[:, 3:6], g_input[:, :3]), "G and D must see the same y_{t+1}"
-            assert torch.equal(pair[:, 6:], g_input[:, 3:]) and torch.equal(g_input[:, 3:], batch["source"])
+            assert torch.equal(pair[:, 6:], g_input[:, 3:]), "G and D must see the same condition"
             assert torch.equal(t, g_time), "G is conditioned on D's t"
+        condition = g_input[:, 3:]
+        kept = (condition == batch["source"]).flatten(1).all(dim=1)
+        dropped = (condition == 0).flatten(1).all(dim=1)
+        assert (kept | dropped).all() and kept.any() and dropped.any()
         t = g_time.long()
         check_noise_level(g_input[:, :3], t + 1)  # y_{t+1}: one step noisier than y_t
         y0_hat, y_next = g_call["output"], g_input[:, :3]
