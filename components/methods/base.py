@@ -41,6 +41,13 @@ Player = Literal["G", "D"]
 LRScheduleKind = Literal["linear_decay", "cosine", "constant"]
 
 
+def eager() -> contextlib.AbstractContextManager:
+    """Runs torch.compile'd networks (whole or regional) eagerly inside the block: R1
+    differentiates D's input gradient once more (a double backward), which torch.compile's
+    autograd does not support."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def unprepared(network: nn.Module) -> nn.Module:
     return network
 

@@ -18,7 +18,7 @@ from torch import nn
 from components.config.model import DDGANParams, ModelParams
 from components.data.batch import Batch
 from components.methods.atme import build_ddpm_generator
-from components.methods.base import Method, MethodContext, OptimizerStep, Player, Reduce, Sampler, unwrap
+from components.methods.base import Method, MethodContext, OptimizerStep, Player, Reduce, Sampler, eager, unwrap
 from components.methods.ema import EMA
 from components.methods.losses import GANLoss, r1_penalty
 from components.methods.pix2pix import build_discriminator
@@ -195,7 +195,7 @@ class DDGAN(Method):
         elif phase == "D-reg":
             sample = self._real
             real = sample["y_t"].detach().requires_grad_(True)
-            with self.autocast():
+            with eager(), self.autocast():
                 real_logits = self._discriminate(real, sample)
                 penalty = r1_penalty(real_logits, real)
             stats.report("loss/R1", penalty)

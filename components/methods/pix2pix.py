@@ -21,6 +21,7 @@ from components.methods.base import (
     Player,
     Reduce,
     Sampler,
+    eager,
     for_split_batches,
     unwrap,
 )
@@ -137,7 +138,7 @@ class Pix2Pix(Method):
             # Under Diffusion-GAN the gradient is taken w.r.t. the clean real, through the
             # diffusion, as the reference (its D applies the diffusion inside).
             real = target.detach().requires_grad_(True)
-            with self.autocast():
+            with eager(), self.autocast():
                 real_logits = self.discriminate(source, real)
                 penalty = r1_penalty(real_logits, real)
             stats.report("loss/R1", penalty)

@@ -528,3 +528,13 @@ def test_atme_g_and_w_start_from_normal_0_002_with_zero_biases():
                 assert layer.weight.std().item() == pytest.approx(0.02, rel=0.15), f"{name}: {layer}"
         norms = [layer for layer in unwrap(method.networks()[name]).modules() if isinstance(layer, torch.nn.GroupNorm)]
         assert all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in norms if norm.affine)
+
+
+@pytest.mark.parametrize("name", ["pix2pix+diffusion_gan", "ddgan"])
+def test_r1_runs_with_a_compiled_discriminator(name):
+    # CUDA runs compile the networks by default, and torch.compile's autograd has no double
+    # backward: D-reg must run D eagerly. aot_eager is that autograd without a C++ compiler.
+    session = _session(METHODS[name])
+    session.method.D = torch.compile(session.method.D, backend="aot_eager")
+    session.train_step(_batch())  # step 0 runs D-reg
+    assert torch.isfinite(session.stats.step_values["loss/R1"])
