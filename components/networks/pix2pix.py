@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from components.networks.embedding import sinusoidal_embedding
+from components.networks.init import init_normal_
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -15,18 +16,6 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm2d(channels)
     return nn.Identity()
-
-
-def init_gan_weights(module: nn.Module) -> None:
-    """pix2pix init: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.normal_(layer.weight, 0.0, 0.02)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.normal_(layer.weight, 1.0, 0.02)
-            nn.init.zeros_(layer.bias)
 
 
 class UNetGenerator(nn.Module):
@@ -76,7 +65,7 @@ class UNetGenerator(nn.Module):
                     layers.append(nn.Dropout(dropout))
                 block = nn.Sequential(*layers)
             self.ups.append(block)
-        init_gan_weights(self)
+        init_normal_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -119,7 +108,7 @@ class PatchGAN(nn.Module):
         else:
             self.time_mlp = None
             self.time_projections = None
-        init_gan_weights(self)
+        init_normal_(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         embedding = None

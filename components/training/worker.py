@@ -2,8 +2,8 @@
 
     resume or start  -> the rank's loader -> per epoch: a train_step per batch, end_epoch
     (statistics reduced over all workers), MLflow logging on rank 0, and every
-    `checkpoint.every_epochs` and at the end a checkpoint (ATME's memory gathered from all
-    ranks, rank 0 writes) with `ray.train.report`, a barrier every rank reaches.
+    `checkpoint.every_epochs` and at the end a checkpoint (the method's per-worker state
+    gathered from all ranks, rank 0 writes) with `ray.train.report`, a barrier every rank reaches.
 
 Recovery: a worker that dies makes Ray restart the whole group (up to `max_failures`); the new
 workers load `ray.train.get_checkpoint()` and continue with the epoch after it, so no epoch
@@ -12,10 +12,10 @@ returns normally, so Ray's FailureConfig never retries a diverged run. The detec
 runs at the same step on every rank and first takes the maximum of its flags over all ranks
 (`AgreeingDetector`), so every rank stops at the same point and the reports stay in step.
 
-ATME's per-sample memory: each worker writes the entries of the samples it trains on (its
-`owned` mask); at a checkpoint the memories of all ranks are gathered and merged, entry by
-entry from the rank that owns it, so the checkpoint holds the complete memory and a resumed
-run (with any number of workers) starts from it.
+Per-worker method state (ATME's memory: each worker writes the entries of the samples it
+trains on): at a checkpoint every rank calls `session.state_dict(gather=True)`, which merges it
+over the ranks (the method's hook), so the checkpoint holds all of it and a resumed run (with
+any number of workers) starts from it.
 """
 
 import json
@@ -28,7 +28,7 @@ import torch
 
 from components.config.run import RunParams
 from components.data.batch import Batch
-from components.training.checkpoints import checkpoint_due, gathered_memory, load_checkpoint, write_checkpoint
+from components.training.checkpoints import checkpoint_due, load_checkpoint, write_checkpoint
 from components.training.collectives import AgreeingDetector, all_reduce_sum
 from components.training.compatibility import decide_resume, job_record
 from components.training.health import TrainingDiverged
@@ -96,7 +96,6 @@ def train_worker(config: dict) -> None:
 
     from components.data.integrity import DataError
     from components.data.loaders import make_loader
-    from components.methods.atme import ATME
     from components.tracking import EpochLogger
     from components.training.loop import TrainingSession, run_epochs
 
@@ -112,9 +111,7 @@ def train_worker(config: dict) -> None:
     session = TrainingSession(job.model, job.train, job.dataset_size, ray.train.torch.get_device(),
                               wrap=ddp_wrap, reduce=all_reduce_sum)
     session.detector = AgreeingDetector(job.train.health, session.device)
-    memory = session.method.memory if isinstance(session.method, ATME) else None
     record = job_record(job)
-    written_before = None
 
     # Resume the same job (a finished one only to raise its epochs), refuse an unfinished job
     # with other params, or start over (compatibility.py says which).
@@ -129,11 +126,6 @@ def train_worker(config: dict) -> None:
             return
         if decision.action == "resume":
             session.load_state_dict(state)
-            if memory is not None:
-                # `owned` means "written by this process since it started": the loaded entries
-                # are the gathered ones, the same on every rank; the next gather must not re-count them.
-                written_before = memory.owned.clone()
-                memory.owned.zero_()
         if rank == 0:
             logger.info("%s", decision.message)
 
@@ -158,11 +150,11 @@ def train_worker(config: dict) -> None:
     info = {"job": record, "method": job.model.method.name}
 
     def save_and_report(metrics: dict, final: bool) -> None:
-        memory_state = gathered_memory(memory, written_before)  # every rank takes part
+        state = session.state_dict(gather=True)  # every rank takes part
         with tempfile.TemporaryDirectory(prefix="pairgan-checkpoint-") as folder:
             if rank == 0:
                 epoch_info = {**info, "epoch": session.epoch, "step": session.step}
-                write_checkpoint(Path(folder), session, memory_state, epoch_info, with_generator=final)
+                write_checkpoint(Path(folder), session, state, epoch_info, with_generator=final)
             report(metrics, folder if rank == 0 else None)
 
     def on_epoch_end(session, metrics: dict[str, float]) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from components.training.health import DivergenceDetector, TrainingDiverged
 from components.training.loop import TrainingSession
-from components.training.stats import StatsCollector
+from components.training_stats import StatsCollector
 from support.params import shipped
 from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
@@ -43,8 +43,10 @@ def test_every_method_reports_health_metrics_per_epoch(method):
         names += ["diffusion/T", "diffusion/r_d"]
     for name in names:
         assert name in metrics and math.isfinite(metrics[name]), name
-    assert metrics["health/V_gap"] == pytest.approx(metrics["health/V"] + math.log(4), abs=1e-6)  # float32 sums
-    assert 0 < metrics["health/D_entropy"] <= math.log(2) + 1e-6
+    # Absolute: V_gap is near 0 by design (ATME drives it there), where a relative tolerance
+    # would ask float32 sums for more digits than they hold.
+    assert metrics["health/V_gap"] == pytest.approx(metrics["health/V"] + math.log(4), abs=1e-5)
+    assert 0 < metrics["health/D_entropy"] <= math.log(2)
     if "diffusion_gan" in EVERY_METHOD[method]:
         assert metrics["diffusion/T"] == 5.0  # T_min until r_d pushes it
 

@@ -51,10 +51,10 @@ def test_a_run_continued_to_more_epochs_trains_at_the_new_schedules_rate():
     finished = TrainingSession(model, shipped("train", epochs=2, lr_schedule=schedule), 8, torch.device("cpu"))
     for _ in range(2):
         finished.end_epoch()
-    assert finished.optimizer_g.param_groups[0]["lr"] == 0.0
+    assert finished.optimizers["G"].param_groups[0]["lr"] == 0.0
     continued = TrainingSession(model, shipped("train", epochs=4, lr_schedule=schedule), 8, torch.device("cpu"))
     continued.load_state_dict(finished.state_dict())
     base = shipped("train").optimizer
-    assert continued.optimizer_g.param_groups[0]["lr"] == pytest.approx(base.lr_g)
-    assert continued.optimizer_d.param_groups[0]["lr"] == pytest.approx(base.lr_d)
+    assert continued.optimizers["G"].param_groups[0]["lr"] == pytest.approx(base.lr_g)
+    assert continued.optimizers["D"].param_groups[0]["lr"] == pytest.approx(base.lr_d)
     assert continued.epoch == 2
