@@ -46,7 +46,7 @@ def test_every_method_reports_health_metrics_per_epoch(method):
     # Absolute: V_gap is near 0 by design (ATME drives it there), where a relative tolerance
     # would ask float32 sums for more digits than they hold.
     assert metrics["health/V_gap"] == pytest.approx(metrics["health/V"] + math.log(4), abs=1e-5)
-    assert 0 < metrics["health/D_entropy"] <= math.log(2)
+    assert 0 < metrics["health/D_entropy"] <= math.log(2) + 1e-6  # float32 at the bound
     if "diffusion_gan" in EVERY_METHOD[method]:
         assert metrics["diffusion/T"] == 5.0  # T_min until r_d pushes it
 
