@@ -16,8 +16,8 @@ from torch import nn
 from components.data.batch import Batch
 from components.training.stats import StatsCollector
 
-# What the session applies to each trainable network: move to the device, memory format,
-# then the caller's `wrap` (DDP under Ray) and torch.compile.
+# What the session applies to each trainable network: move to the device, the performance
+# switches (memory format, regional compile, checkpointing), then the caller's `wrap` (DDP under Ray).
 Prepare = Callable[[nn.Module], nn.Module]
 Autocast = Callable[[], contextlib.AbstractContextManager]
 # Sums a tensor over data-parallel workers (identity-like in one process); methods use it for
