@@ -86,7 +86,8 @@ class LoaderParams(StrictModel):
     same for source and target. Evaluation: resize to crop_size, no crop, no flip.
     """
 
-    backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI when it can be imported
+    # auto: DALI when it can be imported, else nvJPEG (torchvision) on a GPU, else torch (Pillow)
+    backend: Literal["auto", "dali", "torch", "nvjpeg"] = "auto"
     load_size: int = Field(default=72, ge=8, le=4096)
     crop_size: int = Field(default=64, ge=8, le=4096)
     flip: bool = True

@@ -1,6 +1,6 @@
-"""The loaders: prepared shards -> `Batch`es, with NVIDIA DALI or plain PyTorch.
+"""The loaders: prepared shards -> `Batch`es, with NVIDIA DALI, nvJPEG through torchvision, or plain PyTorch.
 
-Both backends give the same batches up to JPEG decoder differences:
+The backends give the same batches up to JPEG decoder differences:
 - Training: resize to load_size, one random crop_size crop and one coin flip per pair, drawn
   once and applied to source and target alike; `crop` and `flip` say what was drawn.
 - Evaluation: resize to crop_size, crop (0, 0), no flip, every sample once, in index order.
@@ -25,7 +25,7 @@ from components.data.batch import Batch
 from components.data.manifest import Manifest, load_manifest
 from components.data.tar_safety import check_tar_members
 
-Backend = Literal["dali", "torch"]
+Backend = Literal["dali", "nvjpeg", "torch"]
 
 
 class PairLoader(Protocol):
@@ -67,11 +67,29 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend(requested: Literal["auto", "dali", "torch"]) -> Backend:
+def torchvision_available() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: Literal["auto", "dali", "nvjpeg", "torch"], device: torch.device) -> Backend:
+    """auto: DALI when it can be imported; else nvJPEG on a CUDA device when torchvision can; else torch."""
+    cuda = torch.device(device).type == "cuda"
     if requested == "auto":
-        return "dali" if dali_available() else "torch"
+        if dali_available():
+            return "dali"
+        return "nvjpeg" if cuda and torchvision_available() else "torch"
     if requested == "dali" and not dali_available():
         raise LoaderError("loader.backend is dali but nvidia-dali cannot be imported; install it or use backend: torch")
+    if requested == "nvjpeg" and not cuda:
+        raise LoaderError(f"loader.backend is nvjpeg, which decodes on a CUDA device, but this loader's device is "
+                          f"{device}; use backend: torch or dali")
+    if requested == "nvjpeg" and not torchvision_available():
+        raise LoaderError("loader.backend is nvjpeg but torchvision cannot be imported; install the torchvision "
+                          "build matching your torch, or use backend: dali or torch")
     return requested
 
 
@@ -108,11 +126,18 @@ def make_loader(
         )
     for path in manifest.shard_paths(split):
         check_tar_members(path)
-    backend = resolve_backend(loader.backend)
+    backend = resolve_backend(loader.backend, device)
     if backend == "dali":
         from components.data.dali_loader import DaliPairLoader
 
         return DaliPairLoader(manifest, split, loader, batch_size, train, rank, world_size, seed, device)
+    if backend == "nvjpeg":
+        from components.data.nvjpeg_loader import NvjpegPairLoader
+
+        owned = owned_indices(count, rank, world_size)
+        shards = [manifest.root / shard.tar for shard in manifest.split(split).shards
+                  if shard.first_index < owned.stop and shard.first_index + shard.count > owned.start]
+        return NvjpegPairLoader(manifest, split, shards, loader, batch_size, train, rank, world_size, seed, device)
     from components.data.torch_loader import TorchPairLoader
 
     return TorchPairLoader(manifest, split, loader, batch_size, train, rank, world_size, seed, device)

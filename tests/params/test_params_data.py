@@ -44,7 +44,7 @@ def _errors(path: Path, base_dir: Path) -> dict[str, str]:
         ("source:\n  builtin:\n    photos: [lena]\n", "source.builtin.photos[0]", "astronaut"),
         ("source:\n  s3:\n    max_attempts: 0\n", "source.s3.max_attempts", "greater than or equal to 1"),
         ("loader:\n  load_size: 64\n  crop_size: 72\n", "loader.crop_size", "larger than loader.load_size"),
-        ("loader:\n  backend: tensorflow\n", "loader.backend", "'auto', 'dali' or 'torch'"),
+        ("loader:\n  backend: tensorflow\n", "loader.backend", "'auto', 'dali', 'torch' or 'nvjpeg'"),
     ],
 )
 def test_bad_value_names_key_and_reason(tmp_path, yaml_text, key, reason):
