@@ -8,8 +8,8 @@
 - sdpa: the DDPM U-Net's full attention through F.scaled_dot_product_attention (off: the
   same attention written out).
 - compile: regional torch.compile. A network made of repeated blocks (the DDPM U-Net's
-  ResBlocks and attention blocks, the pix2pix U-Net's down and up blocks) has each block
-  compiled in place, not the whole network: blocks of one class share their compiled code
+  ResBlocks and attention blocks, the pix2pix U-Net's UNetBlocks) has each block compiled
+  in place, not the whole network: blocks of one class share their compiled code
   (after a second size, one dynamic-shape graph serves every resolution), so compiling takes
   seconds, and Inductor fuses each block's norm, activation, FiLM and residual into a few
   kernels. ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not
@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from components.config.train import PerformanceParams
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
-from components.networks.pix2pix import UNetGenerator
+from components.networks.pix2pix import UNetBlock, UNetGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def repeated_blocks(network: nn.Module) -> list[nn.Module]:
     if isinstance(network, DDPMUNet):
         return [module for module in network.modules() if isinstance(module, ResBlock | LinearAttention | FullAttention)]
     if isinstance(network, UNetGenerator):
-        return [*network.downs, *network.ups]
+        return [module for module in network.modules() if isinstance(module, UNetBlock)]
     return []
 
 
