@@ -69,7 +69,8 @@ from components.atomic_files import write_json_atomic  # noqa: E402
 REPORT_NAME = "gpu_check.json"
 FACADES_PAIRS = 400
 # Test files holding the suite's `cuda` tests (tests/bench/test_gpu_check_cpu.py checks the list).
-CUDA_TEST_FILES = ("tests/data/test_nvjpeg_loader.py", "tests/training/test_performance.py")
+CUDA_TEST_FILES = ("tests/data/test_nvjpeg_loader.py", "tests/methods/test_network_equivalence.py",
+                   "tests/training/test_performance.py")
 
 # Loss curves of a switch against eager fp32 over the same steps: max over steps and losses of
 # |loss - loss_fp32| / max(|loss_fp32|, LOSS_FLOOR). Switches that keep fp32 math reorder sums

@@ -119,10 +119,10 @@ def test_ranks_own_fixed_parts_and_a_resumed_epoch_repeats_its_draws(prepared_bu
         return [(b["index"].tolist(), b["crop"].tolist(), b["flip"].tolist()) for b in loader]
 
     epochs = [draws(ranks[1]) for _ in range(3)]
-    for epoch in epochs:
-        indices = [index for step in epoch for index in step[0]]
-        assert len(indices) == len(set(indices)) == 6 and set(indices) <= set(range(6, 13))
-    assert epochs[0] != epochs[1]
+    orders = [[index for step in epoch for index in step[0]] for epoch in epochs]
+    for order in orders:
+        assert len(order) == len(set(order)) == 6 and set(order) <= set(range(6, 13))
+    assert orders[0] != orders[1]  # a new order every epoch
     resumed = pil_loader(prepared_builtin, params, 2, train=True, rank=1, world_size=2, seed=5)
     resumed.set_epoch(2)
     assert draws(resumed) == epochs[2]

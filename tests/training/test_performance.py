@@ -180,10 +180,12 @@ def test_a_deep_copy_of_a_switched_network_runs_its_own_weights(eager_compile):
     shadow = copy.deepcopy(network)
     with torch.no_grad():
         for parameter in shadow.parameters():
-            parameter.zero_()
+            parameter.mul_(0.5)
+    plain = small_unet()
+    plain.load_state_dict(shadow.state_dict())
     x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
-    assert not torch.allclose(network(x, t), shadow(x, t))
-    assert torch.equal(shadow(x, t), torch.zeros(1, 3, 16, 16))  # zero weights: tanh(0)
+    assert torch.allclose(shadow(x, t), plain(x, t), atol=1e-5)
+    assert not torch.allclose(network(x, t), shadow(x, t), atol=1e-3)
 
 
 def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
