@@ -97,7 +97,7 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
         logger.warning("performance.cuda_graphs is true but training runs on %s: CUDA graphs need a CUDA device, off", device)
     bf16 = params.autocast == "bf16" or (params.autocast == "auto" and cuda and AUTO_CUDA_AUTOCAST_BF16)
     compile_ = _resolve(params.compile, cuda and AUTO_CUDA_COMPILE)
-    return Switches(
+    switches = Switches(
         autocast_dtype=torch.bfloat16 if bf16 else None,
         channels_last=_resolve(params.channels_last, cuda and AUTO_CUDA_CHANNELS_LAST),
         fused_adam=_resolve(params.fused_adam, cuda and AUTO_CUDA_FUSED_ADAM),
@@ -108,6 +108,8 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
         sdpa=_resolve(params.sdpa, AUTO_SDPA),
         activation_checkpointing=_resolve(params.activation_checkpointing, cuda and AUTO_CUDA_ACTIVATION_CHECKPOINTING),
     )
+    logger.info("performance switches on %s: %s", device, ", ".join(f"{k}={v}" for k, v in switches.summary().items()))
+    return switches
 
 
 def configure_backends(switches: Switches) -> None:
