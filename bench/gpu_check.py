@@ -11,12 +11,12 @@ leaves the others running), each stopped at its share of the time budget:
                        at batch 32 and 128, nvJPEG on bytes in memory, DALI `mixed` where installed
   throughput_pix2pix   256 px, batch 48: resident, each switch on/off, and through the loader
   throughput_atme      256 px, batch 32: resident, each switch on/off
+  cuda_tests           the suite's tests marked `cuda` (pytest -m cuda)
   correctness          every method, 20 steps eager fp32, then each switch alone (bf16 autocast,
                        channels_last, fused Adam, SDPA off, activation checkpointing, compile,
                        CUDA graphs) and all together: finite losses, loss curves within tolerance
                        of fp32; the exported generator (torch.export, the registry's pt2 graph),
                        saved, loaded and run on the device, against the eager one
-  cuda_tests           the suite's tests marked `cuda` (pytest -m cuda)
 
 Throughput rows give images/s, MFU (model FLOPs of one eager step, counted with
 FlopCounterMode, over the device's dense bf16 peak), peak memory and memory per image,
@@ -50,7 +50,6 @@ import tarfile
 import tempfile
 import time
 import traceback
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,9 +102,9 @@ THROUGHPUT_VARIANTS: list[tuple[str, dict | None]] = [
     ("all on", ALL_ON),
     ("bf16 eager", {**ALL_OFF, "autocast": "bf16"}),
     ("all on - compile", {**ALL_ON, "compile": False}),
-    ("all on - channels_last", {**ALL_ON, "channels_last": False}),
     ("all on + activation checkpointing", {**ALL_ON, "activation_checkpointing": True}),
     ("all on + CUDA graphs", {**ALL_ON, "cuda_graphs": True}),
+    ("all on - channels_last", {**ALL_ON, "channels_last": False}),
     ("all on - sdpa", {**ALL_ON, "sdpa": False}),
     ("all on - bf16", {**ALL_ON, "autocast": "none"}),
     ("all on - fused Adam", {**ALL_ON, "fused_adam": False}),
@@ -157,10 +156,10 @@ GPU = Scale(
     image_size=256, network_overrides={}, pix2pix_batch=48, atme_batch=32, warmup_steps=3,
     timed_steps={"pix2pix": 20, "atme": 10}, loader_steps=60, decode_batches=(32, 128), decode_epochs=3,
     repeat=8, synthetic_pairs=FACADES_PAIRS, correctness_size=64, correctness_batch=4, correctness_steps=20,
-    section_caps_s={"environment": 15, "decode": 30, "throughput_pix2pix": 75, "throughput_atme": 115,
-                    "correctness": 140, "cuda_tests": 40},
-    estimates_s={"decode": 10, "eager_row": 12, "compile_row": 45, "loader_row": 20, "baseline": 6, "export": 15,
-                 "correctness": 5, "correctness_compile": 25, "pytest": 15},
+    section_caps_s={"environment": 15, "decode": 30, "throughput_pix2pix": 75, "throughput_atme": 130,
+                    "cuda_tests": 60, "correctness": 105},
+    estimates_s={"decode": 10, "eager_row": 12, "compile_row": 40, "loader_row": 15, "baseline": 6, "export": 12,
+                 "correctness": 5, "correctness_compile": 25, "pytest": 20},
 )
 TINY_UNET = {"width": 8, "channel_multipliers": [1, 2], "attention_heads": 2, "attention_head_dim": 8}
 TINY_PIX2PIX = {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}
@@ -173,14 +172,14 @@ CPU = Scale(
     }, pix2pix_batch=4, atme_batch=2, warmup_steps=1,
     timed_steps={"pix2pix": 2, "atme": 2}, loader_steps=3, decode_batches=(8,), decode_epochs=1,
     repeat=1, synthetic_pairs=12, correctness_size=32, correctness_batch=2, correctness_steps=3,
-    section_caps_s={"environment": 20, "decode": 20, "correctness": 60, "throughput_pix2pix": 30,
-                    "throughput_atme": 30, "cuda_tests": 40},
+    section_caps_s={"environment": 20, "decode": 20, "throughput_pix2pix": 30, "throughput_atme": 30,
+                    "cuda_tests": 40, "correctness": 60},
     estimates_s={"decode": 2, "eager_row": 2, "compile_row": 2, "loader_row": 3, "baseline": 2, "export": 8,
                  "correctness": 2, "correctness_compile": 2, "pytest": 10},
     throughput_variants=("fp32 eager", "all on", "all on + activation checkpointing", SHIPPED),
     correctness_variants=("bf16", "channels_last", "sdpa off", "all on"),
 )
-SECTIONS = ("environment", "decode", "throughput_pix2pix", "throughput_atme", "correctness", "cuda_tests")
+SECTIONS = ("environment", "decode", "throughput_pix2pix", "throughput_atme", "cuda_tests", "correctness")
 
 
 def log(message: str) -> None:
@@ -730,26 +729,38 @@ def export_check(session, device) -> dict:
             "export_batch": 3}
 
 
+def pytest_outcomes(output: str) -> dict[str, str]:
+    """test id -> PASSED, FAILED, ERROR or SKIPPED, from `pytest -v` lines (complete or not)."""
+    outcomes = {}
+    for line in output.splitlines():
+        parts = line.split(" ")
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            outcomes[parts[0]] = parts[1]
+    return outcomes
+
+
 def section_cuda_tests(context: Context, record: SectionRecord) -> None:
     def run_pytest() -> dict:
-        with tempfile.TemporaryDirectory() as folder:
-            junit = Path(folder) / "cuda.xml"
-            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
-                       f"--junitxml={junit}", *CUDA_TEST_FILES]
-            left = max(record.time_left() - 5, 10)
+        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TEST_FILES]
+        left = max(record.time_left() - 5, 10)
+        try:
             completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=left)
-            if not junit.exists():
-                return {"status": "error", "error": f"pytest exited {completed.returncode} without a report",
-                        "output": completed.stdout[-3000:] + completed.stderr[-2000:]}
-            suite = ElementTree.parse(junit).getroot()
-            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-            failed = [case.get("classname", "") + "::" + case.get("name", "")
-                      for case in suite.iter("testcase") if case.find("failure") is not None or case.find("error") is not None]
-            counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-            return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-                    "failed_tests": failed, "returncode": completed.returncode,
-                    "status": "ok" if completed.returncode in (0, 5) and not failed else "failed",
-                    "output_tail": completed.stdout[-1500:] if failed or completed.returncode not in (0, 5) else ""}
+            output, finished, returncode = completed.stdout, True, completed.returncode
+        except subprocess.TimeoutExpired as timeout:  # what ran so far still counts
+            output = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
+            finished, returncode = False, None
+        outcomes = pytest_outcomes(output)
+        counts = {outcome.lower(): sum(1 for value in outcomes.values() if value == outcome)
+                  for outcome in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        failed = sorted(test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
+        ok = finished and returncode in (0, 5) and not failed
+        result = {"tests": len(outcomes), **counts, "failed_tests": failed, "finished": finished,
+                  "returncode": returncode, "status": "ok" if ok else "failed"}
+        if not ok:
+            result["error"] = (f"{len(failed)} failed: {', '.join(failed)}" if failed else
+                               "pytest did not finish in the time left" if not finished else f"pytest exited {returncode}")
+            result["output_tail"] = output[-4000:]
+        return result
 
     record.attempt("pytest -m cuda", context.scale.estimates_s["pytest"], run_pytest)
 
@@ -820,7 +831,7 @@ def summarise_item(item: dict) -> str:
     if "export_max_abs_difference" in item:
         parts.append(f"export |diff| {item['export_max_abs_difference']:.2e}")
     if "tests" in item:
-        parts.append(f"{item['passed']} passed, {item['failures'] + item['errors']} failed, {item['skipped']} skipped")
+        parts.append(f"{item['passed']} passed, {item['failed'] + item['error']} failed, {item['skipped']} skipped")
     if item.get("losses_finite") is False:
         parts.append("NON-FINITE LOSS")
     return ", ".join(parts)
