@@ -750,8 +750,8 @@ def section_cuda_tests(context: Context, record: SectionRecord) -> None:
             output = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
             finished, returncode = False, None
         outcomes = pytest_outcomes(output)
-        counts = {outcome.lower(): sum(1 for value in outcomes.values() if value == outcome)
-                  for outcome in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        counts = {name: sum(1 for value in outcomes.values() if value == outcome)
+                  for name, outcome in (("passed", "PASSED"), ("failed", "FAILED"), ("errors", "ERROR"), ("skipped", "SKIPPED"))}
         failed = sorted(test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
         ok = finished and returncode in (0, 5) and not failed
         result = {"tests": len(outcomes), **counts, "failed_tests": failed, "finished": finished,
@@ -831,7 +831,7 @@ def summarise_item(item: dict) -> str:
     if "export_max_abs_difference" in item:
         parts.append(f"export |diff| {item['export_max_abs_difference']:.2e}")
     if "tests" in item:
-        parts.append(f"{item['passed']} passed, {item['failed'] + item['error']} failed, {item['skipped']} skipped")
+        parts.append(f"{item['passed']} passed, {item['failed'] + item['errors']} failed, {item['skipped']} skipped")
     if item.get("losses_finite") is False:
         parts.append("NON-FINITE LOSS")
     return ", ".join(parts)
