@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from components.networks.ddpm_unet import FullAttention, LinearAttention
 from components.networks.norms import GroupNorm
+from components.networks.pix2pix import UNetBlock, UNetGenerator
 from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,6 +74,22 @@ def test_group_norm_is_nn_group_norm_in_float32_and_keeps_bf16_activations_bf16(
     # float32 statistics (CUDA's autocast would return this in float32), the input's dtype out
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, F.group_norm(low.float(), 4, ours.weight, ours.bias, ours.eps).bfloat16())
+
+
+def test_a_pix2pix_generator_saved_with_plain_sequential_levels_loads():
+    # checkpoints written before the levels became UNetBlocks (plain nn.Sequential) still load
+    torch.manual_seed(0)
+    generator = UNetGenerator(3, 3, 32, ngf=4)
+    old_style = UNetGenerator(3, 3, 32, ngf=4)
+    for levels in (old_style.downs, old_style.ups):
+        for number, level in enumerate(levels):
+            if isinstance(level, UNetBlock):
+                levels[number] = nn.Sequential(*level)
+    assert not any(isinstance(module, UNetBlock) for module in old_style.modules())
+    generator.load_state_dict(old_style.state_dict())
+    generator.eval(), old_style.eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(generator(x), old_style(x))
 
 
 @pytest.mark.cuda
