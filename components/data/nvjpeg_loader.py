@@ -12,6 +12,7 @@ decoder decodes and augments the batch on a CUDA stream of its own, `prefetch` b
 so decoding overlaps the training step. The consumer's stream waits on an event per batch.
 """
 
+import io
 import os
 import queue
 import struct
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from components.config.data import LoaderParams
@@ -43,10 +45,6 @@ def nvjpeg_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch
 
 def pil_decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Pillow decoding, the stand-in where torchvision is not installed (tests, the GPU check's --cpu mode)."""
-    import io
-
-    from PIL import Image
-
     images = []
     for blob in blobs:
         array = np.asarray(Image.open(io.BytesIO(blob.numpy().tobytes())).convert("RGB"))
@@ -162,7 +160,6 @@ class NvjpegPairLoader:
         if self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
         self._decode = decode
-        self._stored_size = manifest.image_size
 
     def __len__(self) -> int:
         return self._length
