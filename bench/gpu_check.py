@@ -268,14 +268,18 @@ def prepare_data(args: argparse.Namespace, scale: Scale, scratch: Path) -> dict:
     """Encode the pairs once and write the shards; what was used goes into the report."""
     started = time.perf_counter()
     size = scale.image_size
+    pairs, origin = [], ""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         if args.facades is not None:
-            files = facades_files(args.facades)[: FACADES_PAIRS if not args.cpu else scale.synthetic_pairs]
-            pairs = list(pool.map(lambda path: encode_facade(path, size), files))
-            origin = f"facades ({len(files)} pairs from {args.facades})"
-        else:
+            try:
+                files = facades_files(args.facades)[: FACADES_PAIRS if not args.cpu else scale.synthetic_pairs]
+                pairs = list(pool.map(lambda path: encode_facade(path, size), files))
+                origin = f"facades ({len(files)} pairs from {args.facades})"
+            except (OSError, ValueError) as error:  # the run goes on with synthetic pairs, and says so
+                origin = f"FACADES NOT USED ({error_text(error)}): "
+        if not pairs:
             pairs = list(pool.map(lambda number: synthetic_facade(number, size), range(scale.synthetic_pairs)))
-            origin = f"synthetic 512x256 JPEG pairs ({len(pairs)}); pass --facades DIR for the real set"
+            origin += f"synthetic 512x256 JPEG pairs ({len(pairs)}); pass --facades DIR for the real set"
     folder = write_shards(pairs * scale.repeat, scratch / "prepared", size, origin)
     return {
         "folder": str(folder), "origin": origin, "pairs": len(pairs) * scale.repeat, "repeat": scale.repeat,
