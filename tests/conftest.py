@@ -54,6 +54,17 @@ def _process_settings_restored() -> Iterator[None]:
             os.environ[name] = value
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.py runs the cuda tests on a GPU)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def write_pix2pix() -> Callable[..., Path]:
     """write_pix2pix(root, {"train": 6, "test": 2}, size=32): pix2pix layout, A (source) left."""

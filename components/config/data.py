@@ -99,7 +99,8 @@ class LoaderParams(StrictModel):
     Evaluation: the image_size images as prepared, no crop, no flip.
     """
 
-    backend: Literal["auto", "dali", "torch"]  # auto: DALI when it can be imported
+    # auto: DALI when it can be imported, else nvJPEG (torchvision) on a GPU, else torch (Pillow)
+    backend: Literal["auto", "dali", "torch", "nvjpeg"]
     # pix2pix's load_size as a ratio, so that it follows image_size (pix2pix: 286 / 256 = 1.117)
     load_scale: float = Field(ge=1.0, le=2.0)
     flip: bool

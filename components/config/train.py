@@ -53,17 +53,34 @@ class HealthParams(StrictModel):
 
 
 class PerformanceParams(StrictModel):
-    """Speed switches; "auto" turns each on where it helps (CUDA) and off on the CPU.
+    """Speed and memory switches (components/training/performance.py applies them).
 
-    The on/off switches take true, false or auto (YAML reads a bare on/off as true/false too).
+    The on/off switches take true, false or auto (YAML reads a bare on/off as true/false too);
+    auto is what the GPU measurements in docs/benchmarks.md found to win on CUDA, and off on the CPU.
     """
 
     autocast: Literal["auto", "none", "bf16"]
     channels_last: bool | Literal["auto"]
     fused_adam: bool | Literal["auto"]
     tf32: bool
-    # torch.compile of each network; a network that fails to compile runs eagerly with a warning.
+    # Regional torch.compile of the networks' repeated blocks; a block that fails to compile
+    # runs eagerly with a warning.
     compile: bool | Literal["auto"]
+    # The compiled blocks as CUDA graphs (CUDA only; needs compile).
+    cuda_graphs: bool | Literal["auto"]
+    # The DDPM U-Net's full attention through F.scaled_dot_product_attention.
+    sdpa: bool | Literal["auto"]
+    # Recompute the repeated blocks in the backward pass instead of storing their activations.
+    activation_checkpointing: bool | Literal["auto"]
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> "PerformanceParams":
+        if self.cuda_graphs is True and self.compile is False:
+            raise ValueError(
+                "cuda_graphs: true needs compile (the CUDA graphs capture the compiled blocks); "
+                "set compile to true or auto, or cuda_graphs to false"
+            )
+        return self
 
 
 class TrainParams(StrictModel):

@@ -1,6 +1,6 @@
-"""The loaders: prepared shards -> `Batch`es, with NVIDIA DALI or plain PyTorch.
+"""The loaders: prepared shards -> `Batch`es, with NVIDIA DALI, nvJPEG through torchvision, or plain PyTorch.
 
-Both backends give the same batches up to JPEG decoder differences:
+The backends give the same batches up to JPEG decoder differences:
 - Training: resize the prepared image_size images to image_size x loader.load_scale, one
   random image_size crop and one coin flip per pair, drawn once and applied to source and
   target alike; `crop` and `flip` say what was drawn.
@@ -31,7 +31,7 @@ from components.data.shard_cache import GIB, Pin, ShardCache, ShardSource, defau
 from components.data.tar_safety import check_tar_members
 from components.object_store import s3_client
 
-Backend = Literal["dali", "torch"]
+Backend = Literal["dali", "nvjpeg", "torch"]
 
 
 class PairLoader(Protocol):
@@ -83,11 +83,29 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend(requested: Literal["auto", "dali", "torch"]) -> Backend:
+def torchvision_available() -> bool:
+    try:
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: Literal["auto", "dali", "nvjpeg", "torch"], device: torch.device) -> Backend:
+    """auto: DALI when it can be imported; else nvJPEG on a CUDA device when torchvision can; else torch."""
+    cuda = torch.device(device).type == "cuda"
     if requested == "auto":
-        return "dali" if dali_available() else "torch"
+        if dali_available():
+            return "dali"
+        return "nvjpeg" if cuda and torchvision_available() else "torch"
     if requested == "dali" and not dali_available():
         raise LoaderError("loader.backend is dali but nvidia-dali cannot be imported; install it or use backend: torch")
+    if requested == "nvjpeg" and not cuda:
+        raise LoaderError(f"loader.backend is nvjpeg, which decodes on a CUDA device, but this loader's device is "
+                          f"{device}; use backend: torch or dali")
+    if requested == "nvjpeg" and not torchvision_available():
+        raise LoaderError("loader.backend is nvjpeg but torchvision cannot be imported; install the torchvision "
+                          "build matching your torch, or use backend: dali or torch")
     return requested
 
 
@@ -191,7 +209,7 @@ def make_loader(
             f"{manifest.location}: split {split!r} has {count} samples: {world_size} rank(s) x batch_size {batch_size} "
             "needs more for even one training batch per rank; lower batch_size"
         )
-    backend = resolve_backend(loader.backend)
+    backend = resolve_backend(loader.backend, device)
     owned = owned_indices(count, rank, world_size)
     shards, pin = verified_shards(manifest, split, owned, shard_cache(loader), client)
     if backend == "dali":
@@ -201,6 +219,10 @@ def make_loader(
         indices = write_dali_indices(shards, Path(index_folder.name))
         return DaliPairLoader(manifest, split, shards, indices, index_folder, pin, loader, batch_size, train, rank,
                               world_size, seed, device)
+    if backend == "nvjpeg":
+        from components.data.nvjpeg_loader import NvjpegPairLoader
+
+        return NvjpegPairLoader(manifest, split, shards, pin, loader, batch_size, train, rank, world_size, seed, device)
     from components.data.torch_loader import TorchPairLoader
 
     return TorchPairLoader(manifest, split, shards, pin, loader, batch_size, train, rank, world_size, seed, device)

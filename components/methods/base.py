@@ -29,8 +29,8 @@ from components.training_stats import StatsCollector
 
 logger = logging.getLogger(__name__)
 
-# What the session applies to each trainable network: move to the device, memory format,
-# then the caller's `wrap` (DDP under Ray) and torch.compile.
+# What the session applies to each trainable network: move to the device, the performance
+# switches (memory format, regional compile, checkpointing), then the caller's `wrap` (DDP under Ray).
 Prepare = Callable[[nn.Module], nn.Module]
 Autocast = Callable[[], contextlib.AbstractContextManager]
 # Sums a tensor over data-parallel workers and returns the sum (every rank gets the same);

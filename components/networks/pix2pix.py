@@ -18,6 +18,20 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+class UNetBlock(nn.Sequential):
+    """One level of the U-Net on the way down or up: (activation, conv, norm[, dropout]).
+
+    A class of its own, with its forward in this file, so that it can be compiled as a region
+    (torch.compile leaves the `forward` of torch's own containers uncompiled); its layers and
+    state_dict keys are a Sequential's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
 class UNetGenerator(nn.Module):
     """Encoder-decoder with skips; one stride-2 level per halving, down to 1 x 1.
 
@@ -45,9 +59,9 @@ class UNetGenerator(nn.Module):
             if level == 0:
                 block = nn.Conv2d(in_channels, channels[0], 4, 2, 1, bias=bias)
             elif level == levels - 1:
-                block = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(channels[level - 1], channels[level], 4, 2, 1, bias=bias))
+                block = UNetBlock(nn.LeakyReLU(0.2), nn.Conv2d(channels[level - 1], channels[level], 4, 2, 1, bias=bias))
             else:
-                block = nn.Sequential(
+                block = UNetBlock(
                     nn.LeakyReLU(0.2),
                     nn.Conv2d(channels[level - 1], channels[level], 4, 2, 1, bias=bias),
                     norm_layer(norm, channels[level]),
@@ -57,13 +71,13 @@ class UNetGenerator(nn.Module):
         for level in range(levels):
             inputs = channels[level] if level == levels - 1 else 2 * channels[level]
             if level == 0:
-                block = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(inputs, out_channels, 4, 2, 1), nn.Tanh())
+                block = UNetBlock(nn.ReLU(), nn.ConvTranspose2d(inputs, out_channels, 4, 2, 1), nn.Tanh())
             else:
                 layers = [nn.ReLU(), nn.ConvTranspose2d(inputs, channels[level - 1], 4, 2, 1, bias=bias)]
                 layers.append(norm_layer(norm, channels[level - 1]))
                 if dropout > 0 and max(1, levels - 4) <= level <= levels - 2:
                     layers.append(nn.Dropout(dropout))
-                block = nn.Sequential(*layers)
+                block = UNetBlock(*layers)
             self.ups.append(block)
         init_normal_(self)
 

@@ -28,6 +28,7 @@ from components.data.batch import Batch
 from components.methods.base import MethodContext, Player, unwrap
 from components.methods.registry import build_method
 from components.training.health import DivergenceDetector
+from components.training.performance import apply_switches, configure_backends, resolve_switches
 from components.training.rng import capture_rng, restore_rng
 from components.training_stats import StatsCollector
 
@@ -37,10 +38,6 @@ STATE_FORMAT_VERSION = 1
 
 def identity(module: nn.Module) -> nn.Module:
     return module
-
-
-def _switch(value: bool | str, cuda: bool) -> bool:
-    return value is True or (value == "auto" and cuda)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -75,32 +72,21 @@ class TrainingSession:
         self.model, self.train, self.device = model, train, torch.device(device)
         # None: this process's rank in the default process group (0 without one).
         self.rank = rank if rank is not None else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-        cuda = self.device.type == "cuda"
-        performance = train.performance
-        self.channels_last = _switch(performance.channels_last, cuda)
-        self.autocast_dtype = torch.bfloat16 if performance.autocast == "bf16" or (performance.autocast == "auto" and cuda) else None
-        if cuda and performance.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.switches = resolve_switches(train.performance, self.device)
+        self.channels_last = self.switches.channels_last
+        self.autocast_dtype = self.switches.autocast_dtype
+        configure_backends(self.switches)
         torch.manual_seed(train.seed)
 
         def prepare(network: nn.Module) -> nn.Module:
-            network = network.to(self.device)
-            if self.channels_last:
-                network = network.to(memory_format=torch.channels_last)
-            network = wrap(network)
-            if _switch(performance.compile, cuda):
-                # A network that fails to compile then runs eagerly, with dynamo's warning.
-                torch._dynamo.config.suppress_errors = True
-                network = torch.compile(network)
-            return network
+            return wrap(apply_switches(network.to(self.device), self.switches))
 
         self.reduce = reduce
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         context = MethodContext(model, dataset_size, self.device, prepare, self._autocast, reduce, self.rank, world_size)
         self.method = build_method(context)
         configured_betas = train.optimizer.betas or self.method.default_betas
-        fused = _switch(performance.fused_adam, cuda)
+        fused = self.switches.fused_adam
         self.optimizers: dict[Player, torch.optim.Adam] = {}
         for player, configured_lr in (("G", train.optimizer.lr_g), ("D", train.optimizer.lr_d)):
             lr, betas = self.method.optimizer_settings(player, configured_lr, configured_betas)

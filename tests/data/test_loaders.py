@@ -142,7 +142,7 @@ def test_dali_epoch_after_an_early_break_is_complete(prepared_builtin):
 
 
 def test_auto_backend_picks_dali_when_installed():
-    assert resolve_backend("auto") == "dali"
+    assert resolve_backend("auto", torch.device("cpu")) == resolve_backend("auto", torch.device("cuda")) == "dali"
 
 
 def test_loader_errors_name_the_problem(prepared_builtin, tmp_path):

@@ -45,7 +45,7 @@ def _errors(path: Path, base_dir: Path) -> dict[str, str]:
         ({"source": {"s3": {"max_attempts": 0}}}, "source.s3.max_attempts", "greater than or equal to 1"),
         ({"loader": {"load_scale": 0.9}}, "loader.load_scale", "greater than or equal to 1"),
         ({"loader": {"load_scale": 3.0}}, "loader.load_scale", "less than or equal to 2"),
-        ({"loader": {"backend": "tensorflow"}}, "loader.backend", "'auto', 'dali' or 'torch'"),
+        ({"loader": {"backend": "tensorflow"}}, "loader.backend", "'auto', 'dali', 'torch' or 'nvjpeg'"),
         ({"loader": {"flip": "yes"}}, "loader.flip", "valid boolean"),
         ({"loader": {"crop_size": 64}}, "loader.crop_size", "the crop is image_size"),
         ({"loader": {"load_size": 72}}, "loader.load_size", "set loader.load_scale"),
