@@ -25,16 +25,21 @@ class S3Params(StrictModel):
 
 
 class BuiltinSourceParams(StrictModel):
-    """The default data set: seeded random crops of bundled photos paired with their edge maps."""
+    """The default data set: seeded random crops of bundled photos (lightly smoothed) paired
+    with their colour label maps (components/data/builtin.py)."""
 
     photos: list[BuiltinPhoto] = Field(
         default=["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina"], min_length=1
     )
-    train_pairs: int = Field(default=64, ge=1)
-    val_pairs: int = Field(default=8, ge=0)
-    test_pairs: int = Field(default=8, ge=0)
+    train_pairs: int = Field(default=512, ge=1)
+    val_pairs: int = Field(default=16, ge=0)
+    test_pairs: int = Field(default=64, ge=0)
     # each crop's side is drawn in [min_crop_fraction, 1] x the photo's shorter side
     min_crop_fraction: float = Field(default=0.3, gt=0, le=1)
+    # classes of the label map: the photos' pixels are clustered into this many reference colours
+    label_classes: int = Field(default=12, ge=2, le=16)
+    # Gaussian sigma, in pixels of the image_size image, applied to the target photo crop
+    target_smoothing: float = Field(default=1.0, ge=0, le=8)
     seed: int = 0
 
 
