@@ -2,6 +2,7 @@
 
 MLFLOW_TRACKING_URI: the tracking server or store (default: a SQLite file in the working dir).
 RAY_ADDRESS: the Ray cluster to join (default: start a local Ray).
+DVC_EXP_NAME: set by `dvc exp run` to the experiment's name; training runs are named after it.
 """
 
 import os
@@ -18,3 +19,7 @@ def ray_address() -> str:
     # "local" always starts a fresh local Ray (address=None would join any cluster a
     # `ray start` left on this machine); RAY_ADDRESS joins the cluster it names.
     return os.environ.get("RAY_ADDRESS") or "local"
+
+
+def dvc_experiment_name() -> str | None:
+    return os.environ.get("DVC_EXP_NAME") or None
