@@ -17,7 +17,7 @@ def test_shipped_params_use_the_small_builtin_source():
     params = load_params(REPO / "params" / "data.yaml", DataParams, context={"check_source_path": False})
     assert (params.source.kind, params.source.path, params.source.direction) == ("pix2pix", "data/builtin", "AtoB")
     assert params.image_size == 64
-    assert (params.source.builtin.train_pairs, params.source.builtin.val_pairs, params.source.builtin.test_pairs) == (64, 8, 8)
+    assert (params.source.builtin.train_pairs, params.source.builtin.val_pairs, params.source.builtin.test_pairs) == (512, 16, 64)
 
 
 def _errors(path: Path, base_dir: Path) -> dict[str, str]:
