@@ -58,7 +58,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     register_report = json.loads((repo / "reports/register.json").read_text())
     assert register_report["promoted"] is True  # the first model ever becomes champion
     evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert evaluation["mean"]["l1"] >= 0
+    # The demo learns: the champion's test samples are recognisably the targets (the README's promise).
+    assert evaluation["samples"] >= 32 and evaluation["mean"]["psnr"] >= 20, evaluation["mean"]
 
     import mlflow
 
