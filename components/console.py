@@ -87,13 +87,6 @@ class ProgressBar(Protocol):
 BarFactory = Callable[[str, int], ProgressBar]
 
 
-def terminal_bar(description: str, total: int) -> ProgressBar:
-    """A tqdm bar on stderr that disappears when done (the epoch line takes its place)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)
-
-
 class StepProgress:
     """Progress of the steps of one epoch (or any counted loop).
 

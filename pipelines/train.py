@@ -4,8 +4,11 @@ Reads params/model.yaml, params/train.yaml (its `run:` section: Ray workers, che
 tracking) and the `loader:` section of params/data.yaml. Ray starts locally unless
 RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
 Running the stage again with the same run.storage_path and run.name resumes from the latest
-checkpoint. Exit status: 0 trained, 1 failed (after Ray's retries), 2 invalid params or a
-checkpoint the params cannot resume, 3 training diverged (not retried).
+checkpoint; an MLflow run that a killed training of that folder left RUNNING is closed as
+FAILED first. One line per epoch on the console; -v/--verbose adds Ray's and MLflow's own
+output. Exit status: 0 trained, 1 failed (after Ray's retries, or the folder is being trained
+by another process), 2 invalid params or a checkpoint the params cannot resume, 3 training
+diverged (not retried).
 """
 
 import argparse
