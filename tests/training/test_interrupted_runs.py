@@ -135,6 +135,37 @@ def test_a_run_whose_training_process_still_runs_here_is_left_alone(tracking):
     assert client.get_run(running).info.status == "RUNNING"
 
 
+def test_train_refuses_a_run_folder_another_live_training_is_using(tmp_path, prepared_builtin, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params"
+    params.mkdir()
+    tiny = {"image_size": 32, "load_size": 36, "method": {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}}
+    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
+    train = {"run": {"name": "job", "storage_path": str(tmp_path / "checkpoints")}}
+    (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
+    data = {"loader": {"load_size": 36, "crop_size": 32}}
+    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        other = running_run(client, experiment_id, str(tmp_path / "checkpoints" / "job"), f"{socket.gethostname()}:{live.pid}")
+        status = main(["train", "--params-dir", str(params), "--data", str(prepared_builtin),
+                       "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")])
+    finally:
+        live.kill()
+        live.wait()
+    assert status == 1
+    error = capsys.readouterr().err
+    assert f"run folder {tmp_path / 'checkpoints' / 'job'} is being trained right now" in error and str(live.pid) in error
+    assert client.get_run(other).info.status == "RUNNING"
+    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [other]  # no new run
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "train.json").exists()
+
+
 # --- checkpoint folders Ray no longer tracks ------------------------------------------
 
 
