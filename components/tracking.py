@@ -11,7 +11,11 @@ and params come from the validated config models, which hold no secrets.
 """
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -19,12 +23,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import psutil
 import torch
 
 from components.config.flatten import flatten
+from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
 from components.evaluation.grid import sample_grid
 from components.redaction import redact_text, redact_uri
 
@@ -38,6 +45,12 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the tag MLflow's UI shows as the 
 TAG_OUTCOME = "pairgan.outcome"  # finished | diverged | failed
 TAG_DIVERGED = "pairgan.diverged"
 TAG_DIVERGENCE_REASON = "pairgan.divergence_reason"
+TAG_FAILURE = "pairgan.failure"  # why a run ended FAILED, in words
+TAG_PARAMS_HASH = "pairgan.params_hash"  # the same training params give the same hash
+TAG_DVC_EXPERIMENT = "pairgan.dvc_experiment"  # the `dvc exp run` experiment that trained the model
+# storage_path/run.name: the Ray run folder this MLflow run trains (it holds the checkpoints)
+TAG_RUN_FOLDER = "pairgan.run_folder"
+TAG_DRIVER = "pairgan.driver"  # host:pid of the `pairgan train` process, to tell a live run from a killed one
 
 # MLflow caps a param value at 6000 characters; a flattened config value never comes close,
 # but a long list (e.g. a T schedule) is cut rather than failing the whole job.
@@ -261,6 +274,96 @@ class EpochLogger:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+
+def method_label(model: ModelParams) -> str:
+    """The method as a run name shows it: pix2pix, atme-dg (with Diffusion-GAN), ddgan-cfg (with guidance)."""
+    method = model.method
+    if isinstance(method, Pix2PixParams | ATMEParams) and method.diffusion_gan is not None:
+        return f"{method.name}-dg"
+    if isinstance(method, DDGANParams) and method.guidance is not None:
+        return f"{method.name}-cfg"
+    return method.name
+
+
+def params_hash(config: Mapping) -> str:
+    """8 hex digits identifying a training config: runs with equal hashes trained with equal params."""
+    canonical = json.dumps(flatten(config), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def job_run_name(uri: str, experiment: str, base: str) -> str:
+    """`base #n`, n counting the runs of the experiment named `base #...` (the n-th run of this
+    method and experiment); e.g. "atme-dg fussy-bran #2" or "pix2pix 3f2a91c0 #1"."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    existing = client.get_experiment_by_name(experiment)
+    if existing is None:
+        return f"{base} #1"
+    pattern = base.replace("'", "_").replace("%", "_") + " #%"  # _ matches any one character
+    runs = client.search_runs([existing.experiment_id], filter_string=f"attributes.run_name LIKE '{pattern}'",
+                              max_results=50000)
+    return f"{base} #{len(runs) + 1}"
+
+
+def driver_identity() -> str:
+    """host:pid of this process, stored on the run (TAG_DRIVER)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _driver_alive(identity: str, run_started_ms: int) -> bool:
+    # Only a process on this host can be checked; one that started after the run did is a
+    # reused pid, not the run's driver.
+    host, _, pid = identity.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        process = psutil.Process(int(pid))
+        return process.is_running() and process.create_time() <= run_started_ms / 1000 + 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+@dataclass(frozen=True)
+class UnfinishedRuns:
+    """Runs of one run folder that were still RUNNING when a new training of it started."""
+
+    closed: list[str]  # run ids closed as FAILED: their training process is gone
+    live: list[tuple[str, str]]  # (run id, host:pid) whose training process is still running
+
+
+def close_interrupted_runs(uri: str, experiment: str, run_folder: str, started_by: str) -> UnfinishedRuns:
+    """Close as FAILED the runs of `run_folder` that a killed training left RUNNING.
+
+    A run whose `pairgan train` process still runs on this host is left alone and returned in
+    `live` (two trainings of one folder would overwrite each other's checkpoints). A run started
+    on another host cannot be checked and is taken as interrupted: one run folder is trained by
+    one job at a time. The closed runs get TAG_OUTCOME "failed" and TAG_FAILURE saying why.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    existing = client.get_experiment_by_name(experiment)
+    if existing is None:
+        return UnfinishedRuns([], [])
+    closed, live = [], []
+    # Filtered on the tag here, not in the filter string: a path may hold quotes.
+    for run in client.search_runs([existing.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=50000):
+        if run.data.tags.get(TAG_RUN_FOLDER) != run_folder:
+            continue
+        driver = run.data.tags.get(TAG_DRIVER, "")
+        if _driver_alive(driver, run.info.start_time):
+            live.append((run.info.run_id, driver))
+            continue
+        reason = (f"interrupted: its training process ({driver or 'unknown'}) ended without closing the run "
+                  f"(killed, or the machine stopped); closed when {started_by} started on the same run folder")
+        client.set_tag(run.info.run_id, TAG_OUTCOME, "failed")
+        client.set_tag(run.info.run_id, TAG_FAILURE, reason)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+    return UnfinishedRuns(closed, live)
 
 
 # system metrics are sampled on their own clock (their step is a sample count, not an epoch)

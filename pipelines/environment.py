@@ -2,6 +2,7 @@
 
 MLFLOW_TRACKING_URI: the tracking server or store (default: a SQLite file in the working dir).
 RAY_ADDRESS: the Ray cluster to join (default: start a local Ray).
+DVC_EXP_NAME: set by `dvc exp run` to the experiment's name; training runs are named after it.
 
 `configure_process` sets what every `pairgan` command needs from MLflow, whatever the shell says:
 MLflow prints no "View run ... at <tracking URI>" lines (the URI may hold a password), never
@@ -30,3 +31,7 @@ def configure_process() -> None:
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     forbid_pickle_deserialization()
+
+
+def dvc_experiment_name() -> str | None:
+    return os.environ.get("DVC_EXP_NAME") or None

@@ -5,12 +5,16 @@ tracking) and from params/data.yaml the image size (the networks are built for i
 `loader:` section. Ray starts locally unless
 RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
 Running the stage again with the same run.storage_path and run.name resumes from the latest
-checkpoint. Exit status: 0 trained, 1 failed (after Ray's retries), 2 invalid params or a
-checkpoint the params cannot resume, 3 training diverged (not retried).
+checkpoint; an MLflow run that a killed training of that folder left RUNNING is closed as
+FAILED first. One line per epoch on the console; -v/--verbose adds Ray's and MLflow's own
+output. Exit status: 0 trained, 1 failed (after Ray's retries, or the folder is being trained
+by another process), 2 invalid params or a checkpoint the params cannot resume, 3 training
+diverged (not retried).
 """
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from components.config import load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
 from components.config.model import load_model_params
 from components.config.train import TrainParams
+from components.console import ConsoleOptions
 from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
 from components.object_store import is_s3_uri
@@ -26,14 +31,24 @@ from components.redaction import redact_text, redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_DIVERGENCE_REASON,
+    TAG_DRIVER,
+    TAG_DVC_EXPERIMENT,
+    TAG_FAILURE,
     TAG_GIT_COMMIT,
     TAG_MANIFEST_CHECKSUM,
+    TAG_PARAMS_HASH,
+    TAG_RUN_FOLDER,
     TrackingUnavailable,
     check_tracking_reachable,
+    close_interrupted_runs,
+    driver_identity,
     epoch_history,
     finish_job_run,
     flatten_params,
     git_commit,
+    job_run_name,
+    method_label,
+    params_hash,
     start_job_run,
 )
 from components.training.report import TrainReport, compared_metrics, write_train_report
@@ -74,9 +89,34 @@ def _storage_path(storage: str) -> str:
     return storage if storage.startswith("s3://") else str(Path(storage).resolve())
 
 
+def _ray_console(console: ConsoleOptions, address: str) -> dict[str, str]:
+    """Decide what of Ray's output reaches the console; call it before ray is imported.
+
+    Unless --verbose, nothing of Ray's internals: only what our workers log (the epoch lines)
+    and errors. Returns the environment variables the workers need for that.
+    """
+    if not console.interactive:
+        # Ray colours the prefix of the lines it forwards from workers even into a file or pipe.
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+    if console.verbose:
+        return {}
+    # Read when ray is imported: no "(RayTrainWorker pid=...)" before each epoch line.
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    # Read by the workers when they start: Ray's own loggers at ERROR (Train's placement group
+    # cleaner warns every few seconds that the state API, served by the dashboard we do not
+    # start, does not answer), MLflow's info lines off.
+    workers = {"RAY_LOGGER_LEVEL": "error", "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
+    if address == "local":
+        # Ray Train's preemption watcher follows node drains, which a one-machine Ray never
+        # has, and Ray's core worker logs an error each time the watcher is created.
+        workers["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return workers
+
+
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
+    console = ConsoleOptions(verbose=args.verbose, interactive=sys.stdout.isatty())
     data = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
     # The networks are built for the data's one image size (model.yaml has none).
     model = load_model_params(model_path, data, data_path)
@@ -96,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
     except TrackingUnavailable as error:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
-    logger.info("MLflow: %s, experiment %r", redact_uri(tracking_uri), tracking.experiment)
 
+    ray_address = environment.ray_address()
+    ray_workers_environment = _ray_console(console, ray_address)
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
     from ray.train import TrainingFailedError
@@ -106,28 +147,58 @@ def run(args: argparse.Namespace) -> int:
     from components.training.compatibility import CheckpointIncompatible
     from components.training.driver import run_training
     from components.training.job import TrainingJob
+    from components.training.run_folder import remove_unlisted_checkpoints
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "data": {"image_size": data.image_size, "loader": data.loader.model_dump(mode="json")}}
-    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name}
+    storage = _storage_path(train.run.storage_path)
+    run_folder = f"{storage.rstrip('/')}/{train.run.name}"
+    # Equal hashes, equal training: train.yaml's run section says where and how, not what is trained.
+    trained = {**config, "train": {key: value for key, value in config["train"].items() if key != "run"}}
+    trained_hash = params_hash(trained)
+    dvc_experiment = environment.dvc_experiment_name()
+    run_name = job_run_name(tracking_uri, tracking.experiment, f"{method_label(model)} {dvc_experiment or trained_hash}")
+
+    # A training killed before it could close its MLflow run (SIGKILL, a lost machine) left it
+    # RUNNING, and maybe checkpoint folders Ray no longer tracks: close and clean up first.
+    unfinished = close_interrupted_runs(tracking_uri, tracking.experiment, run_folder, f"run {run_name!r}")
+    if unfinished.live:
+        run_id, driver = unfinished.live[0]
+        print(f"pairgan train: run folder {run_folder} is being trained right now (MLflow run {run_id}, process "
+              f"{driver}); wait for it, or give this training another run.name in {train_path}", file=sys.stderr)
+        return ExitStatus.FAILED
+    for closed in unfinished.closed:
+        logger.warning("MLflow run %s of %s was left RUNNING by a training that was killed: closed as FAILED",
+                       closed, run_folder)
+    removed = remove_unlisted_checkpoints(storage, train.run.name)
+    if removed:
+        logger.warning("removed %d checkpoint folder(s) of %s that Ray no longer tracks (left by a killed "
+                       "training): %s", len(removed), run_folder, ", ".join(removed))
+
+    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name,
+            TAG_PARAMS_HASH: trained_hash, TAG_RUN_FOLDER: run_folder, TAG_DRIVER: driver_identity()}
+    if dvc_experiment:
+        tags[TAG_DVC_EXPERIMENT] = dvc_experiment
     commit = git_commit(Path.cwd())
     if commit:
         tags[TAG_GIT_COMMIT] = commit
-    run_id = start_job_run(tracking_uri, tracking.experiment, train.run.name, flatten_params(config), tags)
+    run_id = start_job_run(tracking_uri, tracking.experiment, run_name, flatten_params(config), tags)
+    logger.info("MLflow: %s, experiment %r, run %r", redact_uri(tracking_uri), tracking.experiment, run_name)
 
     job = TrainingJob(
         model=model, train=train, loader=data.loader,
         data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
         data_checksum=manifest.checksum, dataset_size=dataset_size,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console,
     )
     if not ray.is_initialized():
-        ray.init(address=environment.ray_address(), include_dashboard=False)
-    storage = _storage_path(train.run.storage_path)
+        ray.init(address=ray_address, include_dashboard=False,
+                 logging_level=logging.INFO if console.verbose else logging.ERROR,
+                 runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
     try:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:
-        finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
+        finish_job_run(tracking_uri, run_id, "failed", {TAG_FAILURE: "checkpoint incompatible with params"})
         files = {"model": model_path, "train": train_path, "data": manifest.file_location()}
         # The model's sizes are set in data.yaml.
         sizes = {"model.image_size": (data_path, "image_size"),
@@ -149,14 +220,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"pairgan train: data error: {error}", file=sys.stderr)
         return ExitStatus.FAILED
     except TrainingFailedError as error:
-        finish_job_run(tracking_uri, run_id, "failed")
         # a worker's MLflow error can quote the tracking URI, password included
         failure = redact_text(str(error), tracking_uri)
+        finish_job_run(tracking_uri, run_id, "failed",
+                       {TAG_FAILURE: f"training failed after {train.run.max_failures} restart(s): {failure}"[:5000]})
         print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {failure}", file=sys.stderr)
         return ExitStatus.FAILED
-    except BaseException:
+    except BaseException as error:
         # Anything else (Ctrl-C, Ray itself failing): close the run as failed, then let it surface.
-        finish_job_run(tracking_uri, run_id, "failed")
+        finish_job_run(tracking_uri, run_id, "failed", {TAG_FAILURE: f"stopped: {type(error).__name__}: {error}"[:5000]})
         raise
 
     report = TrainReport(

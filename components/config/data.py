@@ -37,7 +37,8 @@ class S3Params(StrictModel):
 
 
 class BuiltinSourceParams(StrictModel):
-    """The default data set: seeded random crops of bundled photos paired with their edge maps."""
+    """The default data set: seeded random crops of bundled photos (lightly smoothed) paired
+    with their colour label maps (components/data/builtin.py)."""
 
     photos: list[BuiltinPhoto] = Field(min_length=1)
     train_pairs: int = Field(ge=1)
@@ -45,6 +46,10 @@ class BuiltinSourceParams(StrictModel):
     test_pairs: int = Field(ge=0)
     # each crop's side is drawn in [min_crop_fraction, 1] x the photo's shorter side
     min_crop_fraction: float = Field(gt=0, le=1)
+    # classes of the label map: the photos' pixels are clustered into this many reference colours
+    label_classes: int = Field(ge=2, le=16)
+    # Gaussian sigma, in pixels of the image_size image, applied to the target photo crop
+    target_smoothing: float = Field(ge=0, le=8)
     seed: int
 
 

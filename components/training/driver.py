@@ -31,7 +31,7 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> Trainin
     restarts are used up.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     scaling = run.scaling
@@ -47,6 +47,9 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> Trainin
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            # Ray Train's own progress (resources, worker group, every report and checkpoint)
+            # is for debugging; a failure still reaches the driver as an exception.
+            logging_config=LoggingConfig(log_level="INFO" if job.console.verbose else "ERROR"),
         ),
     )
     logger.info(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from components.config.data import LoaderParams
 from components.config.model import ModelParams
 from components.config.train import TrainParams
+from components.console import ConsoleOptions
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -32,6 +33,7 @@ class TrainingJob:
     tracking_uri: str | None = field(default=None, repr=False)
     mlflow_run_id: str | None = None
     step_hook: StepHook | None = None
+    console: ConsoleOptions = ConsoleOptions()  # what the workers print, decided by the command
 
 
 @dataclass(frozen=True)

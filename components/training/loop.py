@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from components.config.flatten import changed_keys
 from components.config.model import ModelParams
 from components.config.train import TrainParams
+from components.console import StepProgress, epoch_line
 from components.data.batch import Batch
 from components.methods.base import MethodContext, Player, unwrap
 from components.methods.registry import build_method
@@ -234,27 +235,35 @@ def run_epochs(
     loader: Iterable[Batch],
     epochs: int,
     on_epoch_end: Callable[[TrainingSession, dict[str, float]], None] | None = None,
+    progress: StepProgress | None = None,
 ) -> list[dict[str, float]]:
-    """Train from `session.epoch` up to `epochs`, logging rate and ETA per epoch; returns each epoch's metrics."""
+    """Train from `session.epoch` up to `epochs`; returns each epoch's metrics.
+
+    Logs one line per epoch (time, rate, ETA and the statistics of console.EPOCH_LINE_FIELDS);
+    `progress`, when given, follows the steps inside each epoch.
+    """
     history = []
+    first_epoch, run_started = session.epoch, time.perf_counter()
     for _ in range(session.epoch, epochs):
         started, images = time.perf_counter(), 0
+        if progress is not None:
+            progress.start(f"epoch {session.epoch + 1}/{epochs}", len(loader) if isinstance(loader, Sized) else 0)
         for batch in loader:
             session.train_step(batch)
             images += batch["source"].shape[0]
+            if progress is not None:
+                progress.advance()
+        if progress is not None:
+            progress.close()
         metrics = session.end_epoch()
         elapsed = time.perf_counter() - started
         metrics["throughput/images_per_s"] = images / elapsed if elapsed > 0 else 0.0
+        # The mean time of this run's epochs so far, checkpoints and logging included.
+        per_epoch = (time.perf_counter() - run_started) / (session.epoch - first_epoch)
         logger.info(
-            "epoch %d/%d: %.1f images/s, ETA %.0f s, loss G %.4f, loss D %.4f, V gap %.4f, D entropy %.4f",
-            session.epoch,
-            epochs,
-            metrics["throughput/images_per_s"],
-            elapsed * (epochs - session.epoch),
-            metrics.get("loss/G", float("nan")),
-            metrics.get("loss/D", float("nan")),
-            metrics.get("health/V_gap", float("nan")),
-            metrics.get("health/D_entropy", float("nan")),
+            "%s",
+            epoch_line(session.epoch, epochs, elapsed, metrics["throughput/images_per_s"],
+                       per_epoch * (epochs - session.epoch), metrics),
         )
         history.append(metrics)
         if on_epoch_end is not None:

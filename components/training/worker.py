@@ -22,11 +22,13 @@ import json
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from components.config.run import RunParams
+from components.console import LOG_DATE_FORMAT, LOG_FORMAT, ConsoleOptions, ProgressBar, StepProgress
 from components.data.batch import Batch
 from components.training.checkpoints import checkpoint_due, load_checkpoint, write_checkpoint
 from components.training.collectives import AgreeingDetector, all_reduce_sum
@@ -77,16 +79,35 @@ class ObservedLoader:
                 self.step_hook(self.rank, self.session.step)
 
 
-def configure_worker_logging(rank: int) -> None:
+def configure_worker_logging(rank: int, console: ConsoleOptions) -> None:
     # Ray forwards a worker's stdout to the driver. One progress line per epoch, from rank 0:
     # the statistics are reduced over all workers, so the other ranks' lines would repeat it.
     package_logger = logging.getLogger("components")
     if not package_logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
         package_logger.addHandler(handler)
         package_logger.propagate = False
-    package_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank != 0:
+        package_logger.setLevel(logging.WARNING)
+    else:
+        package_logger.setLevel(logging.DEBUG if console.verbose else logging.INFO)
+    if console.verbose:
+        return
+    # Ray Train gives the worker's root logger an INFO console handler: the libraries' info
+    # lines would reach the driver's console. (MLflow sets its own level when it is imported,
+    # from MLFLOW_LOGGING_LEVEL, which the driver passes to the workers.)
+    logging.getLogger().setLevel(logging.WARNING)
+    # ddp_wrap passes broadcast_buffers=False on purpose (its replacement still syncs buffers
+    # at start-up); torch's deprecation notice is for developers, shown with --verbose.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+
+
+def _ray_progress_bar(description: str, total: int) -> ProgressBar:
+    # Drawn by the driver, which owns the terminal: a worker's own stdout is a pipe.
+    from ray.experimental import tqdm_ray
+
+    return tqdm_ray.tqdm(desc=description, total=total, unit="step")
 
 
 def train_worker(config: dict) -> None:
@@ -103,7 +124,7 @@ def train_worker(config: dict) -> None:
     run: RunParams = job.train.run
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    configure_worker_logging(rank)
+    configure_worker_logging(rank, job.console)
     if data_error_recorded(config["outcome"]):
         report({"data_error": 1})  # an earlier attempt met a damaged shard: the same bytes again, so stop
         return
@@ -171,9 +192,13 @@ def train_worker(config: dict) -> None:
         else:
             report(metrics)
 
+    progress = None
+    if rank == 0:
+        progress = StepProgress(logging.getLogger("components.training.loop"), job.console.progress_interval_s,
+                                bar=_ray_progress_bar if job.console.interactive else None)
     first_epoch = session.epoch
     try:
-        run_epochs(session, loader, epochs, on_epoch_end)
+        run_epochs(session, loader, epochs, on_epoch_end, progress)
     except TrainingDiverged as diverged:
         # Reported, not raised: a raise would make Ray retry the run from its last checkpoint.
         end_early(config["outcome"], rank, {"diverged": 1, "divergence_reason": diverged.reason,

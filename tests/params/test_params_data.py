@@ -16,6 +16,8 @@ def test_shipped_params_use_the_small_builtin_source():
     params = load_params(PARAMS / "data.yaml", DataParams, context={"check_source_path": False})
     assert (params.source.kind, params.source.path, params.source.direction) == ("pix2pix", "data/builtin", "AtoB")
     assert params.load_size == round(params.image_size * params.loader.load_scale) >= params.image_size
+    assert params.image_size == 64
+    assert (params.source.builtin.train_pairs, params.source.builtin.val_pairs, params.source.builtin.test_pairs) == (512, 16, 64)
 
 
 def _errors(path: Path, base_dir: Path) -> dict[str, str]:
