@@ -10,6 +10,7 @@ from components.config import load_params
 from components.config.data import BuiltinSourceParams, DataParams
 from components.data.builtin import LABEL_PALETTE, make_builtin_pair
 from pipelines.cli import main
+from support.params import shipped
 
 
 def digest(folder):
@@ -81,7 +82,7 @@ def test_a_label_means_the_same_colours_in_every_pair():
     # What makes the task learnable from few pairs, as a label map -> photo task should be: the
     # label map is painted in the palette only, and one label stands for similar photo colours
     # across all pairs (a label map with per-image colours would be noise to the network).
-    params = BuiltinSourceParams(label_classes=12)
+    params = shipped("data", source={"builtin": {"label_classes": 12}}).source.builtin
     labels, photos = _pairs(params, 24)
     palette = [tuple(colour) for colour in LABEL_PALETTE[: params.label_classes]]
     used = {tuple(colour) for colour in labels.reshape(-1, 3)}
@@ -97,9 +98,9 @@ def test_a_label_means_the_same_colours_in_every_pair():
 
 
 def test_the_target_is_the_smoothed_photo_and_more_classes_give_a_finer_label_map():
-    coarse, photos_smooth = _pairs(BuiltinSourceParams(label_classes=4), 6)
-    fine, _ = _pairs(BuiltinSourceParams(label_classes=16), 6)
-    _, photos_sharp = _pairs(BuiltinSourceParams(label_classes=4, target_smoothing=0.0), 6)
+    coarse, photos_smooth = _pairs(shipped("data", source={"builtin": {"label_classes": 4}}).source.builtin, 6)
+    fine, _ = _pairs(shipped("data", source={"builtin": {"label_classes": 16}}).source.builtin, 6)
+    _, photos_sharp = _pairs(shipped("data", source={"builtin": {"label_classes": 4, "target_smoothing": 0.0}}).source.builtin, 6)
     assert len({tuple(c) for c in coarse.reshape(-1, 3)}) <= 4 < len({tuple(c) for c in fine.reshape(-1, 3)})
 
     def roughness(images: np.ndarray) -> float:

@@ -67,10 +67,10 @@ def test_random_bytes_inside_a_jpeg_member_name_the_sample(data, backend):
     overwrite(shard, jpeg.offset + jpeg.size // 2, np.random.default_rng(0).integers(0, 256, 16, np.uint8).tobytes())
     with pytest.raises(DataError) as caught:
         make_loader(data, "train", loader_params(backend=backend), batch_size=2, train=True)
-    assert str(caught.value) == (
-        f"{shard}, sample train/train-000006 (index 6): its bytes differ from what `prepare` wrote "
-        "(damaged or modified after it was written); run `pairgan prepare` again"
-    )
+    # Whether the decoder shows noise or fails on these bytes, the error names the shard and the sample.
+    message = str(caught.value)
+    assert message.startswith(f"{shard}, sample train/train-000006 (index 6): ") and "\n" not in message
+    assert "its bytes differ from what `prepare` wrote" in message or "does not decode" in message
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -76,10 +76,11 @@ def test_run_names_say_the_method_and_count_the_runs_of_one_experiment(tracking)
 def test_method_label_names_diffusion_gan_and_the_params_hash_follows_the_params():
     diffusion_gan = {"t_min": 5, "t_max": 500, "beta_start": 1.0e-4, "beta_end": 2.0e-2, "sigma": 0.05,
                      "t_distribution": "priority", "update_interval": 4, "ada_kimg": 100, "d_target": 0.6}
+    sizes = {"image_size": 32, "load_size": 36}
     plain = shipped_params("model.yaml", {})
-    assert method_label(ModelParams.model_validate(plain)) == "pix2pix"
+    assert method_label(ModelParams.model_validate({**plain, **sizes})) == "pix2pix"
     with_dg = shipped_params("model.yaml", {"method": {"diffusion_gan": diffusion_gan}})
-    assert method_label(ModelParams.model_validate(with_dg)) == "pix2pix-dg"
+    assert method_label(ModelParams.model_validate({**with_dg, **sizes})) == "pix2pix-dg"
     assert params_hash(plain) == params_hash(shipped_params("model.yaml", {}))
     assert params_hash(plain) != params_hash(with_dg)
     assert len(params_hash(plain)) == 8
@@ -141,11 +142,11 @@ def test_train_refuses_a_run_folder_another_live_training_is_using(tmp_path, pre
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params"
     params.mkdir()
-    tiny = {"image_size": 32, "load_size": 36, "method": {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}}
+    tiny = {"method": {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}}
     (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
     train = {"run": {"name": "job", "storage_path": str(tmp_path / "checkpoints")}}
     (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
-    data = {"loader": {"load_size": 36, "crop_size": 32}}
+    data = {"image_size": 32}
     (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
