@@ -1,5 +1,5 @@
 """bench/gpu_check.py in --cpu mode: the GPU check's own code, small, as the GPU machine runs it
-(without Ray, MLflow, DALI, WebDataset or DVC: a sitecustomize makes importing them fail)."""
+(without Ray, MLflow, DALI, WebDataset, DVC or boto3: a sitecustomize makes importing them fail)."""
 
 import ast
 import json
@@ -15,7 +15,7 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CHECK = REPOSITORY / "bench" / "gpu_check.py"
-NOT_ON_THE_GPU_MACHINE = ("ray", "mlflow", "nvidia.dali", "webdataset", "dvc")
+NOT_ON_THE_GPU_MACHINE = ("ray", "mlflow", "nvidia.dali", "webdataset", "dvc", "boto3", "botocore")
 BLOCKER = '''
 import importlib.abc
 import sys
@@ -58,9 +58,10 @@ def items(report: dict, section: str) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc(tmp_path):
+def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_boto3(tmp_path):
     completed, report = run_check(tmp_path)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert report["profile"] == "full" and report["data"]["pairs"] == 12
     assert list(report["sections"]) == ["environment", "decode", "throughput_pix2pix", "throughput_atme",
                                         "cuda_tests", "correctness"]
     assert all(section["status"] == "ok" for section in report["sections"].values())
@@ -102,13 +103,72 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc(
 
 
 @pytest.mark.slow
+def test_the_short_profile_measures_what_matters_most_first(tmp_path):
+    completed, report = run_check(tmp_path, "--profile", "short")
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert report["profile"] == "short"
+    assert list(report["sections"]) == ["environment", "throughput_atme", "throughput_pix2pix", "decode", "correctness",
+                                        "atme_fp32_baseline", "cuda_tests"]
+    assert all(section["status"] == "ok" for section in report["sections"].values())
+    assert report["elapsed_s"] <= report["budget_s"]
+
+    atme = items(report, "throughput_atme")
+    assert list(atme) == ["atme resident shipped defaults (auto)", "atme resident all on but compile"]
+    for row in atme.values():
+        assert row["images_per_s"] > 0 and row["train_gflop_per_image"] > 0 and row["gib_per_image"] > 0
+        assert row["losses_finite"]
+    every = atme["atme resident all on but compile"]["switches"]
+    assert every["autocast"] == "bf16" and every["channels_last"] and every["fused_adam"] and every["sdpa"]
+    assert every["activation_checkpointing"] and not every["compile"] and not every["cuda_graphs"]
+
+    pix2pix = items(report, "throughput_pix2pix")
+    assert list(pix2pix) == ["pix2pix resident shipped defaults (auto)", "pix2pix loader shipped defaults (auto)"]
+    loaded = pix2pix["pix2pix loader shipped defaults (auto)"]
+    assert loaded["images_per_s"] > 0 and loaded["fraction_of_resident"] == pytest.approx(
+        loaded["images_per_s"] / pix2pix["pix2pix resident shipped defaults (auto)"]["images_per_s"], abs=1e-3)
+
+    assert list(items(report, "decode")) == ["nvjpeg loader, batch 8"]  # the largest batch only
+
+    correctness = items(report, "correctness")
+    assert list(correctness) == ["pix2pix fp32 eager + export", "atme fp32 eager", "diffusion_gan fp32 eager",
+                                 "ddgan fp32 eager", *(f"{method} shipped defaults (auto)"
+                                                       for method in ("pix2pix", "atme", "diffusion_gan", "ddgan"))]
+    assert correctness["pix2pix fp32 eager + export"]["export_ok"]
+    for item in correctness.values():
+        assert item["status"] == "ok" and item["losses_finite"], item
+
+    (baseline,) = items(report, "atme_fp32_baseline").values()
+    assert baseline["name"] == "atme resident fp32 eager" and baseline["switches"]["autocast"] == "none"
+    assert baseline["train_gflop_per_image"] == atme["atme resident shipped defaults (auto)"]["train_gflop_per_image"]
+    assert report["sections"]["cuda_tests"]["items"][0]["finished"]
+
+    # nothing compiled, and the report says why; the targets and comparisons read rows of every section
+    rows = [item for section in report["sections"].values() for item in section["items"] if "requested" in item]
+    assert len(rows) == 5 and not any((row["requested"] or {}).get("compile") for row in rows)
+    assert not any(row["switches"]["compile"] for section in report["sections"].values() for row in section["items"]
+                   if "switches" in row)
+    assert "no compile" in report["notes"][0] and "note: no compile" in completed.stdout
+    assert "pix2pix whole loop >= 95% of resident: None" not in report["table"]
+    assert "atme     shipped defaults (auto) vs fp32 eager" in report["table"]
+    assert "atme     all on but compile vs shipped defaults (auto) (autocast=bf16" in report["table"]
+
+
+def test_a_section_the_profile_does_not_have_is_refused(tmp_path):
+    completed = subprocess.run([sys.executable, str(CHECK), "--cpu", "--out", str(tmp_path), "--profile", "short",
+                                "--sections", "decode", "throughput_ddgan"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "profile short has no section throughput_ddgan; its sections: environment, throughput_atme" in completed.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.slow
 def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
-    # sabotage: the throughput section cannot import its helpers, the loader module is missing
-    blocked = (*NOT_ON_THE_GPU_MACHINE, "train_throughput", "components.data.nvjpeg_loader")
+    # sabotage: the throughput section cannot import the training loop, the loader module is missing
+    blocked = (*NOT_ON_THE_GPU_MACHINE, "components.training.loop", "components.data.nvjpeg_loader")
     completed, report = run_check(tmp_path, "--sections", "throughput_pix2pix", "decode", "environment", blocked=blocked)
     assert completed.returncode == 1
     throughput = report["sections"]["throughput_pix2pix"]
-    assert throughput["status"] == "failed (exit status 1)" and "train_throughput" in throughput["error"]
+    assert throughput["status"] == "failed (exit status 1)" and "components.training.loop" in throughput["error"]
     decode = report["sections"]["decode"]
     assert decode["status"] == "ok" and decode["items"]
     assert all(item["status"] == "error" for item in decode["items"])
@@ -127,24 +187,28 @@ def test_no_budget_left_skips_sections_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_check_leaves_the_sections_it_finished(tmp_path):
-    command, environment = check_command(tmp_path, "--sections", "environment", "cuda_tests")
+def test_a_killed_check_leaves_every_item_it_finished(tmp_path):
+    command, environment = check_command(tmp_path, "--sections", "environment", "correctness")
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     report_path = tmp_path / "out" / "gpu_check.json"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if report_path.exists() and "environment" in json.loads(report_path.read_text())["sections"]:
+            sections = json.loads(report_path.read_text())["sections"] if report_path.exists() else {}
+            if sections.get("correctness", {}).get("items"):  # an item of the section still running
                 break
             assert process.poll() is None, "the check ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.1)
         os.killpg(process.pid, signal.SIGKILL)  # the check and the section it is running
     finally:
         process.wait()
     report = json.loads(report_path.read_text())
     assert report["sections"]["environment"]["status"] == "ok"
-    assert "cuda_tests" not in report["sections"] and "table" not in report
+    correctness = report["sections"]["correctness"]
+    assert correctness["status"] == "running" and correctness["items"][0]["name"] == "pix2pix fp32 eager + export"
+    assert correctness["items"][0]["status"] == "ok"
+    assert list(report["sections"]) == ["environment", "correctness"] and "table" not in report
 
 
 def test_the_check_runs_every_test_file_with_cuda_tests():
