@@ -30,7 +30,8 @@ Profile `short` (default budget 140 s), in the order of what matters most:
   correctness          every method 8 steps eager fp32 and with the shipped switches: finite, within
                        tolerance of fp32; pix2pix's generator exported, loaded and run on the device
   atme_fp32_baseline   ATME eager fp32, the reference's precision, if time remains
-  cuda_tests           if time remains
+  cuda_tests           the cuda tests that compile nothing (pytest -m 'cuda and not compiles'), if
+                       time remains; cut at the budget, the item is partial, not failed
 It compiles nothing: a first compiled training step costs tens of seconds per compiled network
 (ATME compiles its U-Net's blocks and W), more than the items after it together; the full
 profile measures compile and CUDA graphs.
@@ -40,7 +41,8 @@ FlopCounterMode, over the device's dense bf16 peak), peak memory and memory per 
 warm-up seconds (compilation), and whether the losses stayed finite. The JSON report
 (OUT/gpu_check.json) is rewritten after every item, so a killed run still leaves its
 results; the table is printed at the end and stored in the report. Exit status 0: every
-item that ran passed (items skipped for the budget are listed); 1: something failed.
+item that ran passed (items skipped for the budget, and a test run the budget cut short,
+are listed); 1: something failed.
 
 Data: --facades DIR (pix2pix JPEGs, photo | labels, 512 x 256; DIR or DIR/train) is prepared
 by the project's writer as `pairgan prepare` would (labels -> photo, 256 px, all pairs in
@@ -55,6 +57,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -187,6 +190,7 @@ class Profile:
     correctness_steps: tuple[int, int]  # on a GPU, in --cpu mode
     export_every_method: bool  # False: pix2pix's export only
     decode_every_batch: bool  # False: the loader at the largest batch only
+    cuda_test_marks: str  # the pytest -m expression of the cuda_tests section
     notes: tuple[str, ...] = ()
 
 
@@ -201,7 +205,7 @@ FULL = Profile(
         Section("correctness", "correctness", (105, 60)),
     ),
     correctness_variants=tuple(name for name, _, _ in CORRECTNESS_VARIANTS if name != SHIPPED),
-    correctness_steps=(20, 3), export_every_method=True, decode_every_batch=True,
+    correctness_steps=(20, 3), export_every_method=True, decode_every_batch=True, cuda_test_marks="cuda",
 )
 SHORT = Profile(
     name="short", budget_s=140.0,
@@ -216,6 +220,7 @@ SHORT = Profile(
         Section("cuda_tests", "cuda_tests", (60, 40)),
     ),
     correctness_variants=(SHIPPED,), correctness_steps=(8, 3), export_every_method=False, decode_every_batch=False,
+    cuda_test_marks="cuda and not compiles",
     notes=("no compile, no CUDA graphs: a first compiled step costs tens of seconds per compiled network, more than "
            "the items after it together; the full profile measures them (--profile full --sections throughput_atme)",),
 )
@@ -240,7 +245,8 @@ class Scale:
     synthetic_pairs: int
     correctness_size: int
     correctness_batch: int
-    # seconds an item is expected to take, by kind: an item is skipped when its section has less left
+    # seconds an item is expected to take, by kind (throughput rows: by method too), the start of a
+    # section's process excluded: an item is skipped when its section has less left
     estimates_s: dict[str, float]
     # the rows and correctness variants run (None: all); the CPU mode runs a few, which exercise every code path
     throughput_variants: tuple[str, ...] | None = None
@@ -251,8 +257,9 @@ GPU = Scale(
     image_size=256, network_overrides={}, pix2pix_batch=48, atme_batch=32, warmup_steps=3,
     timed_steps={"pix2pix": 20, "atme": 10}, loader_steps=60, decode_batches=(32, 128), decode_epochs=3,
     repeat=8, synthetic_pairs=FACADES_PAIRS, correctness_size=64, correctness_batch=4,
-    estimates_s={"decode": 10, "eager_row": 12, "compile_row": 40, "loader_row": 15, "baseline": 6, "export": 12,
-                 "correctness": 5, "correctness_compile": 25, "pytest": 20},
+    estimates_s={"decode": 10, "eager_row_pix2pix": 6, "eager_row_atme": 12, "compile_row_pix2pix": 40,
+                 "compile_row_atme": 60, "loader_row": 8, "baseline": 6, "export": 12, "correctness": 5,
+                 "correctness_compile": 25, "pytest": 20},
 )
 TINY_UNET = {"width": 8, "channel_multipliers": [1, 2], "attention_heads": 2, "attention_head_dim": 8}
 TINY_PIX2PIX = {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}
@@ -265,8 +272,9 @@ CPU = Scale(
     }, pix2pix_batch=4, atme_batch=2, warmup_steps=1,
     timed_steps={"pix2pix": 2, "atme": 2}, loader_steps=3, decode_batches=(8,), decode_epochs=1,
     repeat=1, synthetic_pairs=12, correctness_size=32, correctness_batch=2,
-    estimates_s={"decode": 2, "eager_row": 2, "compile_row": 2, "loader_row": 3, "baseline": 2, "export": 8,
-                 "correctness": 2, "correctness_compile": 2, "pytest": 10},
+    estimates_s={"decode": 2, "eager_row_pix2pix": 2, "eager_row_atme": 2, "compile_row_pix2pix": 2,
+                 "compile_row_atme": 2, "loader_row": 3, "baseline": 2, "export": 8, "correctness": 2,
+                 "correctness_compile": 2, "pytest": 10},
     throughput_variants=("fp32 eager", "all on", "all on + activation checkpointing", SHIPPED, ALL_BUT_COMPILE),
     correctness_variants=("bf16", "channels_last", "sdpa off", "all on", SHIPPED),
 )
@@ -461,7 +469,7 @@ def clear_device(context: Context, forget_compiled: bool = True) -> None:
     so that a row's warm-up includes its own compilation."""
     import torch
 
-    if forget_compiled:
+    if forget_compiled and "torch._dynamo" in sys.modules:  # importing dynamo costs seconds; it is there once used
         torch._dynamo.reset()
     gc.collect()
     if context.device.type == "cuda":
@@ -603,6 +611,8 @@ def resident_batch(context: Context, batch_size: int) -> tuple[dict, str]:
 
 
 def dynamo_counts() -> dict:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet in this process
+        return {"compiled_graphs": 0, "graph_breaks": 0}
     import torch
 
     counters = torch._dynamo.utils.counters
@@ -672,7 +682,7 @@ def section_throughput(context: Context, record: SectionRecord) -> None:
             continue
         seen[key] = row.variant
         compiles = overrides is not None and overrides.get("compile")
-        cost = scale.estimates_s["compile_row" if compiles else "eager_row"]
+        cost = scale.estimates_s[f"{'compile' if compiles else 'eager'}_row_{method}"]
         if row.mode == "loader":
             cost += scale.estimates_s["loader_row"]
         item = record.attempt(f"{method} {row.mode} {row.variant}", cost, lambda row=row, overrides=overrides: run(row, overrides))
@@ -818,6 +828,17 @@ def export_check(session, device) -> dict:
             "export_batch": 3}
 
 
+def pytest_collected(output: str) -> int | None:
+    """How many tests `pytest -v` selected, from its "collecting ... collected N items / M deselected /
+    K selected" line."""
+    for line in output.splitlines():
+        _, found, counted = line.partition("collected ")
+        if found:
+            counts = {label: int(number) for number, label in re.findall(r"(\d+) (\w+)", counted)}
+            return counts.get("selected", counts.get("items", counts.get("item")))
+    return None
+
+
 def pytest_outcomes(output: str) -> dict[str, str]:
     """test id -> PASSED, FAILED, ERROR or SKIPPED, from `pytest -v` lines (complete or not)."""
     outcomes = {}
@@ -828,30 +849,42 @@ def pytest_outcomes(output: str) -> dict[str, str]:
     return outcomes
 
 
+def pytest_result(output: str, finished: bool, returncode: int | None, marks: str) -> dict:
+    """The cuda_tests item from a `pytest -v` run's output, complete or cut at the time budget:
+    failed if a test failed (or pytest could not run them); partial if every test that ran
+    passed but the budget ended the run."""
+    outcomes = pytest_outcomes(output)
+    counts = {name: sum(1 for value in outcomes.values() if value == outcome)
+              for name, outcome in (("passed", "PASSED"), ("failed", "FAILED"), ("errors", "ERROR"), ("skipped", "SKIPPED"))}
+    failed = sorted(test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
+    collected = pytest_collected(output)
+    result = {"marks": marks, "tests": len(outcomes), "collected": collected, **counts, "failed_tests": failed,
+              "finished": finished, "returncode": returncode}
+    if failed or (finished and returncode not in (0, 5)):  # 5: no test selected
+        result["status"] = "failed"
+        result["error"] = f"{len(failed)} failed: {', '.join(failed)}" if failed else f"pytest exited {returncode}"
+    elif not finished:
+        result["status"] = "partial"
+        result["reason"] = f"time budget: {len(outcomes)} of {collected if collected is not None else '?'} tests ran"
+    if "status" in result:
+        result["output_tail"] = output[-4000:]
+    return result
+
+
 def section_cuda_tests(context: Context, record: SectionRecord) -> None:
+    marks = context.profile.cuda_test_marks
+
     def run_pytest() -> dict:
-        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TEST_FILES]
+        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", marks, *CUDA_TEST_FILES]
         left = max(record.time_left() - 5, 10)
         try:
             completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=left)
-            output, finished, returncode = completed.stdout, True, completed.returncode
+            return pytest_result(completed.stdout, True, completed.returncode, marks)
         except subprocess.TimeoutExpired as timeout:  # what ran so far still counts
             output = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
-            finished, returncode = False, None
-        outcomes = pytest_outcomes(output)
-        counts = {name: sum(1 for value in outcomes.values() if value == outcome)
-                  for name, outcome in (("passed", "PASSED"), ("failed", "FAILED"), ("errors", "ERROR"), ("skipped", "SKIPPED"))}
-        failed = sorted(test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
-        ok = finished and returncode in (0, 5) and not failed
-        result = {"tests": len(outcomes), **counts, "failed_tests": failed, "finished": finished,
-                  "returncode": returncode, "status": "ok" if ok else "failed"}
-        if not ok:
-            result["error"] = (f"{len(failed)} failed: {', '.join(failed)}" if failed else
-                               "pytest did not finish in the time left" if not finished else f"pytest exited {returncode}")
-            result["output_tail"] = output[-4000:]
-        return result
+            return pytest_result(output, False, None, marks)
 
-    record.attempt("pytest -m cuda", context.scale.estimates_s["pytest"], run_pytest)
+    record.attempt(f"pytest -m '{marks}'", context.scale.estimates_s["pytest"], run_pytest)
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Context, SectionRecord], None]] = {
@@ -921,7 +954,8 @@ def summarise_item(item: dict) -> str:
     if "export_max_abs_difference" in item:
         parts.append(f"export |diff| {item['export_max_abs_difference']:.2e}")
     if "tests" in item:
-        parts.append(f"{item['passed']} passed, {item['failed'] + item['errors']} failed, {item['skipped']} skipped")
+        parts.append(f"{item['passed']} passed, {item['failed'] + item['errors']} failed, {item['skipped']} skipped"
+                     + (f", {item['reason']}" if item.get("status") == "partial" else ""))
     if item.get("losses_finite") is False:
         parts.append("NON-FINITE LOSS")
     return ", ".join(parts)
@@ -1018,7 +1052,8 @@ def failed(report: dict) -> bool:
     for section in report["sections"].values():
         if section["status"] not in ("ok", "skipped"):
             return True
-        if any(item.get("status") not in ("ok", "skipped") for item in section.get("items", [])):
+        # partial: every test that ran passed, the rest did not fit in the budget
+        if any(item.get("status") not in ("ok", "skipped", "partial") for item in section.get("items", [])):
             return True
     return False
 

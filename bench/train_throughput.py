@@ -12,7 +12,8 @@ width 64, multipliers 1-2-4-8, ATME's attention at every level, as the reference
     python bench/train_throughput.py --prepared DIR                    # reuse a prepared folder
 
 FLOPs are counted once per method with torch.utils.flop_counter.FlopCounterMode over one whole
-eager training step (forward and backward of every phase), divided by the batch size. MFU is
+eager training step (forward and backward of every phase; the second step, as the first runs
+lazy regularisation), divided by the batch size. MFU is
 (FLOP per image x images/s) / the device's peak dense bf16 rate (--peak-tflops; known for
 H100/H200). The params are the shipped params/*.yaml (performance switches as shipped, auto;
 --compile turns regional compile on) with the presets' networks; the loader resizes to
@@ -45,8 +46,10 @@ def bench_method(method: str, prepared: Path, args: argparse.Namespace, device: 
     count = loader.manifest.split("train").count
     batches = workloads.endless(loader)
     resident = {key: value.to(device) for key, value in next(batches).items()}
-    # compiled code hides its operations from the FLOP counter: count on an eager session
+    # compiled code hides its operations from the FLOP counter: count on an eager session, at its
+    # second step (the first runs lazy regularisation, DDGAN's R1, which recurs every r1_interval steps)
     eager = TrainingSession(model, workloads.train_params(args.batch_size, {"compile": False}), count, device)
+    eager.train_step(resident)
     flops = workloads.flops_per_image(eager, resident, args.batch_size)
     del eager
     session = TrainingSession(model, workloads.train_params(args.batch_size, {"compile": True} if args.compile else None), count, device)

@@ -2,6 +2,7 @@
 (without Ray, MLflow, DALI, WebDataset, DVC or boto3: a sitecustomize makes importing them fail)."""
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -95,7 +96,7 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
     assert "pix2pix sdpa off" not in correctness  # no attention to switch
 
     (pytest_item,) = report["sections"]["cuda_tests"]["items"]
-    assert pytest_item["finished"] and pytest_item["tests"] >= 10
+    assert pytest_item["marks"] == "cuda" and pytest_item["finished"] and pytest_item["tests"] >= 10
     assert pytest_item["skipped"] == pytest_item["tests"]  # no CUDA here
 
     assert "== targets" in completed.stdout and "ATME >= 340 img/s" in report["table"]
@@ -140,7 +141,9 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
     (baseline,) = items(report, "atme_fp32_baseline").values()
     assert baseline["name"] == "atme resident fp32 eager" and baseline["switches"]["autocast"] == "none"
     assert baseline["train_gflop_per_image"] == atme["atme resident shipped defaults (auto)"]["train_gflop_per_image"]
-    assert report["sections"]["cuda_tests"]["items"][0]["finished"]
+    (pytest_item,) = report["sections"]["cuda_tests"]["items"]  # the suite's cuda tests that compile nothing
+    assert pytest_item["name"] == "pytest -m 'cuda and not compiles'" and pytest_item["finished"]
+    assert 0 < pytest_item["tests"] == pytest_item["collected"] == pytest_item["skipped"]  # no CUDA here
 
     # nothing compiled, and the report says why; the targets and comparisons read rows of every section
     rows = [item for section in report["sections"].values() for item in section["items"] if "requested" in item]
@@ -219,3 +222,39 @@ def test_the_check_runs_every_test_file_with_cuda_tests():
     with_cuda = sorted(str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "tests").rglob("test_*.py")
                        if marked.search(path.read_text()))
     assert sorted(listed) == with_cuda
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CUT_SHORT = """============================= test session starts ==============================
+collecting ... collected 37 items / 31 deselected / 6 selected
+
+tests/data/test_nvjpeg_loader.py::test_gpu_decoding_gives_the_batches_of_cpu_decoding PASSED [ 16%]
+tests/data/test_nvjpeg_loader.py::test_gpu_batches_are_complete_while_the_training_stream_is_busy PASSED [ 33%]
+"""
+
+
+def test_cuda_tests_cut_at_the_budget_are_partial_and_a_failing_one_fails_the_check(gpu_check):
+    def report_with(item: dict) -> dict:
+        return {"data": {}, "sections": {"cuda_tests": {"status": "ok", "items": [{"name": "pytest", **item}]}}}
+
+    cut = gpu_check.pytest_result(CUT_SHORT, False, None, "cuda and not compiles")
+    assert cut["status"] == "partial" and cut["passed"] == 2 and cut["collected"] == 6
+    assert "time budget: 2 of 6 tests ran" in gpu_check.summarise_item({"name": "pytest", **cut})
+    assert not gpu_check.failed(report_with(cut))
+
+    failing = CUT_SHORT + "tests/training/test_performance.py::test_sdpa_and_written_out_attention_agree_on_cuda FAILED [ 50%]\n"
+    broken = gpu_check.pytest_result(failing, False, None, "cuda")
+    assert broken["status"] == "failed"
+    assert broken["failed_tests"] == ["tests/training/test_performance.py::test_sdpa_and_written_out_attention_agree_on_cuda"]
+    assert gpu_check.failed(report_with(broken))
+
+    assert "status" not in gpu_check.pytest_result(CUT_SHORT, True, 0, "cuda")  # finished, all passed: ok
+    crashed = gpu_check.pytest_result("ImportError while loading conftest", True, 4, "cuda")
+    assert crashed["status"] == "failed" and crashed["error"] == "pytest exited 4"
