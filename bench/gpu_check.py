@@ -17,9 +17,10 @@ Profile `full` (default budget 420 s):
   cuda_tests           the suite's tests marked `cuda` (pytest -m cuda)
   correctness          every method, 20 steps eager fp32, then each switch alone (bf16 autocast,
                        channels_last, fused Adam, SDPA off, activation checkpointing, compile,
-                       CUDA graphs) and all together: finite losses, loss curves within tolerance
-                       of fp32; the exported generator (torch.export, the registry's pt2 graph),
-                       saved, loaded and run on the device, against the eager one
+                       CUDA graphs), all together and as shipped (auto): finite losses, loss
+                       curves within tolerance of fp32; the exported generator (torch.export,
+                       the registry's pt2 graph), saved, loaded and run on the device, against
+                       the eager one
 
 Profile `short` (default budget 140 s), in the order of what matters most:
   environment
@@ -204,7 +205,7 @@ FULL = Profile(
         Section("cuda_tests", "cuda_tests", (60, 40)),
         Section("correctness", "correctness", (105, 60)),
     ),
-    correctness_variants=tuple(name for name, _, _ in CORRECTNESS_VARIANTS if name != SHIPPED),
+    correctness_variants=tuple(name for name, _, _ in CORRECTNESS_VARIANTS),
     correctness_steps=(20, 3), export_every_method=True, decode_every_batch=True, cuda_test_marks="cuda",
 )
 SHORT = Profile(

@@ -89,7 +89,7 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
     assert exported["export_ok"] and exported["export_max_abs_difference"] <= 2e-3
     for method in ("atme", "diffusion_gan", "ddgan"):
         assert correctness[f"{method} fp32 eager"]["losses_finite"]
-        for variant in ("bf16", "channels_last", "all on"):
+        for variant in ("bf16", "channels_last", "all on", "shipped defaults (auto)"):
             compared = correctness[f"{method} {variant}"]
             assert compared["status"] == "ok" and max(compared["max_relative_deviation"].values()) <= compared["tolerance"]
     assert correctness["atme sdpa off"]["status"] == correctness["ddgan sdpa off"]["status"] == "ok"

@@ -32,6 +32,9 @@ from components.data.nvjpeg_loader import NvjpegPairLoader, pil_decode, resize_c
 from support.params import shipped
 
 JPEG_DECODER_TOLERANCE = 3 / 127.5  # two JPEG decoders may round a few pixels differently
+# Bilinear resizing mixes neighbours with weights summing to 1, so it keeps that bound, up to
+# float rounding of the same interpolation on two devices.
+RESIZED_TOLERANCE = JPEG_DECODER_TOLERANCE + 1e-5
 CPU = torch.device("cpu")
 
 
@@ -228,7 +231,7 @@ def test_gpu_decoding_gives_the_batches_of_cpu_decoding(prepared_builtin):
     for index in ours:
         assert ours[index][:2] == reference[index][:2]
         for half in (2, 3):
-            assert (ours[index][half] - reference[index][half]).abs().max() <= JPEG_DECODER_TOLERANCE
+            assert (ours[index][half] - reference[index][half]).abs().max() <= RESIZED_TOLERANCE
 
 
 @pytest.mark.cuda
