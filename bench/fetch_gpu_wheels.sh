@@ -2,7 +2,7 @@
 # Downloads into .whl/ (ignored by git) the wheels bench/gpu_check.py needs on the GPU machine
 # beyond what its image holds (PyTorch 2.11 + CUDA 13, torchvision, Triton, numpy, Pillow,
 # PyYAML, tqdm, scikit-image, pytest): pydantic and what it depends on, for CPython 3.12 on
-# x86-64 Linux. The check needs no Ray, MLflow, DALI, WebDataset or DVC.
+# x86-64 Linux. The check needs no Ray, MLflow, DALI, WebDataset, DVC or boto3.
 # The command that installs them there is in docs/benchmarks.md ("The GPU check").
 set -euo pipefail
 cd "$(dirname "$0")/.."

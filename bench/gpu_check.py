@@ -1,11 +1,14 @@
 """The GPU path, proven and measured in one unattended command.
 
-    python bench/gpu_check.py --out OUT [--facades DIR] [--budget-s 420]   # on one GPU
-    python bench/gpu_check.py --cpu --out OUT                              # the same code, small, on the CPU
+    python bench/gpu_check.py --out OUT [--facades DIR]                           # full: 420 s on one GPU
+    python bench/gpu_check.py --out OUT --profile short --budget-s 140 [--facades DIR]  # what matters most
+    python bench/gpu_check.py --cpu --out OUT [--profile short]                   # the same code, small, on the CPU
 
-Sections, each in a process of its own (a crash, a hang or a poisoned CUDA context in one
-leaves the others running), each stopped at its share of the time budget:
+Each section runs in a process of its own (a crash, a hang or a poisoned CUDA context in one
+leaves the others running) and is stopped at its share of the time budget; within a section,
+an item that would not fit in the time left is skipped and listed.
 
+Profile `full` (default budget 420 s):
   environment          versions, device, what is importable
   decode               paired decode + resize 286 + crop 256 + flip, pairs/s: the nvjpeg loader
                        at batch 32 and 128, nvJPEG on bytes in memory, DALI `mixed` where installed
@@ -14,36 +17,49 @@ leaves the others running), each stopped at its share of the time budget:
   cuda_tests           the suite's tests marked `cuda` (pytest -m cuda)
   correctness          every method, 20 steps eager fp32, then each switch alone (bf16 autocast,
                        channels_last, fused Adam, SDPA off, activation checkpointing, compile,
-                       CUDA graphs) and all together: finite losses, loss curves within tolerance
-                       of fp32; the exported generator (torch.export, the registry's pt2 graph),
-                       saved, loaded and run on the device, against the eager one
+                       CUDA graphs), all together and as shipped (auto): finite losses, loss
+                       curves within tolerance of fp32; the exported generator (torch.export,
+                       the registry's pt2 graph), saved, loaded and run on the device, against
+                       the eager one
 
-Throughput rows give images/s, MFU (model FLOPs of one eager step, counted with
+Profile `short` (default budget 140 s), in the order of what matters most:
+  environment
+  throughput_atme      256 px, batch 32: the shipped (auto) switches, then every switch on but
+                       compile (and CUDA graphs, which need it)
+  throughput_pix2pix   256 px, batch 48, the shipped switches: resident, and through the nvjpeg loader
+  decode               the nvjpeg loader at batch 128
+  correctness          every method 8 steps eager fp32 and with the shipped switches: finite, within
+                       tolerance of fp32; pix2pix's generator exported, loaded and run on the device
+  atme_fp32_baseline   ATME eager fp32, the reference's precision, if time remains
+  cuda_tests           the cuda tests that compile nothing (pytest -m 'cuda and not compiles'), if
+                       time remains; cut at the budget, the item is partial, not failed
+It compiles nothing: a first compiled training step costs tens of seconds per compiled network
+(ATME compiles its U-Net's blocks and W), more than the items after it together; the full
+profile measures compile and CUDA graphs.
+
+Throughput rows give images/s, MFU (model FLOPs of one uncompiled step, counted with
 FlopCounterMode, over the device's dense bf16 peak), peak memory and memory per image,
 warm-up seconds (compilation), and whether the losses stayed finite. The JSON report
 (OUT/gpu_check.json) is rewritten after every item, so a killed run still leaves its
 results; the table is printed at the end and stored in the report. Exit status 0: every
-item that ran passed (items skipped for the budget are listed); 1: something failed.
+item that ran passed (items skipped for the budget, and a test run the budget cut short,
+are listed); 1: something failed.
 
-Data: --facades DIR (pix2pix JPEGs, photo | labels, 512 x 256; DIR or DIR/train) is
-prepared as `pairgan prepare` would (labels -> photo, halves resized to 256, JPEG quality 95,
-4:4:4) and repeated to make long epochs; without it, synthetic JPEGs of the same shape are
-used. The shards are written here with the standard library's tarfile, in the project's
-member layout (KEY.src.jpg, KEY.tgt.jpg, KEY.json, KEY.index) with a manifest from
-components.data.manifest, because the project's writer needs DALI's wds2idx, which the GPU
-image does not have. Nothing here needs Ray, MLflow, DALI, WebDataset or DVC.
+Data: --facades DIR (pix2pix JPEGs, photo | labels, 512 x 256; DIR or DIR/train) is prepared
+by the project's writer as `pairgan prepare` would (labels -> photo, 256 px, all pairs in
+train), each image repeated to make long epochs; without it, synthetic JPEGs of the same shape
+are used, and the report says so. Nothing here needs Ray, MLflow, DALI, WebDataset, DVC or boto3.
 """
 
 import argparse
 import gc
-import io
 import itertools
 import json
 import math
 import os
 import platform
+import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -90,28 +106,55 @@ TARGETS = {
     "decode_pairs_per_s": 10_000.0,
 }
 
-# Every switch named, so that a row means the same whatever the shipped defaults are.
-ALL_OFF = {"autocast": "none", "channels_last": False, "fused_adam": False, "compile": False,
+# Every switch named, so that a row means the same whatever the shipped defaults are. TF32 is
+# on in every row (as shipped): "fp32" rows run TF32 matrix products and convolutions.
+ALL_OFF = {"autocast": "none", "channels_last": False, "fused_adam": False, "tf32": True, "compile": False,
            "cuda_graphs": False, "sdpa": True, "activation_checkpointing": False}
-ALL_ON = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "compile": True,
+ALL_ON = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "tf32": True, "compile": True,
           "cuda_graphs": False, "sdpa": True, "activation_checkpointing": False}
 SHIPPED = "shipped defaults (auto)"
+ALL_BUT_COMPILE = "all on but compile"
+EVERY_SWITCH_BUT_COMPILE = {**ALL_ON, "compile": False, "activation_checkpointing": True}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One throughput measurement: its switches (None: the shipped params, auto) and where its
+    batches come from (resident: one batch kept on the device; loader: the nvjpeg loader)."""
+
+    variant: str
+    switches: dict | None
+    mode: str = "resident"
+
+
 # In the order they run: when the budget runs short, the rows at the end are skipped.
-THROUGHPUT_VARIANTS: list[tuple[str, dict | None]] = [
-    ("fp32 eager", ALL_OFF),
-    ("all on", ALL_ON),
-    ("bf16 eager", {**ALL_OFF, "autocast": "bf16"}),
-    ("all on - compile", {**ALL_ON, "compile": False}),
-    ("all on + activation checkpointing", {**ALL_ON, "activation_checkpointing": True}),
-    ("all on + CUDA graphs", {**ALL_ON, "cuda_graphs": True}),
-    ("all on - channels_last", {**ALL_ON, "channels_last": False}),
-    ("all on - sdpa", {**ALL_ON, "sdpa": False}),
-    ("all on - bf16", {**ALL_ON, "autocast": "none"}),
-    ("all on - fused Adam", {**ALL_ON, "fused_adam": False}),
-    (SHIPPED, None),
-]
+FULL_RESIDENT_ROWS = (
+    Row("fp32 eager", ALL_OFF),
+    Row("all on", ALL_ON),
+    Row("bf16 eager", {**ALL_OFF, "autocast": "bf16"}),
+    Row("all on - compile", {**ALL_ON, "compile": False}),
+    Row("all on + activation checkpointing", {**ALL_ON, "activation_checkpointing": True}),
+    Row("all on + CUDA graphs", {**ALL_ON, "cuda_graphs": True}),
+    Row("all on - channels_last", {**ALL_ON, "channels_last": False}),
+    Row("all on - sdpa", {**ALL_ON, "sdpa": False}),
+    Row("all on - bf16", {**ALL_ON, "autocast": "none"}),
+    Row("all on - fused Adam", {**ALL_ON, "fused_adam": False}),
+    Row(SHIPPED, None),
+)
+# pix2pix: the whole loop right after its resident "all on" row; no attention to switch.
+FULL_PIX2PIX_ROWS = (
+    *FULL_RESIDENT_ROWS[:2], Row("all on", ALL_ON, "loader"),
+    *(row for row in FULL_RESIDENT_ROWS[2:] if row.variant != "all on - sdpa"),
+)
+# (faster or leaner row, the row it is compared with) for "what each switch buys"
+SWITCH_COMPARISONS = (
+    ("all on", "all on - bf16"), ("all on", "all on - channels_last"), ("all on", "all on - compile"),
+    ("all on", "all on - fused Adam"), ("all on", "all on - sdpa"), ("all on + CUDA graphs", "all on"),
+    ("all on + activation checkpointing", "all on"), (SHIPPED, "fp32 eager"), (ALL_BUT_COMPILE, SHIPPED),
+)
+
 # The cheap eager switches first: compiling runs take the rest of the section's time.
-CORRECTNESS_VARIANTS: list[tuple[str, dict, float]] = [
+CORRECTNESS_VARIANTS: list[tuple[str, dict | None, float]] = [
     ("bf16", {**ALL_OFF, "autocast": "bf16"}, TOLERANCE_BF16),
     ("channels_last", {**ALL_OFF, "channels_last": True}, TOLERANCE_FP32),
     ("fused_adam", {**ALL_OFF, "fused_adam": True}, TOLERANCE_FP32),
@@ -120,9 +163,69 @@ CORRECTNESS_VARIANTS: list[tuple[str, dict, float]] = [
     ("compile", {**ALL_OFF, "compile": True}, TOLERANCE_FP32),
     ("all on", {**ALL_ON, "activation_checkpointing": True}, TOLERANCE_BF16),
     ("cuda_graphs", {**ALL_OFF, "compile": True, "cuda_graphs": True}, TOLERANCE_FP32),
+    (SHIPPED, None, TOLERANCE_BF16),  # auto turns bf16 on with CUDA
 ]
 CORRECTNESS_METHODS = ("pix2pix", "atme", "diffusion_gan", "ddgan")
 HAS_FULL_ATTENTION = {"atme", "ddgan"}
+
+
+@dataclass(frozen=True)
+class Section:
+    """One step of a profile, run in a process of its own."""
+
+    name: str  # in the report and for --sections
+    kind: str  # environment | decode | throughput | cuda_tests | correctness
+    caps_s: tuple[float, float]  # the most seconds it may take: on a GPU, in --cpu mode
+    method: str = ""  # throughput: the method measured
+    rows: tuple[Row, ...] = ()  # throughput: its rows, in order
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Which sections run in which order, and how much each measures."""
+
+    name: str
+    budget_s: float  # the default --budget-s on a GPU
+    sections: tuple[Section, ...]
+    correctness_variants: tuple[str, ...]  # from CORRECTNESS_VARIANTS, in that list's order
+    correctness_steps: tuple[int, int]  # on a GPU, in --cpu mode
+    export_every_method: bool  # False: pix2pix's export only
+    decode_every_batch: bool  # False: the loader at the largest batch only
+    cuda_test_marks: str  # the pytest -m expression of the cuda_tests section
+    notes: tuple[str, ...] = ()
+
+
+FULL = Profile(
+    name="full", budget_s=420.0,
+    sections=(
+        Section("environment", "environment", (15, 20)),
+        Section("decode", "decode", (30, 20)),
+        Section("throughput_pix2pix", "throughput", (75, 30), "pix2pix", FULL_PIX2PIX_ROWS),
+        Section("throughput_atme", "throughput", (130, 30), "atme", FULL_RESIDENT_ROWS),
+        Section("cuda_tests", "cuda_tests", (60, 40)),
+        Section("correctness", "correctness", (105, 60)),
+    ),
+    correctness_variants=tuple(name for name, _, _ in CORRECTNESS_VARIANTS),
+    correctness_steps=(20, 3), export_every_method=True, decode_every_batch=True, cuda_test_marks="cuda",
+)
+SHORT = Profile(
+    name="short", budget_s=140.0,
+    sections=(
+        Section("environment", "environment", (10, 20)),
+        Section("throughput_atme", "throughput", (45, 30), "atme",
+                (Row(SHIPPED, None), Row(ALL_BUT_COMPILE, EVERY_SWITCH_BUT_COMPILE))),
+        Section("throughput_pix2pix", "throughput", (30, 30), "pix2pix", (Row(SHIPPED, None), Row(SHIPPED, None, "loader"))),
+        Section("decode", "decode", (15, 20)),
+        Section("correctness", "correctness", (35, 60)),
+        Section("atme_fp32_baseline", "throughput", (25, 30), "atme", (Row("fp32 eager", ALL_OFF),)),
+        Section("cuda_tests", "cuda_tests", (60, 40)),
+    ),
+    correctness_variants=(SHIPPED,), correctness_steps=(8, 3), export_every_method=False, decode_every_batch=False,
+    cuda_test_marks="cuda and not compiles",
+    notes=("no compile, no CUDA graphs: a first compiled step costs tens of seconds per compiled network, more than "
+           "the items after it together; the full profile measures them (--profile full --sections throughput_atme)",),
+)
+PROFILES = {profile.name: profile for profile in (FULL, SHORT)}
 
 
 @dataclass(frozen=True)
@@ -130,7 +233,7 @@ class Scale:
     """Sizes of one mode: the GPU figures, or the same code small enough for CI on 2 cores."""
 
     image_size: int
-    # merged into each method's reference `method:` params (the CPU mode's networks are narrow)
+    # merged into each method's reference preset `method:` block (the CPU mode's networks are narrow)
     network_overrides: dict[str, dict]
     pix2pix_batch: int
     atme_batch: int
@@ -139,15 +242,14 @@ class Scale:
     loader_steps: int
     decode_batches: tuple[int, ...]
     decode_epochs: int
-    repeat: int  # copies of the source pairs in the shards (long epochs)
+    repeat: int  # copies of each source pair in the shards (long epochs)
     synthetic_pairs: int
     correctness_size: int
     correctness_batch: int
-    correctness_steps: int
-    section_caps_s: dict[str, float]
-    # seconds an item is expected to take, by kind: an item is skipped when its section has less left
+    # seconds an item is expected to take, by kind (throughput rows: by method too), the start of a
+    # section's process excluded: an item is skipped when its section has less left
     estimates_s: dict[str, float]
-    # the rows run (None: all); the CPU mode runs a few, which exercise every code path
+    # the rows and correctness variants run (None: all); the CPU mode runs a few, which exercise every code path
     throughput_variants: tuple[str, ...] | None = None
     correctness_variants: tuple[str, ...] | None = None
 
@@ -155,11 +257,10 @@ class Scale:
 GPU = Scale(
     image_size=256, network_overrides={}, pix2pix_batch=48, atme_batch=32, warmup_steps=3,
     timed_steps={"pix2pix": 20, "atme": 10}, loader_steps=60, decode_batches=(32, 128), decode_epochs=3,
-    repeat=8, synthetic_pairs=FACADES_PAIRS, correctness_size=64, correctness_batch=4, correctness_steps=20,
-    section_caps_s={"environment": 15, "decode": 30, "throughput_pix2pix": 75, "throughput_atme": 130,
-                    "cuda_tests": 60, "correctness": 105},
-    estimates_s={"decode": 10, "eager_row": 12, "compile_row": 40, "loader_row": 15, "baseline": 6, "export": 12,
-                 "correctness": 5, "correctness_compile": 25, "pytest": 20},
+    repeat=8, synthetic_pairs=FACADES_PAIRS, correctness_size=64, correctness_batch=4,
+    estimates_s={"decode": 10, "eager_row_pix2pix": 6, "eager_row_atme": 12, "compile_row_pix2pix": 40,
+                 "compile_row_atme": 60, "loader_row": 8, "baseline": 6, "export": 12, "correctness": 5,
+                 "correctness_compile": 25, "pytest": 20},
 )
 TINY_UNET = {"width": 8, "channel_multipliers": [1, 2], "attention_heads": 2, "attention_head_dim": 8}
 TINY_PIX2PIX = {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}
@@ -171,15 +272,13 @@ CPU = Scale(
         "ddgan": {"generator": {**TINY_UNET, "attention_levels": [1]}, "discriminator": {"ndf": 8}, "nz": 8},
     }, pix2pix_batch=4, atme_batch=2, warmup_steps=1,
     timed_steps={"pix2pix": 2, "atme": 2}, loader_steps=3, decode_batches=(8,), decode_epochs=1,
-    repeat=1, synthetic_pairs=12, correctness_size=32, correctness_batch=2, correctness_steps=3,
-    section_caps_s={"environment": 20, "decode": 20, "throughput_pix2pix": 30, "throughput_atme": 30,
-                    "cuda_tests": 40, "correctness": 60},
-    estimates_s={"decode": 2, "eager_row": 2, "compile_row": 2, "loader_row": 3, "baseline": 2, "export": 8,
-                 "correctness": 2, "correctness_compile": 2, "pytest": 10},
-    throughput_variants=("fp32 eager", "all on", "all on + activation checkpointing", SHIPPED),
-    correctness_variants=("bf16", "channels_last", "sdpa off", "all on"),
+    repeat=1, synthetic_pairs=12, correctness_size=32, correctness_batch=2,
+    estimates_s={"decode": 2, "eager_row_pix2pix": 2, "eager_row_atme": 2, "compile_row_pix2pix": 2,
+                 "compile_row_atme": 2, "loader_row": 3, "baseline": 2, "export": 8, "correctness": 2,
+                 "correctness_compile": 2, "pytest": 10},
+    throughput_variants=("fp32 eager", "all on", "all on + activation checkpointing", SHIPPED, ALL_BUT_COMPILE),
+    correctness_variants=("bf16", "channels_last", "sdpa off", "all on", SHIPPED),
 )
-SECTIONS = ("environment", "decode", "throughput_pix2pix", "throughput_atme", "cuda_tests", "correctness")
 
 
 def log(message: str) -> None:
@@ -190,7 +289,7 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:2000]
 
 
-# ---------------------------------------------------------------- data: shards from JPEGs
+# ---------------------------------------------------------------- data: a source folder, prepared
 
 
 def facades_files(folder: Path) -> list[Path]:
@@ -201,89 +300,63 @@ def facades_files(folder: Path) -> list[Path]:
     return files
 
 
-def encode_half(image: Image.Image, size: int) -> bytes:
-    # as components/data/pairs.py encodes: bicubic resize, quality 95, 4:4:4 chroma
-    buffer = io.BytesIO()
-    image.resize((size, size), Image.BICUBIC).save(buffer, format="JPEG", quality=95, subsampling=0)
-    return buffer.getvalue()
-
-
-def encode_facade(path: Path, size: int) -> tuple[bytes, bytes]:
-    """(source, target) JPEGs of one facades file: labels (right half) -> photo (left half)."""
-    with Image.open(path) as opened:
-        both = opened.convert("RGB")
-    width, height = both.size
-    photo, labels = both.crop((0, 0, width // 2, height)), both.crop((width // 2, 0, width, height))
-    return encode_half(labels, size), encode_half(photo, size)
-
-
-def synthetic_facade(number: int, size: int) -> tuple[bytes, bytes]:
-    """A photo-like smooth field and its quantised 'label map', at the facades' 256 x 256 per half."""
+def write_synthetic_facade(number: int, path: Path) -> None:
+    """A photo-like smooth field | its quantised 'label map', 512 x 256 like a facades file."""
     rng = np.random.default_rng(number)
     coarse = Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
     photo = np.asarray(coarse.resize((256, 256), Image.BICUBIC)).astype(np.int16)
     photo = np.clip(photo + rng.integers(-20, 21, size=photo.shape), 0, 255).astype(np.uint8)
     labels = (photo // 64 * 85).astype(np.uint8)
-    return encode_half(Image.fromarray(labels), size), encode_half(Image.fromarray(photo), size)
+    Image.fromarray(np.concatenate([photo, labels], axis=1)).save(path, format="JPEG", quality=95)
 
 
-def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    return info, io.BytesIO(data)
-
-
-def write_shards(pairs: list[tuple[bytes, bytes]], out: Path, image_size: int, source: str,
-                 shard_size: int = 256) -> Path:
-    """A prepared data set (train split only) in the project's layout; returns its folder."""
-    import hashlib
-
-    from components.data.manifest import SampleEntry, ShardEntry, SplitManifest, manifest_body, write_manifest
-
-    (out / "train").mkdir(parents=True)
-    shards, samples = [], []
-    for number, start in enumerate(range(0, len(pairs), shard_size)):
-        tar_name, index_name = f"train/train-{number:06d}.tar", f"train/train-{number:06d}.idx"
-        chunk = pairs[start : start + shard_size]
-        with tarfile.open(out / tar_name, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, (source_jpeg, target_jpeg) in enumerate(chunk):
-                index, key = start + offset, f"pair{start + offset:06d}"
-                checksum = hashlib.sha256(source_jpeg + target_jpeg).hexdigest()
-                meta = {"key": key, "index": index, "source": source, "origin": [key], "sha256": checksum}
-                for suffix, data in (("src.jpg", source_jpeg), ("tgt.jpg", target_jpeg),
-                                     ("json", json.dumps(meta, sort_keys=True).encode()),
-                                     ("index", struct.pack("<q", index))):
-                    tar.addfile(*_member(f"{key}.{suffix}", data))
-                samples.append(SampleEntry(key, index, number, [key], checksum))
-        if shutil.which("wds2idx"):  # DALI's index, where DALI is installed
-            subprocess.run(["wds2idx", str(out / tar_name), str(out / index_name)], check=True, capture_output=True)
-        digest = hashlib.sha256((out / tar_name).read_bytes()).hexdigest()
-        shards.append(ShardEntry(tar_name, index_name, digest, len(chunk), start))
-    body = manifest_body(image_size, source, {"image_size": image_size}, {"train": SplitManifest(shards, samples)}, [], [])
-    write_manifest(out, body)
-    return out
+def write_source_folder(args: argparse.Namespace, scale: Scale, folder: Path) -> str:
+    """A pix2pix-layout folder (train/ only) of facades files, or synthetic ones where --facades
+    is not given or cannot be read, each repeated `scale.repeat` times under other names as
+    symbolic links inside the folder. Returns what it holds, for the report."""
+    train = folder / "train"
+    train.mkdir(parents=True)
+    count = FACADES_PAIRS if not args.cpu else scale.synthetic_pairs
+    names: list[str] = []
+    origin = ""
+    if args.facades is not None:
+        try:
+            for path in facades_files(args.facades)[:count]:
+                shutil.copyfile(path, train / path.name)
+                names.append(path.name)
+            origin = f"facades ({len(names)} pairs from {args.facades})"
+        except OSError as error:  # the run goes on with synthetic pairs, and says so
+            for name in names:
+                (train / name).unlink()
+            names = []
+            origin = f"FACADES NOT USED ({error_text(error)}): "
+    if not names:
+        names = [f"synthetic{number:04d}.jpg" for number in range(scale.synthetic_pairs)]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda number: write_synthetic_facade(number, train / names[number]), range(len(names))))
+        origin += f"synthetic 512x256 JPEG pairs ({len(names)}); pass --facades DIR for the real set"
+    for copy in range(1, scale.repeat):
+        for name in names:
+            (train / f"copy{copy}_{name}").symlink_to(name)
+    return origin
 
 
 def prepare_data(args: argparse.Namespace, scale: Scale, scratch: Path) -> dict:
-    """Encode the pairs once and write the shards; what was used goes into the report."""
+    """The source folder, prepared by the project's writer; what was used goes into the report."""
+    import workloads
+
+    from components.data.manifest import load_manifest
+
     started = time.perf_counter()
-    size = scale.image_size
-    pairs, origin = [], ""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        if args.facades is not None:
-            try:
-                files = facades_files(args.facades)[: FACADES_PAIRS if not args.cpu else scale.synthetic_pairs]
-                pairs = list(pool.map(lambda path: encode_facade(path, size), files))
-                origin = f"facades ({len(files)} pairs from {args.facades})"
-            except (OSError, ValueError) as error:  # the run goes on with synthetic pairs, and says so
-                origin = f"FACADES NOT USED ({error_text(error)}): "
-        if not pairs:
-            pairs = list(pool.map(lambda number: synthetic_facade(number, size), range(scale.synthetic_pairs)))
-            origin += f"synthetic 512x256 JPEG pairs ({len(pairs)}); pass --facades DIR for the real set"
-    folder = write_shards(pairs * scale.repeat, scratch / "prepared", size, origin)
+    origin = write_source_folder(args, scale, scratch / "source")
+    # every pair in train: the check reads no other split
+    prepared = workloads.prepare_pix2pix_folder(scratch / "source", scratch / "prepared", scale.image_size,
+                                                {"val_fraction": 0.0})
+    train = load_manifest(prepared).split("train")
+    shard_bytes = sum((prepared / shard.tar).stat().st_size for shard in train.shards)
     return {
-        "folder": str(folder), "origin": origin, "pairs": len(pairs) * scale.repeat, "repeat": scale.repeat,
-        "mean_jpeg_kb": round(sum(len(s) + len(t) for s, t in pairs) / (2 * len(pairs)) / 1024, 1),
+        "folder": str(prepared), "origin": origin, "pairs": train.count, "repeat": scale.repeat,
+        "mean_kib_per_image": round(shard_bytes / (2 * train.count) / 1024, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -336,6 +409,8 @@ class SectionRecord:
 class Context:
     args: argparse.Namespace
     scale: Scale
+    profile: Profile
+    section: Section
     prepared: Path | None
     dataset_size: int
 
@@ -353,22 +428,37 @@ def switches_for(context: Context, overrides: dict | None) -> dict | None:
     return {**overrides, "compile": False, "cuda_graphs": False}
 
 
+def loader_params(context: Context, backend: str):
+    """The loader params of every loader here: the shard cache of this run, one decode thread per core."""
+    import workloads
+
+    return workloads.loader_params({"backend": backend, "num_threads": os.cpu_count() or 1,
+                                    "cache_dir": str(context.prepared.parent / "shard-cache")})
+
+
 def open_loader(context: Context, batch_size: int, train: bool = True, backend: str = "nvjpeg"):
     """The product's loader over the prepared shards: nvJPEG on the GPU; in --cpu mode the same
     loader class with Pillow decoding (torchvision is not installed next to the CPU torch)."""
-    import train_throughput as throughput
-
     from components.data.loaders import make_loader
 
-    params = throughput.loader_params(context.scale.image_size, {"backend": backend, "num_threads": os.cpu_count() or 1})
+    params = loader_params(context, backend)
     if context.args.cpu and backend == "nvjpeg":
-        from components.data.manifest import load_manifest
-        from components.data.nvjpeg_loader import NvjpegPairLoader, pil_decode
-
-        manifest = load_manifest(context.prepared)
-        return NvjpegPairLoader(manifest, "train", shard_files(context.prepared), params, batch_size, train, 0, 1, 0,
-                                context.device, pil_decode)
+        return pillow_nvjpeg_loader(context, params, batch_size, train)
     return make_loader(context.prepared, "train", params, batch_size, train=train, device=context.device)
+
+
+def pillow_nvjpeg_loader(context: Context, params, batch_size: int, train: bool):
+    """The nvjpeg loader with Pillow decoding, built as make_loader builds it: over the shards of
+    the train split, verified against the manifest and pinned in the shard cache."""
+    from components.data.loaders import owned_indices, shard_cache, verified_shards
+    from components.data.manifest import load_manifest
+    from components.data.nvjpeg_loader import NvjpegPairLoader, pil_decode
+
+    manifest = load_manifest(context.prepared)
+    owned = owned_indices(manifest.split("train").count, 0, 1)
+    shards, pin = verified_shards(manifest, "train", owned, shard_cache(params))
+    return NvjpegPairLoader(manifest, "train", shards, pin, params, batch_size, train, 0, 1, 0, context.device,
+                            pil_decode)
 
 
 def shard_files(prepared: Path) -> list[Path]:
@@ -380,7 +470,7 @@ def clear_device(context: Context, forget_compiled: bool = True) -> None:
     so that a row's warm-up includes its own compilation."""
     import torch
 
-    if forget_compiled:
+    if forget_compiled and "torch._dynamo" in sys.modules:  # importing dynamo costs seconds; it is there once used
         torch._dynamo.reset()
     gc.collect()
     if context.device.type == "cuda":
@@ -404,8 +494,8 @@ def section_environment(context: Context, record: SectionRecord) -> None:
         facts = {
             "python": platform.python_version(), "machine": platform.node(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "importable": {name: importable(name) for name in
-                           ("torchvision", "triton", "pydantic", "nvidia.dali", "ray", "mlflow", "webdataset", "dvc")},
+            "importable": {name: importable(name) for name in ("torchvision", "triton", "pydantic", "nvidia.dali", "ray",
+                                                               "mlflow", "webdataset", "dvc", "boto3", "botocore")},
         }
         if torch.cuda.is_available():
             properties = torch.cuda.get_device_properties(0)
@@ -428,14 +518,14 @@ def section_environment(context: Context, record: SectionRecord) -> None:
 def section_decode(context: Context, record: SectionRecord) -> None:
     import torch
 
-    device = context.device
+    device, scale = context.device, context.scale
 
     def loader_rate(batch_size: int, backend: str) -> dict:
         loader = open_loader(context, batch_size, backend=backend)
         for _ in loader:  # warm-up epoch: threads, decoder handles, kernels, page cache
             pass
         pairs, started = 0, time.perf_counter()
-        for _ in range(context.scale.decode_epochs):
+        for _ in range(scale.decode_epochs):
             for batch in loader:
                 pairs += batch["source"].shape[0]
         if device.type == "cuda":
@@ -444,9 +534,13 @@ def section_decode(context: Context, record: SectionRecord) -> None:
         return {"pairs_per_s": round(pairs / seconds, 1), "pairs": pairs, "batch_size": batch_size,
                 "backend": loader.backend, "decoder": "Pillow (CPU stand-in)" if context.args.cpu else backend}
 
-    for batch_size in context.scale.decode_batches:
-        record.attempt(f"nvjpeg loader, batch {batch_size}", context.scale.estimates_s["decode"],
+    batches = scale.decode_batches if context.profile.decode_every_batch else scale.decode_batches[-1:]
+    for batch_size in batches:
+        record.attempt(f"nvjpeg loader, batch {batch_size}", scale.estimates_s["decode"],
                        lambda batch_size=batch_size: loader_rate(batch_size, "nvjpeg"))
+    if not context.profile.decode_every_batch:
+        record.note(f"the {context.profile.name} profile times the loader at batch {batches[0]} only")
+        return
 
     def in_memory_rate(batch_size: int) -> dict:
         """nvJPEG decode + the same augmentation on bytes already in memory: the loader's ceiling."""
@@ -460,7 +554,8 @@ def section_decode(context: Context, record: SectionRecord) -> None:
                     if suffix in blobs:
                         blobs[suffix].append(torch.frombuffer(bytearray(tar.extractfile(member).read()), dtype=torch.uint8))
         decode = pil_decode if context.args.cpu else nvjpeg_decode
-        load, crop = context.scale.image_size * 286 // 256, context.scale.image_size
+        crop = scale.image_size
+        load = loader_params(context, "nvjpeg").load_size_for(crop)
         count = len(blobs["src.jpg"]) // batch_size * batch_size
 
         def one_pass(epoch: int) -> int:
@@ -476,14 +571,13 @@ def section_decode(context: Context, record: SectionRecord) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        pairs = sum(one_pass(epoch) for epoch in range(1, 1 + context.scale.decode_epochs))
+        pairs = sum(one_pass(epoch) for epoch in range(1, 1 + scale.decode_epochs))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return {"pairs_per_s": round(pairs / (time.perf_counter() - started), 1), "pairs": pairs, "batch_size": batch_size}
 
-    record.attempt(f"nvJPEG + augmentation on bytes in memory, batch {context.scale.decode_batches[-1]}",
-                   context.scale.estimates_s["decode"],
-                   lambda: in_memory_rate(context.scale.decode_batches[-1]))
+    record.attempt(f"nvJPEG + augmentation on bytes in memory, batch {scale.decode_batches[-1]}", scale.estimates_s["decode"],
+                   lambda: in_memory_rate(scale.decode_batches[-1]))
 
     from components.data.loaders import dali_available
 
@@ -492,7 +586,7 @@ def section_decode(context: Context, record: SectionRecord) -> None:
     elif not dali_available():
         record.note("DALI mixed decoding not measured: nvidia.dali is not installed here")
     else:
-        record.attempt("dali loader (mixed decoding), batch 128", context.scale.estimates_s["decode"],
+        record.attempt("dali loader (mixed decoding), batch 128", scale.estimates_s["decode"],
                        lambda: loader_rate(128, "dali"))
 
 
@@ -518,6 +612,8 @@ def resident_batch(context: Context, batch_size: int) -> tuple[dict, str]:
 
 
 def dynamo_counts() -> dict:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled yet in this process
+        return {"compiled_graphs": 0, "graph_breaks": 0}
     import torch
 
     counters = torch._dynamo.utils.counters
@@ -525,85 +621,79 @@ def dynamo_counts() -> dict:
             "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
-def throughput_section(context: Context, record: SectionRecord, method: str, batch_size: int) -> None:
+def section_throughput(context: Context, record: SectionRecord) -> None:
     import torch
-    import train_throughput as throughput
+    import workloads
 
     from components.training.loop import TrainingSession
 
-    device, scale = context.device, context.scale
-    model = throughput.model_params(method, scale.image_size, scale.network_overrides.get(method))
+    device, scale, method = context.device, context.scale, context.section.method
+    batch_size = scale.pix2pix_batch if method == "pix2pix" else scale.atme_batch
+    model = workloads.model_params(method, scale.image_size, scale.network_overrides.get(method))
     batch, origin = resident_batch(context, batch_size)
     record.note(f"{method}: batch {batch_size} at {scale.image_size} px, resident batch: {origin}")
     steps = scale.timed_steps[method]
-    found: dict = {"flops": None, "peak": throughput.peak_tflops(device)}
-    seen: dict[str, str] = {}
+    found: dict = {"flops": None, "peak": workloads.peak_tflops(device)}
 
-    def run(name: str, overrides: dict | None, source: str) -> dict:
+    def run(row: Row, overrides: dict | None) -> dict:
         clear_device(context)
         before = dynamo_counts()
-        train = throughput.train_params(batch_size, overrides) if overrides is not None else throughput.train_params(batch_size)
-        session = TrainingSession(model, train, context.dataset_size, device)
-        batches = itertools.repeat(batch) if source == "resident" else throughput.endless(open_loader(context, batch_size))
-        warmup_s, _ = throughput.time_steps(session, batches, scale.warmup_steps, device)
+        session = TrainingSession(model, workloads.train_params(batch_size, overrides), context.dataset_size, device)
+        batches = itertools.repeat(batch) if row.mode == "resident" else workloads.endless(open_loader(context, batch_size))
+        warmup_s, _ = workloads.time_steps(session, batches, scale.warmup_steps, device)
         if found["flops"] is None and not session.switches.compile:
-            found["flops"] = throughput.flops_per_image(session, batch, batch_size)
-        timed = steps if source == "resident" else scale.loader_steps
-        seconds, images = throughput.time_steps(session, batches, timed, device)
+            found["flops"] = workloads.flops_per_image(session, batch, batch_size)
+        timed = steps if row.mode == "resident" else scale.loader_steps
+        seconds, images = workloads.time_steps(session, batches, timed, device)
         rate = images / seconds
         finite = all(bool(torch.isfinite(value)) for value in session.stats.step_values.values())
-        peak_gib = throughput.peak_memory_gib(device)
+        peak_gib = workloads.peak_memory_gib(device)
         after = dynamo_counts()
         flops, peak = found["flops"], found["peak"]
-        row = {
-            "method": method, "variant": name, "mode": source, "batch_size": batch_size, "image_size": scale.image_size,
+        result = {
+            "method": method, "variant": row.variant, "mode": row.mode, "batch_size": batch_size,
+            "image_size": scale.image_size,
             "images_per_s": round(rate, 1), "step_ms": round(1000 * seconds / timed, 2),
             "warmup_s": round(warmup_s, 1), "compile_s": round(max(warmup_s - scale.warmup_steps * seconds / timed, 0), 1),
             "peak_memory_gib": round(peak_gib, 2), "gib_per_image": round(peak_gib / batch_size, 3),
             "train_gflop_per_image": round(flops / 1e9, 3) if flops else None,
             "achieved_tflops": round(flops * rate / 1e12, 1) if flops else None,
             "mfu": round(flops * rate / (peak * 1e12), 4) if flops and peak else None,
-            "losses_finite": finite, "switches": session.switches.summary(),
+            # as the profile asks (null: the shipped params), and as they resolved on this device
+            "requested": row.switches, "losses_finite": finite, "switches": session.switches.summary(),
             "compiled_graphs": after["compiled_graphs"] - before["compiled_graphs"],
             "graph_breaks": after["graph_breaks"] - before["graph_breaks"],
         }
         if not finite:
-            row["status"] = "failed"
-            row["error"] = "a loss is not finite: " + ", ".join(
+            result["status"] = "failed"
+            result["error"] = "a loss is not finite: " + ", ".join(
                 f"{key}={float(value):.4g}" for key, value in session.stats.step_values.items())
         del session, batches
-        return row
+        return result
 
     resident_rates: dict[str, float] = {}
-    for name, overrides in THROUGHPUT_VARIANTS:
-        if name == "all on - sdpa" and method not in HAS_FULL_ATTENTION:
-            continue  # the pix2pix networks have no attention
-        if scale.throughput_variants is not None and name not in scale.throughput_variants:
+    seen: dict[str, str] = {}
+    for row in context.section.rows:
+        if scale.throughput_variants is not None and row.variant not in scale.throughput_variants:
             continue
-        overrides = switches_for(context, overrides)
-        key = json.dumps(overrides, sort_keys=True)
+        overrides = switches_for(context, row.switches)
+        key = json.dumps([overrides, row.mode], sort_keys=True)
         if key in seen:
-            record.note(f"{method} {name}: same switches as '{seen[key]}' in this mode, not repeated")
+            record.note(f"{method} {row.mode} {row.variant}: same switches as '{seen[key]}' in this mode, not repeated")
             continue
-        seen[key] = name
-        cost = scale.estimates_s["compile_row" if overrides is None or overrides.get("compile") else "eager_row"]
-        item = record.attempt(f"{method} resident {name}", cost, lambda name=name, overrides=overrides: run(name, overrides, "resident"))
-        if item is not None and item["status"] == "ok":
-            resident_rates[name] = item["images_per_s"]
-        if method == "pix2pix" and name == "all on":
-            loaded = record.attempt(f"{method} loader {name}", cost + scale.estimates_s["loader_row"],
-                                    lambda overrides=overrides: run("all on", overrides, "loader"))
-            if loaded is not None and loaded["status"] == "ok" and resident_rates.get("all on"):
-                loaded["fraction_of_resident"] = round(loaded["images_per_s"] / resident_rates["all on"], 3)
-                record.save()
-
-
-def section_throughput_pix2pix(context: Context, record: SectionRecord) -> None:
-    throughput_section(context, record, "pix2pix", context.scale.pix2pix_batch)
-
-
-def section_throughput_atme(context: Context, record: SectionRecord) -> None:
-    throughput_section(context, record, "atme", context.scale.atme_batch)
+        seen[key] = row.variant
+        compiles = overrides is not None and overrides.get("compile")
+        cost = scale.estimates_s[f"{'compile' if compiles else 'eager'}_row_{method}"]
+        if row.mode == "loader":
+            cost += scale.estimates_s["loader_row"]
+        item = record.attempt(f"{method} {row.mode} {row.variant}", cost, lambda row=row, overrides=overrides: run(row, overrides))
+        if item is None or item["status"] != "ok":
+            continue
+        if row.mode == "resident":
+            resident_rates[row.variant] = item["images_per_s"]
+        elif resident_rates.get(row.variant):
+            item["fraction_of_resident"] = round(item["images_per_s"] / resident_rates[row.variant], 3)
+            record.save()
 
 
 def curve_deviation(curve: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, float]:
@@ -615,34 +705,36 @@ def curve_deviation(curve: dict[str, list[float]], reference: dict[str, list[flo
 
 def section_correctness(context: Context, record: SectionRecord) -> None:
     import torch
-    import train_throughput as throughput
+    import workloads
 
+    from components.config import with_overrides
     from components.data.batch import Batch
     from components.training.loop import TrainingSession
 
-    device, scale = context.device, context.scale
+    device, scale, profile = context.device, context.scale, context.profile
     size, batch_size = scale.correctness_size, scale.correctness_batch
+    steps = profile.correctness_steps[1 if context.args.cpu else 0]
     # Dropout off: compiled code and CUDA graphs draw other random numbers than eager, and
     # dropout masks would then differ between the runs compared.
     no_dropout = {"pix2pix": {"generator": {"dropout": 0.0}}, "diffusion_gan": {"generator": {"dropout": 0.0}}}
-    models = {method: throughput.model_params(method, size, throughput.merged(scale.network_overrides.get(method, {}),
-                                                                     no_dropout.get(method, {})))
+    models = {method: workloads.model_params(method, size, with_overrides(scale.network_overrides.get(method, {}),
+                                                                          no_dropout.get(method, {})))
               for method in CORRECTNESS_METHODS}
     generator = torch.Generator().manual_seed(0)
     count = 4 * batch_size
     sources = torch.rand(count, 3, size, size, generator=generator) * 2 - 1
     targets = (0.8 * sources[:, [2, 0, 1]] - 0.1).clamp(-1, 1)  # a learnable colour transform
     batches: list[Batch] = []
-    for step in range(scale.correctness_steps):
+    for step in range(steps):
         rows = torch.arange(step * batch_size, (step + 1) * batch_size) % count
         batches.append({"source": sources[rows], "target": targets[rows], "index": rows,
                         "flip": torch.zeros(batch_size, dtype=torch.bool), "crop": torch.zeros(batch_size, 2, dtype=torch.int64)})
-    record.note(f"{len(CORRECTNESS_METHODS)} methods at {size} px, batch {batch_size}, {scale.correctness_steps} steps; "
+    record.note(f"{len(CORRECTNESS_METHODS)} methods at {size} px, batch {batch_size}, {steps} steps; "
                 f"tolerance {TOLERANCE_FP32:.0%} (fp32 switches) / {TOLERANCE_BF16:.0%} (bf16) of the fp32 losses, "
                 f"export {EXPORT_TOLERANCE}")
 
-    def train(method: str, overrides: dict) -> tuple[TrainingSession, dict[str, list[float]]]:
-        session = TrainingSession(models[method], throughput.train_params(batch_size, overrides), count, device)
+    def train(method: str, overrides: dict | None) -> tuple[TrainingSession, dict[str, list[float]]]:
+        session = TrainingSession(models[method], workloads.train_params(batch_size, overrides), count, device)
         curve: dict[str, list[float]] = {}
         for batch in batches:
             session.train_step(batch)
@@ -652,9 +744,9 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
 
     references: dict[str, dict[str, list[float]]] = {}
     # torch.export traces every op in Python: a U-Net's export takes ~20 s on two busy cores
-    export_methods = ("pix2pix",) if context.args.cpu else CORRECTNESS_METHODS
-    if context.args.cpu:
-        record.note("--cpu: the export check runs for pix2pix only (the GPU run exports every method)")
+    export_methods = CORRECTNESS_METHODS if profile.export_every_method and not context.args.cpu else ("pix2pix",)
+    if export_methods != CORRECTNESS_METHODS:
+        record.note("the export check runs for pix2pix only" + (" in --cpu mode" if profile.export_every_method else ""))
     for method in CORRECTNESS_METHODS:
         def baseline(method: str = method) -> dict:
             clear_device(context, forget_compiled=False)
@@ -674,6 +766,8 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
                        scale.estimates_s["baseline"] + (scale.estimates_s["export"] if exports else 0), baseline)
 
     for variant, overrides, tolerance in CORRECTNESS_VARIANTS:
+        if variant not in profile.correctness_variants:
+            continue
         if scale.correctness_variants is not None and variant not in scale.correctness_variants:
             continue
         overrides = switches_for(context, overrides)
@@ -685,23 +779,25 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
                                              "reason": "no fp32 eager curve to compare with"})
                 continue
 
-            def compare(method: str = method, overrides: dict = overrides, tolerance: float = tolerance,
+            def compare(method: str = method, overrides: dict | None = overrides, tolerance: float = tolerance,
                         variant: str = variant) -> dict:
                 # compiled blocks stay cached across methods of the same shapes: compile time is not measured here
                 clear_device(context, forget_compiled=False)
-                _, curve = train(method, overrides)
+                session, curve = train(method, overrides)
                 deviation = curve_deviation(curve, references[method])
                 finite = all(math.isfinite(value) for values in curve.values() for value in values)
                 worst = max(deviation.values())
                 return {"method": method, "variant": variant, "losses_finite": finite, "tolerance": tolerance,
+                        "switches": session.switches.summary(),
                         "max_relative_deviation": {name: round(value, 5) for name, value in deviation.items()},
                         "status": "ok" if finite and worst <= tolerance else "failed"}
 
-            record.attempt(f"{method} {variant}",
-                           scale.estimates_s["correctness_compile" if overrides.get("compile") else "correctness"], compare)
+            compiles = overrides is not None and overrides.get("compile")
+            record.attempt(f"{method} {variant}", scale.estimates_s["correctness_compile" if compiles else "correctness"],
+                           compare)
     if context.args.cpu:
         record.note("--cpu: no compile, no CUDA graphs (the GPU run covers them), switches "
-                    + ", ".join(scale.correctness_variants or ()))
+                    + ", ".join(name for name in profile.correctness_variants if name in (scale.correctness_variants or ())))
 
 
 def export_check(session, device) -> dict:
@@ -733,6 +829,17 @@ def export_check(session, device) -> dict:
             "export_batch": 3}
 
 
+def pytest_collected(output: str) -> int | None:
+    """How many tests `pytest -v` selected, from its "collecting ... collected N items / M deselected /
+    K selected" line."""
+    for line in output.splitlines():
+        _, found, counted = line.partition("collected ")
+        if found:
+            counts = {label: int(number) for number, label in re.findall(r"(\d+) (\w+)", counted)}
+            return counts.get("selected", counts.get("items", counts.get("item")))
+    return None
+
+
 def pytest_outcomes(output: str) -> dict[str, str]:
     """test id -> PASSED, FAILED, ERROR or SKIPPED, from `pytest -v` lines (complete or not)."""
     outcomes = {}
@@ -743,44 +850,57 @@ def pytest_outcomes(output: str) -> dict[str, str]:
     return outcomes
 
 
+def pytest_result(output: str, finished: bool, returncode: int | None, marks: str) -> dict:
+    """The cuda_tests item from a `pytest -v` run's output, complete or cut at the time budget:
+    failed if a test failed (or pytest could not run them); partial if every test that ran
+    passed but the budget ended the run."""
+    outcomes = pytest_outcomes(output)
+    counts = {name: sum(1 for value in outcomes.values() if value == outcome)
+              for name, outcome in (("passed", "PASSED"), ("failed", "FAILED"), ("errors", "ERROR"), ("skipped", "SKIPPED"))}
+    failed = sorted(test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
+    collected = pytest_collected(output)
+    result = {"marks": marks, "tests": len(outcomes), "collected": collected, **counts, "failed_tests": failed,
+              "finished": finished, "returncode": returncode}
+    if failed or (finished and returncode not in (0, 5)):  # 5: no test selected
+        result["status"] = "failed"
+        result["error"] = f"{len(failed)} failed: {', '.join(failed)}" if failed else f"pytest exited {returncode}"
+    elif not finished:
+        result["status"] = "partial"
+        result["reason"] = f"time budget: {len(outcomes)} of {collected if collected is not None else '?'} tests ran"
+    if "status" in result:
+        result["output_tail"] = output[-4000:]
+    return result
+
+
 def section_cuda_tests(context: Context, record: SectionRecord) -> None:
+    marks = context.profile.cuda_test_marks
+
     def run_pytest() -> dict:
-        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TEST_FILES]
+        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", marks, *CUDA_TEST_FILES]
         left = max(record.time_left() - 5, 10)
         try:
             completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=left)
-            output, finished, returncode = completed.stdout, True, completed.returncode
+            return pytest_result(completed.stdout, True, completed.returncode, marks)
         except subprocess.TimeoutExpired as timeout:  # what ran so far still counts
             output = timeout.stdout.decode(errors="replace") if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
-            finished, returncode = False, None
-        outcomes = pytest_outcomes(output)
-        counts = {name: sum(1 for value in outcomes.values() if value == outcome)
-                  for name, outcome in (("passed", "PASSED"), ("failed", "FAILED"), ("errors", "ERROR"), ("skipped", "SKIPPED"))}
-        failed = sorted(test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR"))
-        ok = finished and returncode in (0, 5) and not failed
-        result = {"tests": len(outcomes), **counts, "failed_tests": failed, "finished": finished,
-                  "returncode": returncode, "status": "ok" if ok else "failed"}
-        if not ok:
-            result["error"] = (f"{len(failed)} failed: {', '.join(failed)}" if failed else
-                               "pytest did not finish in the time left" if not finished else f"pytest exited {returncode}")
-            result["output_tail"] = output[-4000:]
-        return result
+            return pytest_result(output, False, None, marks)
 
-    record.attempt("pytest -m cuda", context.scale.estimates_s["pytest"], run_pytest)
+    record.attempt(f"pytest -m '{marks}'", context.scale.estimates_s["pytest"], run_pytest)
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Context, SectionRecord], None]] = {
     "environment": section_environment,
     "decode": section_decode,
-    "correctness": section_correctness,
-    "throughput_pix2pix": section_throughput_pix2pix,
-    "throughput_atme": section_throughput_atme,
+    "throughput": section_throughput,
     "cuda_tests": section_cuda_tests,
+    "correctness": section_correctness,
 }
 
 
 def run_section(args: argparse.Namespace) -> int:
     scale = CPU if args.cpu else GPU
+    profile = PROFILES[args.profile]
+    section = next(section for section in profile.sections if section.name == args.section)
     if args.cpu:
         import torch
 
@@ -795,17 +915,17 @@ def run_section(args: argparse.Namespace) -> int:
         from components.data.manifest import load_manifest
 
         dataset_size = load_manifest(prepared).split("train").count
-    context = Context(args, scale, prepared, dataset_size)
-    if args.section == "decode" and prepared is None:
+    context = Context(args, scale, profile, section, prepared, dataset_size)
+    if section.kind == "decode" and prepared is None:
         record.note("no prepared shards (see the data error in the report): nothing to decode")
         return 0
     try:
-        SECTION_FUNCTIONS[args.section](context, record)
+        SECTION_FUNCTIONS[section.kind](context, record)
     except Exception as error:  # outside any item: the section could not go on
         record.data["error"] = error_text(error)
         record.data["traceback"] = traceback.format_exc(limit=8)[-3000:]
         record.save()
-        log(f"section {args.section} stopped: {record.data['error']}")
+        log(f"section {section.name} stopped: {record.data['error']}")
         return 1
     return 0
 
@@ -835,21 +955,26 @@ def summarise_item(item: dict) -> str:
     if "export_max_abs_difference" in item:
         parts.append(f"export |diff| {item['export_max_abs_difference']:.2e}")
     if "tests" in item:
-        parts.append(f"{item['passed']} passed, {item['failed'] + item['errors']} failed, {item['skipped']} skipped")
+        parts.append(f"{item['passed']} passed, {item['failed'] + item['errors']} failed, {item['skipped']} skipped"
+                     + (f", {item['reason']}" if item.get("status") == "partial" else ""))
     if item.get("losses_finite") is False:
         parts.append("NON-FINITE LOSS")
     return ", ".join(parts)
 
 
-def best_row(report: dict, section: str, mode: str = "resident") -> dict | None:
-    rows = [item for item in report["sections"].get(section, {}).get("items", [])
-            if item.get("status") == "ok" and item.get("mode") == mode]
-    return max(rows, key=lambda row: row["images_per_s"], default=None)
+def throughput_rows(report: dict, method: str, mode: str = "resident") -> list[dict]:
+    """The measured rows of `method` in `mode`, whichever section measured them."""
+    return [item for section in report["sections"].values() for item in section.get("items", [])
+            if item.get("status") == "ok" and item.get("method") == method and item.get("mode") == mode
+            and "images_per_s" in item]
 
 
-def row_named(report: dict, section: str, name: str) -> dict | None:
-    return next((item for item in report["sections"].get(section, {}).get("items", [])
-                 if item.get("name") == name and item.get("status") == "ok"), None)
+def best_row(report: dict, method: str, mode: str = "resident") -> dict | None:
+    return max(throughput_rows(report, method, mode), key=lambda row: row["images_per_s"], default=None)
+
+
+def row_named(report: dict, method: str, variant: str) -> dict | None:
+    return next((row for row in throughput_rows(report, method) if row["variant"] == variant), None)
 
 
 def target_lines(report: dict) -> list[str]:
@@ -861,17 +986,20 @@ def target_lines(report: dict) -> list[str]:
             return "not measured"
         return "met" if (value >= target if higher else value <= target) else "NOT met"
 
-    atme = best_row(report, "throughput_atme")
+    atme = best_row(report, "atme")
     lines.append(f"ATME >= {TARGETS['atme_images_per_s']:.0f} img/s at batch 32: "
                  f"{atme['images_per_s'] if atme else None} ({atme['variant'] if atme else '-'}): "
                  f"{verdict(atme and atme['images_per_s'], TARGETS['atme_images_per_s'], True)}")
-    lines.append(f"ATME <= {TARGETS['atme_gib_per_image']} GiB per image: {atme['gib_per_image'] if atme else None}: "
-                 f"{verdict(atme and atme['gib_per_image'], TARGETS['atme_gib_per_image'], False)}")
-    pix2pix = best_row(report, "throughput_pix2pix")
+    leanest = min(throughput_rows(report, "atme"), key=lambda row: row["gib_per_image"], default=None)
+    lines.append(f"ATME <= {TARGETS['atme_gib_per_image']} GiB per image: "
+                 f"{atme['gib_per_image'] if atme else None} at the fastest, "
+                 f"{leanest['gib_per_image'] if leanest else None} at the leanest ({leanest['variant'] if leanest else '-'}): "
+                 f"{verdict(atme and atme['gib_per_image'], TARGETS['atme_gib_per_image'], False)} at the fastest")
+    pix2pix = best_row(report, "pix2pix")
     lines.append(f"pix2pix resident >= {TARGETS['pix2pix_resident_images_per_s']:.0f} img/s at batch 48: "
                  f"{pix2pix['images_per_s'] if pix2pix else None} ({pix2pix['variant'] if pix2pix else '-'}): "
                  f"{verdict(pix2pix and pix2pix['images_per_s'], TARGETS['pix2pix_resident_images_per_s'], True)}")
-    loaded = best_row(report, "throughput_pix2pix", "loader")
+    loaded = best_row(report, "pix2pix", "loader")
     fraction = loaded.get("fraction_of_resident") if loaded else None
     lines.append(f"pix2pix whole loop >= {TARGETS['pix2pix_loader_fraction']:.0%} of resident: {fraction}: "
                  f"{verdict(fraction, TARGETS['pix2pix_loader_fraction'], True)}")
@@ -882,28 +1010,30 @@ def target_lines(report: dict) -> list[str]:
     return lines
 
 
+def switch_difference(on: dict, off: dict) -> str:
+    """What `on` turns on or changes against `off`, from the switches the rows resolved to."""
+    changed = [f"{name}={value}" for name, value in on.items() if off.get(name) != value]
+    return ", ".join(changed) or "the same switches"
+
+
 def switch_lines(report: dict) -> list[str]:
     """What each switch buys, from the on/off rows: the evidence for the `auto` defaults."""
     lines = []
-    comparisons = [
-        ("bf16 autocast", "all on", "all on - bf16"), ("channels_last", "all on", "all on - channels_last"),
-        ("compile", "all on", "all on - compile"), ("fused Adam", "all on", "all on - fused Adam"),
-        ("sdpa", "all on", "all on - sdpa"), ("CUDA graphs", "all on + CUDA graphs", "all on"),
-        ("activation checkpointing", "all on + activation checkpointing", "all on"),
-    ]
-    for method, section in (("pix2pix", "throughput_pix2pix"), ("atme", "throughput_atme")):
-        for switch, with_name, without_name in comparisons:
-            on = row_named(report, section, f"{method} resident {with_name}")
-            off = row_named(report, section, f"{method} resident {without_name}")
+    for method in ("pix2pix", "atme"):
+        for with_name, without_name in SWITCH_COMPARISONS:
+            on, off = row_named(report, method, with_name), row_named(report, method, without_name)
             if on and off:
-                lines.append(f"{method:8s} {switch:25s} speed x{on['images_per_s'] / off['images_per_s']:.2f}, "
+                lines.append(f"{method:8s} {with_name} vs {without_name} ({switch_difference(on['switches'], off['switches'])}): "
+                             f"speed x{on['images_per_s'] / off['images_per_s']:.2f}, "
                              f"memory x{on['peak_memory_gib'] / max(off['peak_memory_gib'], 1e-9):.2f}")
     return lines
 
 
 def table(report: dict) -> str:
-    lines = [f"GPU check: {report['mode']} mode, {report.get('device', '?')}, {report['elapsed_s']} s of {report['budget_s']} s budget",
+    lines = [f"GPU check, profile {report['profile']}: {report['mode']} mode, {report.get('device', '?')}, "
+             f"{report['elapsed_s']} s of {report['budget_s']} s budget",
              f"data: {report['data'].get('origin', report['data'].get('error'))}"]
+    lines += [f"note: {note}" for note in report["notes"]]
     for name, section in report["sections"].items():
         lines.append(f"== {name}: {section['status']} ({section.get('wall_s', 0)} s)")
         for note in section.get("notes", []):
@@ -923,22 +1053,45 @@ def failed(report: dict) -> bool:
     for section in report["sections"].values():
         if section["status"] not in ("ok", "skipped"):
             return True
-        if any(item.get("status") not in ("ok", "skipped") for item in section.get("items", [])):
+        # partial: every test that ran passed, the rest did not fit in the budget
+        if any(item.get("status") not in ("ok", "skipped", "partial") for item in section.get("items", [])):
             return True
     return False
 
 
+def follow(process: subprocess.Popen, part: Path, limit_s: float, changed: Callable[[], None]) -> str:
+    """Wait for a section's process, at most `limit_s`, calling `changed` whenever its part file
+    changes (so the report holds each item as it finishes); returns how the section ended."""
+    stop_at = time.monotonic() + limit_s
+    last_seen = None
+    while True:
+        code = process.poll()
+        stamp = (part.stat().st_ino, part.stat().st_mtime_ns) if part.exists() else None  # a rewrite is a new file
+        if stamp != last_seen and code is None:
+            last_seen = stamp
+            changed()
+        if code is not None:
+            return "ok" if code == 0 else f"failed (exit status {code})"
+        if time.monotonic() >= stop_at:
+            process.kill()
+            process.wait()
+            return "killed at its time limit"
+        time.sleep(0.25)
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     scale = CPU if args.cpu else GPU
+    profile = PROFILES[args.profile]
     started = time.monotonic()
     deadline = started + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
     report_path = args.out / REPORT_NAME
     report: dict = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "mode": "cpu" if args.cpu else "gpu",
-        "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": args.budget_s,
-        "elapsed_s": 0.0, "tolerances": {"fp32_switches": TOLERANCE_FP32, "bf16": TOLERANCE_BF16, "loss_floor": LOSS_FLOOR,
-                                         "export_max_abs": EXPORT_TOLERANCE},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "profile": profile.name,
+        "mode": "cpu" if args.cpu else "gpu", "machine": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "budget_s": args.budget_s, "elapsed_s": 0.0, "notes": list(profile.notes),
+        "tolerances": {"fp32_switches": TOLERANCE_FP32, "bf16": TOLERANCE_BF16, "loss_floor": LOSS_FLOOR,
+                       "export_max_abs": EXPORT_TOLERANCE},
         "targets": TARGETS, "data": {}, "sections": {},
     }
 
@@ -946,7 +1099,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         report["elapsed_s"] = round(time.monotonic() - started, 1)
         write_json_atomic(report_path, report, sort_keys=False)
 
-    log(f"{report['mode']} mode, budget {args.budget_s} s, report {report_path}")
+    log(f"profile {profile.name}, {report['mode']} mode, budget {args.budget_s} s, report {report_path}")
     with tempfile.TemporaryDirectory(prefix="pairgan-gpu-check-") as scratch_name:
         scratch = Path(scratch_name)
         try:
@@ -956,39 +1109,41 @@ def orchestrate(args: argparse.Namespace) -> int:
             report["data"] = {"error": error_text(error)}
             log(f"data could not be prepared: {report['data']['error']}")
         save()
-        for name in args.sections:
+        for section in profile.sections:
+            if section.name not in args.sections:
+                continue
             left = deadline - time.monotonic()
-            cap = scale.section_caps_s[name]
+            cap = section.caps_s[1 if args.cpu else 0]
             if left < min(15.0, cap):
-                report["sections"][name] = {"status": "skipped", "notes": [f"time budget: {max(left, 0):.0f} s left"], "items": []}
-                log(f"section {name}: skipped, {max(left, 0):.0f} s of the budget left")
+                report["sections"][section.name] = {"status": "skipped", "notes": [f"time budget: {max(left, 0):.0f} s left"],
+                                                    "items": []}
+                log(f"section {section.name}: skipped, {max(left, 0):.0f} s of the budget left")
                 save()
                 continue
             allowed = min(cap, left)
-            part = scratch / f"{name}.json"
-            command = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--part", str(part),
-                       "--deadline", str(time.monotonic() + allowed), "--out", str(args.out)]
+            part = scratch / f"{section.name}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), "--profile", profile.name, "--section", section.name,
+                       "--part", str(part), "--deadline", str(time.monotonic() + allowed), "--out", str(args.out)]
             if args.cpu:
                 command.append("--cpu")
             if "folder" in report["data"]:
                 command += ["--prepared", report["data"]["folder"]]
-            log(f"section {name}: up to {allowed:.0f} s")
+            log(f"section {section.name}: up to {allowed:.0f} s")
             section_started = time.monotonic()
-            process = subprocess.Popen(command)
-            try:
-                code = process.wait(timeout=allowed + 20)  # the child stops itself; this is for a hang
-                status = "ok" if code == 0 else f"failed (exit status {code})"
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                status = "killed at its time limit"
-            section = json.loads(part.read_text()) if part.exists() else {"items": [], "notes": []}
-            section["status"] = status
-            section["wall_s"] = round(time.monotonic() - section_started, 1)
-            if name == "environment" and section["items"]:
-                report["device"] = section["items"][0].get("device", report["machine"])
-            report["sections"][name] = section
-            save()
+
+            def merge(status: str) -> None:  # the section's part file into the report, saved
+                record = json.loads(part.read_text()) if part.exists() else {"items": [], "notes": []}
+                record["status"] = status
+                record["wall_s"] = round(time.monotonic() - section_started, 1)
+                if section.kind == "environment" and record["items"]:
+                    report["device"] = record["items"][0].get("device", report["machine"])
+                report["sections"][section.name] = record
+                save()
+
+            # The child skips what would not fit; this stops one whose last item overran (or hung):
+            # soon after its own deadline, and never much after the whole budget's.
+            status = follow(subprocess.Popen(command), part, min(allowed + 20, left + 5), lambda: merge("running"))
+            merge(status)
         report["table"] = table(report)
         save()
     print(report["table"], flush=True)
@@ -999,19 +1154,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help=f"folder for {REPORT_NAME}")
     parser.add_argument("--cpu", action="store_true", help="the same code, small, on the CPU (CI)")
+    parser.add_argument("--profile", choices=list(PROFILES), default=FULL.name,
+                        help="full: every section and switch; short: what matters most, in order, in 140 s")
     parser.add_argument("--facades", type=Path, default=None,
                         help="facades JPEGs (photo | labels, 512x256): DIR/*.jpg or DIR/train/*.jpg; default: synthetic")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="total seconds; sections and items that would not fit are skipped (default 420, --cpu 240)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+                        help="total seconds; sections and items that would not fit are skipped "
+                             "(default: the profile's, 420 full, 140 short; --cpu 240)")
+    parser.add_argument("--sections", nargs="+", default=None,
+                        help="run only these of the profile's sections (default: all of them)")
     # internal: one section in a child process
-    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--part", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    profile = PROFILES[args.profile]
+    names = [section.name for section in profile.sections]
+    unknown = sorted(set(args.sections or []) - set(names)) + ([args.section] if args.section and args.section not in names else [])
+    if unknown:
+        parser.error(f"profile {profile.name} has no section {', '.join(unknown)}; its sections: {', '.join(names)}")
+    args.sections = args.sections or names
     if args.budget_s is None:
-        args.budget_s = 240.0 if args.cpu else 420.0
+        args.budget_s = 240.0 if args.cpu else profile.budget_s
     if args.section:
         return run_section(args)
     return orchestrate(args)

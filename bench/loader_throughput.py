@@ -1,4 +1,5 @@
-"""Loader throughput: pairs/s of each loader backend on a pix2pix-layout set at 286 -> 256 with flip, batch 32.
+"""Loader throughput: pairs/s of each loader backend on a pix2pix-layout set, resize to 286/256 of
+the image size, random crop and flip, batch 32.
 
     python bench/loader_throughput.py --data DIR               # prepare DIR (e.g. facades), time dali and torch
     python bench/loader_throughput.py --data DIR --gpu         # also GPU decoding (DALI mixed, nvjpeg)
@@ -16,14 +17,14 @@ import time
 from pathlib import Path
 
 import torch
-import train_throughput as throughput
+import workloads
+
+from components.data.loaders import dali_available, make_loader, torchvision_available
 
 
-def time_loader(prepared: Path, backend: str, args: argparse.Namespace, device: torch.device) -> float:
-    from components.data.loaders import make_loader
-
-    params = throughput.loader_params(args.crop_size, {"backend": backend, "load_size": args.load_size, "flip": True,
-                                                       "num_threads": args.threads, "prefetch": 2})
+def time_loader(prepared: Path, backend: str, args: argparse.Namespace, device: torch.device, cache_dir: Path) -> float:
+    params = workloads.loader_params({"backend": backend, "load_scale": args.load_scale, "flip": True,
+                                      "num_threads": args.threads, "prefetch": 2, "cache_dir": str(cache_dir)})
     loader = make_loader(prepared, "train", params, batch_size=args.batch_size, train=True, device=device)
     for _ in loader:  # warm-up epoch: pipeline build, page cache, thread start
         pass
@@ -31,8 +32,7 @@ def time_loader(prepared: Path, backend: str, args: argparse.Namespace, device: 
     for _ in range(args.epochs):
         for batch in loader:
             pairs += batch["source"].shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    workloads.synchronize(device)
     return pairs / (time.perf_counter() - started)
 
 
@@ -40,9 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a pix2pix-layout source folder (e.g. the facades set)")
     parser.add_argument("--prepared", type=Path, help="a prepared folder to reuse instead of preparing --data")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--load-size", type=int, default=286)
-    parser.add_argument("--crop-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=256, help="the size --data is prepared at")
+    parser.add_argument("--load-scale", type=float, default=workloads.REFERENCE_LOAD_SCALE,
+                        help="training resize before the crop, x image size (default 286/256, the references')")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
@@ -56,29 +56,28 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     with tempfile.TemporaryDirectory(prefix="pairgan-bench-") as scratch:
+        cache_dir = Path(scratch) / "shard-cache"
         if args.prepared is None:
             started = time.perf_counter()
-            prepared = throughput.prepare_facades(args.data, Path(scratch) / "prepared", args.image_size)
+            prepared = workloads.prepare_pix2pix_folder(args.data, Path(scratch) / "prepared", args.image_size)
             print(f"prepare: {args.data} in {time.perf_counter() - started:.1f} s")
         else:
             prepared = args.prepared
-        settings = f"load {args.load_size} crop {args.crop_size} flip, batch {args.batch_size}, {args.threads} threads"
+        settings = f"load scale {args.load_scale:.4g}, crop, flip, batch {args.batch_size}, {args.threads} threads"
         for backend in args.backends:
-            rate = time_loader(prepared, backend, args, torch.device("cpu"))
+            rate = time_loader(prepared, backend, args, torch.device("cpu"), cache_dir)
             print(f"{backend} (CPU decode, {settings}): {rate:.0f} pairs/s")
         if args.gpu:
             if not torch.cuda.is_available():
                 print("no CUDA device: GPU figures pending")
                 return
-            from components.data.loaders import dali_available, torchvision_available
-
             if dali_available():
-                rate = time_loader(prepared, "dali", args, torch.device("cuda"))
+                rate = time_loader(prepared, "dali", args, torch.device("cuda"), cache_dir)
                 print(f"dali (GPU mixed decode, {settings}): {rate:.0f} pairs/s")
             else:
                 print("dali on GPU not measured: nvidia.dali is not installed here")
             if torchvision_available():
-                rate = time_loader(prepared, "nvjpeg", args, torch.device("cuda"))
+                rate = time_loader(prepared, "nvjpeg", args, torch.device("cuda"), cache_dir)
                 print(f"nvjpeg (torchvision nvJPEG decode + paired augmentation on the GPU, {settings}): {rate:.0f} pairs/s")
             else:
                 print("nvjpeg not measured: torchvision is not installed here")

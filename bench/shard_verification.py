@@ -14,30 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import workloads
 
-def prepare_facades(source: Path, out: Path, image_size: int) -> Path:
-    from components.config import read_yaml_mapping, with_overrides
-    from components.config.data import DataParams
-    from components.data.sources import open_source
-    from components.data.writer import prepare_dataset
-
-    params = DataParams.model_validate(
-        with_overrides(read_yaml_mapping("params/data.yaml"), {
-            "source": {"kind": "pix2pix", "path": str(source.resolve()), "direction": "BtoA"}, "image_size": image_size,
-        }),
-        context={"base_dir": Path.cwd()},
-    )
-    prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False)
-    return out
+from components.data.integrity import file_sha256
+from components.data.loaders import make_loader
+from components.data.manifest import load_manifest
 
 
 def main() -> None:
-    from components.config import read_yaml_mapping
-    from components.config.data import LoaderParams
-    from components.data.integrity import file_sha256
-    from components.data.loaders import make_loader
-    from components.data.manifest import load_manifest
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="pix2pix-layout source folder (the facades set)")
     parser.add_argument("--prepared", type=Path, help="a prepared folder to reuse instead of preparing --data")
@@ -48,14 +32,13 @@ def main() -> None:
         parser.error("give --data (a source to prepare) or --prepared (a prepared folder)")
 
     with tempfile.TemporaryDirectory(prefix="pairgan-bench-") as folder:
-        prepared = args.prepared or prepare_facades(args.data, Path(folder) / "prepared", args.image_size)
+        prepared = args.prepared or workloads.prepare_pix2pix_folder(args.data, Path(folder) / "prepared", args.image_size)
         manifest = load_manifest(prepared)
         shards = [Path(manifest.member_location(s.tar)) for s in manifest.split("train").shards]
         size_mib = sum(path.stat().st_size for path in shards) / (1 << 20)
-        shipped = read_yaml_mapping("params/data.yaml")["loader"]
-        params = LoaderParams.model_validate(
-            {**shipped, "backend": args.backend, "load_scale": 1.0, "cache_dir": str(Path(folder) / "cache")}
-        )
+        # a cache of this run's own: the first make_loader is the first on this "node"
+        params = workloads.loader_params({"backend": args.backend, "load_scale": 1.0,
+                                          "cache_dir": str(Path(folder) / "cache")})
 
         def build() -> float:
             started = time.perf_counter()

@@ -1,7 +1,8 @@
 """bench/gpu_check.py in --cpu mode: the GPU check's own code, small, as the GPU machine runs it
-(without Ray, MLflow, DALI, WebDataset or DVC: a sitecustomize makes importing them fail)."""
+(without Ray, MLflow, DALI, WebDataset, DVC or boto3: a sitecustomize makes importing them fail)."""
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CHECK = REPOSITORY / "bench" / "gpu_check.py"
-NOT_ON_THE_GPU_MACHINE = ("ray", "mlflow", "nvidia.dali", "webdataset", "dvc")
+NOT_ON_THE_GPU_MACHINE = ("ray", "mlflow", "nvidia.dali", "webdataset", "dvc", "boto3", "botocore")
 BLOCKER = '''
 import importlib.abc
 import sys
@@ -58,9 +59,10 @@ def items(report: dict, section: str) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc(tmp_path):
+def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_boto3(tmp_path):
     completed, report = run_check(tmp_path)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert report["profile"] == "full" and report["data"]["pairs"] == 12
     assert list(report["sections"]) == ["environment", "decode", "throughput_pix2pix", "throughput_atme",
                                         "cuda_tests", "correctness"]
     assert all(section["status"] == "ok" for section in report["sections"].values())
@@ -87,14 +89,14 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc(
     assert exported["export_ok"] and exported["export_max_abs_difference"] <= 2e-3
     for method in ("atme", "diffusion_gan", "ddgan"):
         assert correctness[f"{method} fp32 eager"]["losses_finite"]
-        for variant in ("bf16", "channels_last", "all on"):
+        for variant in ("bf16", "channels_last", "all on", "shipped defaults (auto)"):
             compared = correctness[f"{method} {variant}"]
             assert compared["status"] == "ok" and max(compared["max_relative_deviation"].values()) <= compared["tolerance"]
     assert correctness["atme sdpa off"]["status"] == correctness["ddgan sdpa off"]["status"] == "ok"
     assert "pix2pix sdpa off" not in correctness  # no attention to switch
 
     (pytest_item,) = report["sections"]["cuda_tests"]["items"]
-    assert pytest_item["finished"] and pytest_item["tests"] >= 10
+    assert pytest_item["marks"] == "cuda" and pytest_item["finished"] and pytest_item["tests"] >= 10
     assert pytest_item["skipped"] == pytest_item["tests"]  # no CUDA here
 
     assert "== targets" in completed.stdout and "ATME >= 340 img/s" in report["table"]
@@ -102,13 +104,74 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc(
 
 
 @pytest.mark.slow
+def test_the_short_profile_measures_what_matters_most_first(tmp_path):
+    completed, report = run_check(tmp_path, "--profile", "short")
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert report["profile"] == "short"
+    assert list(report["sections"]) == ["environment", "throughput_atme", "throughput_pix2pix", "decode", "correctness",
+                                        "atme_fp32_baseline", "cuda_tests"]
+    assert all(section["status"] == "ok" for section in report["sections"].values())
+    assert report["elapsed_s"] <= report["budget_s"]
+
+    atme = items(report, "throughput_atme")
+    assert list(atme) == ["atme resident shipped defaults (auto)", "atme resident all on but compile"]
+    for row in atme.values():
+        assert row["images_per_s"] > 0 and row["train_gflop_per_image"] > 0 and row["gib_per_image"] > 0
+        assert row["losses_finite"]
+    every = atme["atme resident all on but compile"]["switches"]
+    assert every["autocast"] == "bf16" and every["channels_last"] and every["fused_adam"] and every["sdpa"]
+    assert every["activation_checkpointing"] and not every["compile"] and not every["cuda_graphs"]
+
+    pix2pix = items(report, "throughput_pix2pix")
+    assert list(pix2pix) == ["pix2pix resident shipped defaults (auto)", "pix2pix loader shipped defaults (auto)"]
+    loaded = pix2pix["pix2pix loader shipped defaults (auto)"]
+    assert loaded["images_per_s"] > 0 and loaded["fraction_of_resident"] == pytest.approx(
+        loaded["images_per_s"] / pix2pix["pix2pix resident shipped defaults (auto)"]["images_per_s"], abs=1e-3)
+
+    assert list(items(report, "decode")) == ["nvjpeg loader, batch 8"]  # the largest batch only
+
+    correctness = items(report, "correctness")
+    assert list(correctness) == ["pix2pix fp32 eager + export", "atme fp32 eager", "diffusion_gan fp32 eager",
+                                 "ddgan fp32 eager", *(f"{method} shipped defaults (auto)"
+                                                       for method in ("pix2pix", "atme", "diffusion_gan", "ddgan"))]
+    assert correctness["pix2pix fp32 eager + export"]["export_ok"]
+    for item in correctness.values():
+        assert item["status"] == "ok" and item["losses_finite"], item
+
+    (baseline,) = items(report, "atme_fp32_baseline").values()
+    assert baseline["name"] == "atme resident fp32 eager" and baseline["switches"]["autocast"] == "none"
+    assert baseline["train_gflop_per_image"] == atme["atme resident shipped defaults (auto)"]["train_gflop_per_image"]
+    (pytest_item,) = report["sections"]["cuda_tests"]["items"]  # the suite's cuda tests that compile nothing
+    assert pytest_item["name"] == "pytest -m 'cuda and not compiles'" and pytest_item["finished"]
+    assert 0 < pytest_item["tests"] == pytest_item["collected"] == pytest_item["skipped"]  # no CUDA here
+
+    # nothing compiled, and the report says why; the targets and comparisons read rows of every section
+    rows = [item for section in report["sections"].values() for item in section["items"] if "requested" in item]
+    assert len(rows) == 5 and not any((row["requested"] or {}).get("compile") for row in rows)
+    assert not any(row["switches"]["compile"] for section in report["sections"].values() for row in section["items"]
+                   if "switches" in row)
+    assert "no compile" in report["notes"][0] and "note: no compile" in completed.stdout
+    assert "pix2pix whole loop >= 95% of resident: None" not in report["table"]
+    assert "atme     shipped defaults (auto) vs fp32 eager" in report["table"]
+    assert "atme     all on but compile vs shipped defaults (auto) (autocast=bf16" in report["table"]
+
+
+def test_a_section_the_profile_does_not_have_is_refused(tmp_path):
+    completed = subprocess.run([sys.executable, str(CHECK), "--cpu", "--out", str(tmp_path), "--profile", "short",
+                                "--sections", "decode", "throughput_ddgan"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "profile short has no section throughput_ddgan; its sections: environment, throughput_atme" in completed.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+@pytest.mark.slow
 def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
-    # sabotage: the throughput section cannot import its helpers, the loader module is missing
-    blocked = (*NOT_ON_THE_GPU_MACHINE, "train_throughput", "components.data.nvjpeg_loader")
+    # sabotage: the throughput section cannot import the training loop, the loader module is missing
+    blocked = (*NOT_ON_THE_GPU_MACHINE, "components.training.loop", "components.data.nvjpeg_loader")
     completed, report = run_check(tmp_path, "--sections", "throughput_pix2pix", "decode", "environment", blocked=blocked)
     assert completed.returncode == 1
     throughput = report["sections"]["throughput_pix2pix"]
-    assert throughput["status"] == "failed (exit status 1)" and "train_throughput" in throughput["error"]
+    assert throughput["status"] == "failed (exit status 1)" and "components.training.loop" in throughput["error"]
     decode = report["sections"]["decode"]
     assert decode["status"] == "ok" and decode["items"]
     assert all(item["status"] == "error" for item in decode["items"])
@@ -127,24 +190,28 @@ def test_no_budget_left_skips_sections_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_check_leaves_the_sections_it_finished(tmp_path):
-    command, environment = check_command(tmp_path, "--sections", "environment", "cuda_tests")
+def test_a_killed_check_leaves_every_item_it_finished(tmp_path):
+    command, environment = check_command(tmp_path, "--sections", "environment", "correctness")
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     report_path = tmp_path / "out" / "gpu_check.json"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if report_path.exists() and "environment" in json.loads(report_path.read_text())["sections"]:
+            sections = json.loads(report_path.read_text())["sections"] if report_path.exists() else {}
+            if sections.get("correctness", {}).get("items"):  # an item of the section still running
                 break
             assert process.poll() is None, "the check ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.1)
         os.killpg(process.pid, signal.SIGKILL)  # the check and the section it is running
     finally:
         process.wait()
     report = json.loads(report_path.read_text())
     assert report["sections"]["environment"]["status"] == "ok"
-    assert "cuda_tests" not in report["sections"] and "table" not in report
+    correctness = report["sections"]["correctness"]
+    assert correctness["status"] == "running" and correctness["items"][0]["name"] == "pix2pix fp32 eager + export"
+    assert correctness["items"][0]["status"] == "ok"
+    assert list(report["sections"]) == ["environment", "correctness"] and "table" not in report
 
 
 def test_the_check_runs_every_test_file_with_cuda_tests():
@@ -155,3 +222,39 @@ def test_the_check_runs_every_test_file_with_cuda_tests():
     with_cuda = sorted(str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "tests").rglob("test_*.py")
                        if marked.search(path.read_text()))
     assert sorted(listed) == with_cuda
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CUT_SHORT = """============================= test session starts ==============================
+collecting ... collected 37 items / 31 deselected / 6 selected
+
+tests/data/test_nvjpeg_loader.py::test_gpu_decoding_gives_the_batches_of_cpu_decoding PASSED [ 16%]
+tests/data/test_nvjpeg_loader.py::test_gpu_batches_are_complete_while_the_training_stream_is_busy PASSED [ 33%]
+"""
+
+
+def test_cuda_tests_cut_at_the_budget_are_partial_and_a_failing_one_fails_the_check(gpu_check):
+    def report_with(item: dict) -> dict:
+        return {"data": {}, "sections": {"cuda_tests": {"status": "ok", "items": [{"name": "pytest", **item}]}}}
+
+    cut = gpu_check.pytest_result(CUT_SHORT, False, None, "cuda and not compiles")
+    assert cut["status"] == "partial" and cut["passed"] == 2 and cut["collected"] == 6
+    assert "time budget: 2 of 6 tests ran" in gpu_check.summarise_item({"name": "pytest", **cut})
+    assert not gpu_check.failed(report_with(cut))
+
+    failing = CUT_SHORT + "tests/training/test_performance.py::test_sdpa_and_written_out_attention_agree_on_cuda FAILED [ 50%]\n"
+    broken = gpu_check.pytest_result(failing, False, None, "cuda")
+    assert broken["status"] == "failed"
+    assert broken["failed_tests"] == ["tests/training/test_performance.py::test_sdpa_and_written_out_attention_agree_on_cuda"]
+    assert gpu_check.failed(report_with(broken))
+
+    assert "status" not in gpu_check.pytest_result(CUT_SHORT, True, 0, "cuda")  # finished, all passed: ok
+    crashed = gpu_check.pytest_result("ImportError while loading conftest", True, 4, "cuda")
+    assert crashed["status"] == "failed" and crashed["error"] == "pytest exited 4"

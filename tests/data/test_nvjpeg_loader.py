@@ -17,11 +17,24 @@ from torch.nn import functional as F
 
 from components.config.data import LoaderParams
 from components.data import loaders
-from components.data.loaders import LoaderError, make_loader, resolve_backend
+from components.data.integrity import DataError
+from components.data.loaders import (
+    LoaderError,
+    LocalShard,
+    make_loader,
+    owned_indices,
+    resolve_backend,
+    shard_cache,
+    verified_shards,
+)
 from components.data.manifest import load_manifest
 from components.data.nvjpeg_loader import NvjpegPairLoader, pil_decode, resize_crop_flip
+from support.params import shipped
 
 JPEG_DECODER_TOLERANCE = 3 / 127.5  # two JPEG decoders may round a few pixels differently
+# Bilinear resizing mixes neighbours with weights summing to 1, so it keeps that bound, up to
+# float rounding of the same interpolation on two devices.
+RESIZED_TOLERANCE = JPEG_DECODER_TOLERANCE + 1e-5
 CPU = torch.device("cpu")
 
 
@@ -29,10 +42,29 @@ def shard_files(prepared: Path) -> list[Path]:
     return sorted((Path(prepared) / "train").glob("train-*.tar"))
 
 
+def loader_params(load_scale: float, backend: str = "auto", **others) -> LoaderParams:
+    """The shipped loader params with this load scale (1.0: training resizes nothing, crops nothing)."""
+    return shipped("data", loader={"backend": backend, "load_scale": load_scale, **others}).loader
+
+
 def pil_loader(prepared: Path, params: LoaderParams, batch_size: int, train: bool, rank: int = 0, world_size: int = 1,
                seed: int = 0, device: torch.device = CPU) -> NvjpegPairLoader:
-    return NvjpegPairLoader(load_manifest(prepared), "train", shard_files(prepared), params, batch_size, train, rank,
-                            world_size, seed, device, pil_decode)
+    """The nvjpeg loader with Pillow decoding, over the verified shards of the train split as make_loader builds it."""
+    manifest = load_manifest(prepared)
+    owned = owned_indices(manifest.split("train").count, rank, world_size)
+    shards, pin = verified_shards(manifest, "train", owned, shard_cache(params))
+    return NvjpegPairLoader(manifest, "train", shards, pin, params, batch_size, train, rank, world_size, seed, device,
+                            pil_decode)
+
+
+def unverified_loader(prepared: Path, params: LoaderParams, batch_size: int, train: bool) -> NvjpegPairLoader:
+    """The loader over shards taken as they are: a malformed shard that its manifest vouches for
+    (written by another tool) reaches the loader's own checks."""
+    manifest = load_manifest(prepared)
+    shards = [LocalShard(Path(prepared) / entry.tar, entry, entry.tar, range(entry.first_index, entry.first_index + entry.count))
+              for entry in manifest.split("train").shards]
+    return NvjpegPairLoader(manifest, "train", shards, shard_cache(params).pin([]), params, batch_size, train, 0, 1, 0,
+                            CPU, pil_decode)
 
 
 def by_index(batches) -> dict[int, tuple]:
@@ -72,21 +104,21 @@ def test_resizing_happens_before_the_crop():
         assert torch.allclose(out[:, row], expected, atol=1e-5)
 
 
-def test_draws_and_pixels_are_the_torch_backends(prepared_builtin):
-    # load_size = the stored size: no resize, so both backends cut exact windows of the same decode
-    params = LoaderParams(backend="torch", load_size=32, crop_size=24)
+def test_flips_and_pixels_are_the_torch_backends(prepared_builtin):
+    # load scale 1: no resize and no crop, so both backends give the same decode, flipped alike
+    params = loader_params(1.0, "torch")
     ours = by_index(pil_loader(prepared_builtin, params, 4, train=True, seed=3))
     theirs = by_index(make_loader(prepared_builtin, "train", params, 4, train=True, seed=3))
     common = set(ours) & set(theirs)
     assert len(ours) == 12 and len(common) >= 8
     assert {ours[i][1] for i in ours} == {True, False}
     for index in common:
-        assert ours[index][:2] == theirs[index][:2], index  # same crop, same flip
+        assert ours[index][:2] == theirs[index][:2] and ours[index][0] == [0, 0], index  # no crop, same flip
         assert torch.equal(ours[index][2], theirs[index][2]) and torch.equal(ours[index][3], theirs[index][3])
 
 
 def test_resized_pairs_are_within_one_level_of_the_torch_backend(prepared_builtin):
-    params = LoaderParams(backend="torch", load_size=40, crop_size=32)
+    params = loader_params(1.25, "torch")  # 32 px resized to 40, 32 px windows
     ours = by_index(pil_loader(prepared_builtin, params, 4, train=True, seed=1))
     theirs = by_index(make_loader(prepared_builtin, "train", params, 4, train=True, seed=1))
     for index in set(ours) & set(theirs):
@@ -97,7 +129,7 @@ def test_resized_pairs_are_within_one_level_of_the_torch_backend(prepared_builti
 
 
 def test_evaluation_batches_follow_the_batch_contract(prepared_builtin):
-    loader = pil_loader(prepared_builtin, LoaderParams(load_size=40, crop_size=32), 4, train=False)
+    loader = pil_loader(prepared_builtin, loader_params(1.25), 4, train=False)
     batches = list(loader)
     assert loader.backend == "nvjpeg" and len(loader) == len(batches) == 4
     assert [b["source"].shape[0] for b in batches] == [4, 4, 4, 1]
@@ -111,7 +143,7 @@ def test_evaluation_batches_follow_the_batch_contract(prepared_builtin):
 
 
 def test_ranks_own_fixed_parts_and_a_resumed_epoch_repeats_its_draws(prepared_builtin):
-    params = LoaderParams(load_size=36, crop_size=32)
+    params = loader_params(1.125)
     ranks = [pil_loader(prepared_builtin, params, 2, train=True, rank=rank, world_size=2, seed=5) for rank in (0, 1)]
     assert [len(loader) for loader in ranks] == [3, 3] and [loader.owned for loader in ranks] == [range(0, 6), range(6, 13)]
 
@@ -130,7 +162,7 @@ def test_ranks_own_fixed_parts_and_a_resumed_epoch_repeats_its_draws(prepared_bu
 
 def test_stopping_early_ends_the_threads_and_the_next_epoch_is_complete(prepared_builtin):
     before = threading.active_count()
-    loader = pil_loader(prepared_builtin, LoaderParams(load_size=32, crop_size=32, prefetch=1), 2, train=True)
+    loader = pil_loader(prepared_builtin, loader_params(1.0, prefetch=1), 2, train=True)
     for _ in loader:
         break
     assert threading.active_count() == before
@@ -149,11 +181,13 @@ def test_a_sample_without_its_target_names_the_shard_and_key(prepared_builtin, t
         for member, data in members:
             if member.name != f"{broken_key}.tgt.jpg":
                 archive.addfile(member, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"train-000000\.tar"):  # no longer the shard its manifest lists
+        pil_loader(copy, loader_params(1.0), 2, train=True)
     with pytest.raises(LoaderError, match=rf"train-000000\.tar: sample '{broken_key}' has no tgt\.jpg member"):
-        pil_loader(copy, LoaderParams(load_size=32, crop_size=32), 2, train=True)
+        unverified_loader(copy, loader_params(1.0), 2, train=True)
 
 
-def test_an_undecodable_image_raises_in_the_training_loop(prepared_builtin, tmp_path):
+def test_an_undecodable_image_is_refused_or_raises_in_the_training_loop(prepared_builtin, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(prepared_builtin, copy)
     shard = shard_files(copy)[0]
@@ -162,7 +196,9 @@ def test_an_undecodable_image_raises_in_the_training_loop(prepared_builtin, tmp_
     with open(shard, "r+b") as handle:  # same size, garbage content: the tar stays readable
         handle.seek(member.offset_data)
         handle.write(b"\x00" * member.size)
-    loader = pil_loader(copy, LoaderParams(load_size=32, crop_size=32), 13, train=False)
+    with pytest.raises(DataError, match=r"train-000000\.tar, sample .* does not decode"):
+        pil_loader(copy, loader_params(1.0), 13, train=False)
+    loader = unverified_loader(copy, loader_params(1.0), 13, train=False)
     before = threading.active_count()
     with pytest.raises(OSError, match="cannot identify image"):
         list(loader)
@@ -185,7 +221,7 @@ def test_backend_choice_and_its_errors(monkeypatch):
 
 @pytest.mark.cuda
 def test_gpu_decoding_gives_the_batches_of_cpu_decoding(prepared_builtin):
-    params = LoaderParams(backend="nvjpeg", load_size=32, crop_size=24)
+    params = loader_params(1.25, "nvjpeg")  # resize, crop and flip on the GPU
     gpu = make_loader(prepared_builtin, "train", params, 4, train=True, seed=2, device=torch.device("cuda"))
     assert gpu.backend == "nvjpeg"
     batches = list(gpu)
@@ -195,14 +231,14 @@ def test_gpu_decoding_gives_the_batches_of_cpu_decoding(prepared_builtin):
     for index in ours:
         assert ours[index][:2] == reference[index][:2]
         for half in (2, 3):
-            assert (ours[index][half] - reference[index][half]).abs().max() <= JPEG_DECODER_TOLERANCE
+            assert (ours[index][half] - reference[index][half]).abs().max() <= RESIZED_TOLERANCE
 
 
 @pytest.mark.cuda
 def test_gpu_batches_are_complete_while_the_training_stream_is_busy(prepared_builtin):
     # The decoder thread fills the next batches on its own stream while this stream works:
     # a batch used before its decode finished would differ from a quiet pass over the same epoch.
-    params = LoaderParams(backend="nvjpeg", load_size=36, crop_size=32, prefetch=3)
+    params = loader_params(1.125, "nvjpeg", prefetch=3)
     loader = make_loader(prepared_builtin, "train", params, 4, train=True, seed=4, device=torch.device("cuda"))
     loader.set_epoch(0)
     quiet = [{key: value.clone() for key, value in batch.items()} for batch in loader]

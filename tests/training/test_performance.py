@@ -224,6 +224,7 @@ def test_a_session_with_switches_trains_like_the_plain_one():
 
 
 @pytest.mark.cuda
+@pytest.mark.compiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inductor_blocks_equal_eager_blocks_on_cuda(dtype):
     torch.manual_seed(0)
@@ -268,6 +269,7 @@ def test_sdpa_and_written_out_attention_agree_on_cuda():
 
 
 @pytest.mark.cuda
+@pytest.mark.compiles
 @pytest.mark.parametrize("method", ["pix2pix", "atme"])
 def test_every_switch_at_once_trains_on_cuda(method):
     # CUDA graphs over compiled blocks, bf16, channels_last, fused Adam, checkpointing together
