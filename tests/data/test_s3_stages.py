@@ -13,66 +13,39 @@ from pathlib import Path
 
 import boto3
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from components.config.model import ModelParams
-from components.config.train import TrainParams
 from components.data.integrity import DataError, read_tar_samples
 from components.data.manifest import load_manifest
+from components.evaluation.report import read_evaluation
 from components.training.driver import run_training
 from components.training.job import TrainingJob
+from components.training.report import read_train_report
 from pipelines.cli import main as pairgan
+from support.params import shipped, write_shipped
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = {
     "method": {"name": "pix2pix", "generator": {"ngf": 8, "max_multiplier": 2, "norm": "instance"},
                "discriminator": {"ndf": 8, "n_layers": 2, "norm": "instance"}},
 }
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def shipped(name: str, overrides: dict) -> dict:
-    return merged(yaml.safe_load((REPO / "params" / name).read_text()), overrides)
-
-
-def loader_params():
-    from components.config.data import DataParams
-
-    return DataParams.model_validate(
-        shipped("data.yaml", {"source": {"kind": "builtin", "path": None},
-                              "loader": {"backend": "torch", "load_scale": 1.125, "num_threads": 1}})
-    ).loader
+# the prepared data: 32 px, trained at a load size of 36 (32 x 1.125)
+LOADER = {"backend": "torch", "load_scale": 1.125, "num_threads": 1}
 
 
 def write_project_params(folder: Path, workers: int, checkpoints: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {
-        "data.yaml": shipped("data.yaml", {
-            "source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 8, "val_pairs": 0, "test_pairs": 3}},
-            "image_size": 32, "shard_max_count": 3,
-            "loader": {"load_scale": 1.125, "num_threads": 1}}),
-        "model.yaml": shipped("model.yaml", TINY_MODEL),
-        "train.yaml": shipped("train.yaml", {
-            "epochs": 1, "batch_size": 2,
-            "run": {"name": "s3-data", "storage_path": str(checkpoints), "max_failures": 2,
-                    "scaling": {"num_workers": workers, "use_gpu": False},
-                    "tracking": {"experiment": "tests", "sample_grid_every_epochs": 0, "sample_grid_pairs": 2,
-                                 "system_metrics": False}}}),
-        "evaluate.yaml": shipped("evaluate.yaml", {"latency": {"warmup": 0, "repeats": 1},
-                                                   "guidance_sweep": {"weights": [0.0]}}),
-        "register.yaml": shipped("register.yaml", {}),
-    }
-    for name, content in files.items():
-        (folder / name).write_text(yaml.safe_dump(content))
+    write_shipped(folder, "data",
+                  source={"kind": "builtin", "path": None, "builtin": {"train_pairs": 8, "val_pairs": 0, "test_pairs": 3}},
+                  image_size=32, shard_max_count=3, loader={"load_scale": 1.125, "num_threads": 1})
+    write_shipped(folder, "model", **TINY_MODEL)
+    write_shipped(folder, "train", epochs=1, batch_size=2,
+                  run={"name": "s3-data", "storage_path": str(checkpoints), "max_failures": 2,
+                       "scaling": {"num_workers": workers, "use_gpu": False},
+                       "tracking": {"experiment": "tests", "sample_grid_every_epochs": 0, "sample_grid_pairs": 2,
+                                    "system_metrics": False}})
+    write_shipped(folder, "evaluate", latency={"warmup": 0, "repeats": 1}, guidance_sweep={"weights": [0.0]})
+    write_shipped(folder, "register")
     return folder
 
 
@@ -106,13 +79,13 @@ def test_prepare_train_evaluate_register_from_s3_only(ray_with_s3, s3_endpoint, 
 
     assert pairgan(["train", "--params-dir", str(params), "--data", data, "--model-out", "models/generator.pt",
                     "--report", "reports/train.json"]) == 0
-    assert json.loads(Path("reports/train.json").read_text())["data_checksum"] == manifest.checksum
+    assert read_train_report("reports/train.json").data_checksum == manifest.checksum
     cache = Path(os.environ["XDG_CACHE_HOME"]) / "pairgan/shards/shards"
     assert {s.sha256 for s in manifest.split("train").shards} <= {p.stem for p in cache.glob("*.tar")}
 
     assert pairgan(["evaluate", *common, "--out", "reports/evaluate"]) == 0
-    metrics = json.loads(Path("reports/evaluate/metrics.json").read_text())
-    assert metrics["samples"] == 3 and metrics["data_manifest_checksum"] == manifest.checksum
+    evaluation = read_evaluation("reports/evaluate").info
+    assert evaluation.samples == 3 and evaluation.data_manifest_checksum == manifest.checksum
 
     assert pairgan(["register", *common, "--evaluation", "reports/evaluate", "--out", "reports/register.json"]) == 0
     assert json.loads(Path("reports/register.json").read_text())["decision"] == "first_champion"
@@ -138,7 +111,8 @@ def test_a_damaged_shard_fails_training_once_with_shard_and_sample(
     damage_jpeg(data / "train/train-000002.tar", 1)  # sample 11: rank 1's share only (13 pairs, 2 workers)
     params = write_project_params(tmp_path / "params", workers=2, checkpoints=tmp_path / "checkpoints")
 
-    assert pairgan(["train", "--params-dir", str(params), "--data", str(data), "--model-out",
+    # --verbose: Ray Train's own lines, which say how many worker groups it started
+    assert pairgan(["train", "--verbose", "--params-dir", str(params), "--data", str(data), "--model-out",
                     str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")]) == 1
 
     output = capfd.readouterr()
@@ -162,14 +136,13 @@ def damage_after_first_step(rank: int, step: int, *, shard: str) -> None:
 def test_damage_met_mid_training_is_reported_not_retried(ray_with_s3, tmp_path, prepared_builtin):
     data = shutil.copytree(prepared_builtin, tmp_path / "data")
     manifest = load_manifest(data)
-    train = TrainParams.model_validate(shipped("train.yaml", {
-        "epochs": 2, "batch_size": 2,
-        "run": {"name": "mid", "storage_path": str(tmp_path / "checkpoints"), "max_failures": 2,
-                "scaling": {"num_workers": 1, "use_gpu": False},
-                "checkpoint": {"every_epochs": 5}}}))
+    train = shipped("train", epochs=2, batch_size=2,
+                    run={"name": "mid", "storage_path": str(tmp_path / "checkpoints"), "max_failures": 2,
+                         "scaling": {"num_workers": 1, "use_gpu": False}, "checkpoint": {"every_epochs": 5}})
     job = TrainingJob(
-        model=ModelParams.model_validate(shipped("model.yaml", TINY_MODEL)),
-        train=train, loader=loader_params(), data_location=str(data), data_checksum=manifest.checksum,
+        model=shipped("model", image_size=32, load_size=36, **TINY_MODEL),
+        train=train, loader=shipped("data", loader=LOADER).loader, data_location=str(data),
+        data_checksum=manifest.checksum,
         dataset_size=manifest.split("train").count,
         step_hook=functools.partial(damage_after_first_step, shard=str(data / "train/train-000000.tar")),
     )

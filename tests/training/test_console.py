@@ -8,22 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from components.console import EPOCH_LINE_FIELDS, EpochField, StepProgress, epoch_line, format_duration
+from support.params import write_shipped
 
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def shipped_params(name: str, overrides: dict) -> dict:
-    return deep_merge(yaml.safe_load((PROJECT / "params" / name).read_text()), overrides)
 
 
 # --- the epoch line and the progress lines -------------------------------------------
@@ -129,16 +118,12 @@ RAY_INTERNALS = [
 @pytest.mark.slow
 def test_train_output_off_a_terminal_is_one_plain_line_per_epoch(tmp_path, prepared_builtin):
     params = tmp_path / "params"
-    params.mkdir()
-    tiny = {"image_size": 32, "load_size": 36,
-            "method": {"generator": {"ngf": 8, "max_multiplier": 2}, "discriminator": {"ndf": 8, "n_layers": 2}}}
-    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
-    train = {"epochs": 2, "batch_size": 2,
-             "run": {"storage_path": str(tmp_path / "checkpoints"), "scaling": {"use_gpu": False},
-                     "tracking": {"sample_grid_every_epochs": 0, "system_metrics": True}}}
-    (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
-    data = {"loader": {"load_size": 36, "crop_size": 32, "num_threads": 1}}
-    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+    write_shipped(params, "model", method={"generator": {"ngf": 8, "max_multiplier": 2},
+                                           "discriminator": {"ndf": 8, "n_layers": 2}})
+    write_shipped(params, "train", epochs=2, batch_size=2,
+                  run={"storage_path": str(tmp_path / "checkpoints"), "scaling": {"use_gpu": False},
+                       "tracking": {"sample_grid_every_epochs": 0, "system_metrics": True}})
+    write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})  # the data's 32 px
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
     for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_LOGGING_LEVEL", "RAY_DISABLE_WORKER_LOG_PREFIX"):

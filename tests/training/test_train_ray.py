@@ -357,8 +357,8 @@ def test_lowering_epochs_of_a_finished_run_trains_a_new_shorter_model(
     # 1-epoch one; a new model is trained from scratch, and every record says 1 epoch.
     write_shipped(params, "train", **train_params(storage, epochs=1))
     assert cli_train(params, prepared_builtin, out) == 0
-    report = json.loads((out / "train.json").read_text())
+    report = read_train_report(out / "train.json")
     generator_epoch = torch.load(out / "generator.pt", weights_only=True)["metadata"]["epoch"]
-    assert (report["epochs"], report["steps"], generator_epoch) == (1, STEPS_PER_EPOCH, 1)
-    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [1]
+    assert (report.metrics["epoch"], report.steps, generator_epoch) == (1, STEPS_PER_EPOCH, 1)
+    assert epochs_logged(tracking_uri, report.mlflow_run_id) == [1]
     # (Raising epochs continues a finished run: test_resume_decisions.py, without Ray.)
