@@ -6,7 +6,7 @@ components/config/run.py.
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.config.loading import StrictModel
 from components.config.run import RunParams
@@ -51,6 +51,26 @@ class HealthParams(StrictModel):
     patience_steps: PositiveInt = 500
 
 
+class ValidationParams(StrictModel):
+    """A fixed subset of the val split scored every few epochs (L1, PSNR, SSIM as `val/...` metrics).
+
+    The subset is the split's first `samples` samples in index order, the same every epoch and
+    every run, scored by worker rank 0 with the sampler the exported generator uses.
+    """
+
+    samples: int = Field(16, ge=0)  # 0: no validation
+    every_epochs: PositiveInt = 1  # and always after the last epoch
+    # DDGAN trained with guidance: after the last epoch, the subset is scored at each weight w.
+    guidance_weights: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+
+    @field_validator("guidance_weights")
+    @classmethod
+    def _distinct(cls, weights: list[float]) -> list[float]:
+        if len(set(weights)) != len(weights):
+            raise ValueError("guidance weights must not repeat")
+        return weights
+
+
 class PerformanceParams(StrictModel):
     """Speed switches; "auto" turns each on where it helps (CUDA) and off on the CPU.
 
@@ -75,6 +95,7 @@ class TrainParams(StrictModel):
     lr_schedule: LRScheduleParams = LRScheduleParams()
     health: HealthParams = HealthParams()
     performance: PerformanceParams = PerformanceParams()
+    validation: ValidationParams = ValidationParams()
     run: RunParams = RunParams()
 
     @model_validator(mode="after")

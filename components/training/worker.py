@@ -1,7 +1,7 @@
 """Ray Train's per-worker function: one process per replica, G, D (and W) each under DDP.
 
     resume or start  -> the rank's loader -> per epoch: a train_step per batch, end_epoch
-    (statistics reduced over all workers), MLflow logging on rank 0, and every
+    (statistics reduced over all workers), the validation score and MLflow logging on rank 0, and every
     `checkpoint.every_epochs` and at the end a checkpoint (ATME's memory gathered from all
     ranks, rank 0 writes) with `ray.train.report`, a barrier every rank reaches.
 
@@ -34,6 +34,7 @@ from components.training.compatibility import compare_records, job_record
 from components.training.health import TrainingDiverged
 from components.training.job import StepHook, TrainingJob
 from components.training.outcome import end_early, report
+from components.training.validation import EpochValidation
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,12 @@ def train_worker(config: dict) -> None:
                     rank=rank, world_size=world_size, seed=job.train.seed, device=session.device),
         rank, job.step_hook, session,
     )
+    # The validation subset is decoded once, by rank 0 only, which scores it alone: the other
+    # ranks go on to the epoch's report (a barrier), so every rank still reports once per epoch.
+    validation = None
+    if rank == 0:
+        validation = EpochValidation.from_split(job.train.validation, job.data_dir, job.loader,
+                                                job.train.batch_size, session.device)
     epoch_logger = None
     if rank == 0 and job.tracking_uri and job.mlflow_run_id:
         epoch_logger = EpochLogger(job.tracking_uri, job.mlflow_run_id, run.tracking.system_metrics,
@@ -154,6 +161,8 @@ def train_worker(config: dict) -> None:
         epoch = session.epoch
         metrics = {**metrics, "throughput/images_per_s_all_workers": metrics["throughput/images_per_s"] * world_size,
                    "epoch": epoch, "step": session.step}
+        if validation is not None and validation.due(epoch, epochs):
+            metrics.update(validation.score(session, final=epoch >= epochs))
         if epoch_logger is not None:
             epoch_logger.log_epoch(epoch, metrics)
             if (grid_every and epoch % grid_every == 0) or epoch == epochs:
