@@ -10,7 +10,7 @@ import sys
 from types import ModuleType
 
 from components.config import ParamsError
-from pipelines import builtin_data, evaluate, predict, prepare, register, train
+from pipelines import builtin_data, evaluate, predict, prepare, register, train, tune
 from pipelines.exit_status import ExitStatus
 
 # name -> module with `add_arguments(parser)` and `run(args) -> int`, listed explicitly so a
@@ -19,6 +19,7 @@ STAGES: dict[str, ModuleType] = {
     "builtin-data": builtin_data,
     "prepare": prepare,
     "train": train,
+    "tune": tune,
     "evaluate": evaluate,
     "register": register,
     "predict": predict,

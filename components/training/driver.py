@@ -2,6 +2,7 @@
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 from components.config.run import RunParams
@@ -21,11 +22,12 @@ def _use_gpu(setting: bool | Literal["auto"]) -> bool:
     return setting
 
 
-def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> TrainingOutcome:
+def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks: Sequence = ()) -> TrainingOutcome:
     """Fit the job on the connected Ray cluster (call `ray.init` first).
 
     storage_path: absolute local folder or s3://; with `run.name` it identifies the run, so a
-    second call with the same pair resumes. Raises CheckpointIncompatible, or Ray's
+    second call with the same pair resumes. callbacks: Ray Train callbacks (a sweep's trial
+    passes Tune's report callback). Raises CheckpointIncompatible, or Ray's
     TrainingFailedError once `run.max_failures` restarts are used up.
     """
     import ray
@@ -45,6 +47,7 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> Trainin
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     logger.info(

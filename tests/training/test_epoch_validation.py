@@ -18,6 +18,8 @@ from components.training.loop import TrainingSession, run_epochs
 from components.training.validation import EpochValidation, guidance_metric_key
 from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROJECT = Path(__file__).resolve().parents[2]
 LOADER = LoaderParams(backend="torch", load_size=36, crop_size=32, num_threads=1)
 SMALL_UNET = {"width": 8, "channel_multipliers": [1, 2], "attention_levels": [], "blocks_per_level": 1,
@@ -54,7 +56,7 @@ def validation_for(prepared: Path, **params) -> EpochValidation:
     return validation
 
 
-def test_the_subset_is_the_first_val_samples_and_scores_as_the_exported_generator(prepared_builtin, single_thread):
+def test_the_subset_is_the_first_val_samples_and_scores_as_the_exported_generator(prepared_builtin):
     validation = validation_for(prepared_builtin, samples=1)
     assert validation.samples == 1 and validation.batches[0]["index"].tolist() == [0]
     session = session_for(tiny_model())
@@ -79,7 +81,7 @@ def test_validation_is_due_every_n_epochs_and_after_the_last(prepared_builtin):
     assert [epoch for epoch in range(1, 6) if validation.due(epoch, 5)] == [2, 4, 5]
 
 
-def test_ddgan_with_guidance_scores_every_weight_after_the_last_epoch(prepared_builtin, single_thread):
+def test_ddgan_with_guidance_scores_every_weight_after_the_last_epoch(prepared_builtin):
     ddgan = {"name": "ddgan", "num_steps": 2, "nz": 4, "generator": SMALL_UNET,
              "discriminator": {"ndf": 8, "n_layers": 2, "norm": "none"}, "guidance": {"p_uncond": 0.1, "weight": 0.5}}
     validation = validation_for(prepared_builtin, samples=2, guidance_weights=[0.0, 0.5, 2.0])
