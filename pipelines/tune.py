@@ -176,7 +176,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
     plan = TrialPlan(space=space, loader=data.loader, data_dir=str(Path(args.data).resolve()),
                      data_checksum=manifest.checksum, dataset_size=train_count,
-                     train_storage=f"{storage}/{sweep_id}/{TRAIN_RUNS}")
+                     train_storage=f"{storage}/{sweep_id}/{TRAIN_RUNS}", sweep_id=sweep_id)
     tracker = SweepTracker(tune.run.experiment, sweep_id, space, tags, trial_count(tune))
     started = time.monotonic()
     experiment_path = run_sweep(tune, plan, storage, sweep_id, [tracker], concurrency(tune, use_gpu, cluster))
@@ -219,7 +219,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     if best is not None:
         parent_metrics[f"best_{tune.metric}"] = best.score
     parent_tags = {"pairgan.best_trial": best.trial_id if best else "", "pairgan.sweep_path": experiment_path}
-    finish_runs(tracker, summaries, tune.metric, parent_metrics, parent_tags, artifacts, finished=counts["unfinished"] == 0)
+    finish_runs(tracker, summaries, parent_metrics, parent_tags, artifacts, finished=counts["unfinished"] == 0)
 
     logger.info("sweep %s: %d trials in %.0f s: %s", sweep_id, len(summaries), wall,
                 ", ".join(f"{count} {outcome}" for outcome, count in counts.items()))

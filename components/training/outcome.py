@@ -1,9 +1,16 @@
-"""How the workers tell the driver that a job ended without a trained epoch (diverged, incompatible checkpoint).
+"""How the workers tell the driver that a job ended without a trained epoch (diverged, incompatible checkpoint),
+and how a job is asked to end before its last epoch (`StopRequested`).
 
 Ray's Result carries the metrics of the latest *checkpoint* only, so a report without one
 would never reach the driver: rank 0 leaves the outcome in a small actor (`OutcomeBox`) that
 the driver reads after `fit()`. Every rank still makes its last `ray.train.report` (a barrier).
 """
+
+
+class StopRequested(Exception):
+    """Raised by a step hook on every worker at the same step when whoever runs the job (a
+    sweep's scheduler) asks it to end early; the workers return normally, so Ray Train shuts the
+    job down cleanly (its workers and their reserved resources are released)."""
 
 
 class OutcomeBox:

@@ -33,7 +33,7 @@ from components.training.collectives import AgreeingDetector, all_reduce_sum
 from components.training.compatibility import compare_records, job_record
 from components.training.health import TrainingDiverged
 from components.training.job import StepHook, TrainingJob
-from components.training.outcome import end_early, report
+from components.training.outcome import StopRequested, end_early, report
 from components.training.validation import EpochValidation
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,11 @@ def train_worker(config: dict) -> None:
         # Reported, not raised: a raise would make Ray retry the run from its last checkpoint.
         end_early(config["outcome"], rank, {"diverged": 1, "divergence_reason": diverged.reason,
                                             "epoch": session.epoch, "step": session.step})
+        return
+    except StopRequested:
+        # Every rank stops at the same step, after the same reports: nothing more to report.
+        if rank == 0:
+            logger.info("stopped early at epoch %d, step %d, as asked (a sweep's scheduler)", session.epoch, session.step)
         return
     finally:
         if epoch_logger is not None:

@@ -133,16 +133,19 @@ def trial_name(trial) -> str:
     return trial.trial_id
 
 
-def _scheduler(tune: TuneParams):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def scheduler(tune: TuneParams, sweep_id: str):
+    """ASHA on the validation metric, stopping trials by request (components/tuning/stopping.py)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from components.tuning.stopping import GracefulASHA
 
     if tune.scheduler.kind == "none":
         return FIFOScheduler()
     # time_attr epoch, not Tune's iteration count: a trial resumed from a checkpoint goes on
     # counting its epochs. stop_last_trials=False: a trial reaching max_t ends by itself,
     # after its last report, instead of being stopped while it writes its last checkpoint.
-    return ASHAScheduler(
-        time_attr="epoch", max_t=tune.trial.epochs, grace_period=tune.scheduler.grace_period,
+    return GracefulASHA(
+        sweep_id, time_attr="epoch", max_t=tune.trial.epochs, grace_period=tune.scheduler.grace_period,
         reduction_factor=tune.scheduler.reduction_factor, brackets=1, stop_last_trials=False,
     )
 
@@ -153,7 +156,10 @@ def run_sweep(
     """Run (or resume) the sweep to its end; returns the experiment's path for `trial_records`."""
     import ray.tune
 
+    from components.tuning.stopping import start_stop_requests
+
     experiment_path = f"{storage_path.rstrip('/')}/{sweep_id}"
+    stop_requests = start_stop_requests(sweep_id)  # referenced until the sweep ends
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
     if ray.tune.Tuner.can_restore(experiment_path):
         logger.info("resuming the sweep in %s (finished trials are kept)", experiment_path)
@@ -168,7 +174,7 @@ def run_sweep(
             param_space=param_space(tune),
             tune_config=ray.tune.TuneConfig(
                 metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
-                search_alg=search_algorithm(tune, max_concurrent), scheduler=_scheduler(tune),
+                search_alg=search_algorithm(tune, max_concurrent), scheduler=scheduler(tune, sweep_id),
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=ray.tune.RunConfig(
@@ -177,6 +183,7 @@ def run_sweep(
             ),
         )
     tuner.fit()
+    ray.kill(stop_requests)
     return experiment_path
 
 

@@ -175,7 +175,8 @@ class SweepTracker(Callback):
         """One reported result into the trial's child run, at its epoch."""
         metrics = {
             key: float(value) for key, value in result.items()
-            if key not in _TUNE_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
+            if key not in _TUNE_KEYS and not key.startswith("config/")  # Tune's copy of the drawn values
+            and isinstance(value, int | float) and not isinstance(value, bool)
         }
         epoch = result.get("epoch", result.get("training_iteration", 0))
         if not metrics:
@@ -217,7 +218,7 @@ class SweepTracker(Callback):
 
 
 def finish_runs(
-    tracker: SweepTracker, summaries: Sequence[TrialSummary], metric: str,
+    tracker: SweepTracker, summaries: Sequence[TrialSummary],
     parent_metrics: Mapping[str, float], parent_tags: Mapping[str, str], artifacts: Mapping[str, bytes],
     finished: bool,
 ) -> None:

@@ -10,13 +10,16 @@ sweep resumes from its latest checkpoint when the sweep is resumed.
 Divergence is an outcome, not an error: the workers report it (`diverged: 1` with the
 reason) and return normally, so the trial ends without an exception and is never retried.
 The workers log nothing to MLflow: the sweep's driver logs each trial's reports into its child
-run (components/tuning/tracking.py), one process writing to the store.
+run (components/tuning/tracking.py), one process writing to the store. When ASHA stops the
+trial, its workers end at the same step and the run shuts down cleanly
+(components/tuning/stopping.py).
 """
 
 import logging
 from dataclasses import dataclass
 
 from components.config.data import LoaderParams
+from components.data.loaders import batches_per_epoch
 from components.tuning.space import SweepSpace
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ class TrialPlan:
     dataset_size: int
     # Where each trial's training run keeps its checkpoints: <train_storage>/<trial id>/.
     train_storage: str
+    # The sweep's id: its scheduler's stop requests are found by it.
+    sweep_id: str
 
 
 def run_trial(config: dict, plan: TrialPlan) -> None:
@@ -46,12 +51,17 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
     from components.training.driver import run_training
     from components.training.job import TrainingJob
+    from components.tuning.stopping import StopCheck
 
     model, train = plan.space.resolve(config)
     trial_id = ray.tune.get_context().get_trial_id()
+    # ASHA's stop reaches the workers through their step hook, checked at the detector's
+    # cadence and at least once an epoch.
+    steps_per_epoch = batches_per_epoch(plan.dataset_size, train.batch_size, True, 0, train.run.scaling.num_workers)
+    stop_check = StopCheck(plan.sweep_id, trial_id, every=max(1, min(train.health.check_interval, steps_per_epoch)))
     job = TrainingJob(
         model=model, train=train, loader=plan.loader, data_dir=plan.data_dir, data_checksum=plan.data_checksum,
-        dataset_size=plan.dataset_size,
+        dataset_size=plan.dataset_size, step_hook=stop_check,
     )
     run = train.run.model_copy(update={"name": trial_id})
     outcome = run_training(job, run, plan.train_storage, callbacks=[TuneReportCallback()])

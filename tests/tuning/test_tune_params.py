@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -11,8 +12,10 @@ import yaml
 from components.config import ParamsError, load_params, read_yaml_mapping
 from components.config.data import LoaderParams
 from components.config.tune import TuneParams
+from components.training.outcome import StopRequested
 from components.tuning.space import SweepSpace
-from components.tuning.sweep import concurrency, fingerprint, param_space, search_algorithm, trial_count
+from components.tuning.stopping import StopCheck, stop_requests_name
+from components.tuning.sweep import concurrency, fingerprint, param_space, scheduler, search_algorithm, trial_count
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -233,3 +236,54 @@ def test_auto_concurrency_fills_the_cluster_and_the_search_algorithm_enforces_it
     assert concurrency(fixed, use_gpu=False, cluster={"CPU": 64}) == 3
     # Tune ignores TuneConfig's limit when handed a ready generator: the limit must be in it.
     assert search_algorithm(fixed, 3).max_concurrent == 3
+
+
+class RecordedStops:
+    """Stands in for the sweep's StopRequests actor (ray.get_actor / .remote / ray.get)."""
+
+    def __init__(self) -> None:
+        self.requested: set[str] = set()
+        self.request = SimpleNamespace(remote=self.requested.add)
+        self.is_requested = SimpleNamespace(remote=lambda trial_id: trial_id in self.requested)
+
+
+def test_asha_stops_on_the_validation_score_by_epoch_by_asking_the_trial(monkeypatch):
+    import ray
+    from ray.tune.schedulers import TrialScheduler
+
+    stops = RecordedStops()
+    monkeypatch.setattr(ray, "get_actor", lambda name: stops if name == stop_requests_name("sweep-1") else None)
+    tune = TuneParams.model_validate(shipped("tune", trial={"epochs": 4}, scheduler={"grace_period": 1, "reduction_factor": 2.0}))
+    asha = scheduler(tune, "sweep-1")
+    asha.set_search_properties(tune.metric, tune.mode)
+    good, weak, diverged = (SimpleNamespace(trial_id=name) for name in ("good", "weak", "diverged"))
+    for trial in (good, weak, diverged):
+        asha.on_trial_add(None, trial)
+    # Trials report `epoch` (a resumed trial goes on counting), not Tune's iteration count.
+    assert asha.on_trial_result(None, good, {"epoch": 1, "val/psnr": 12.0, "training_iteration": 7}) == TrialScheduler.CONTINUE
+    # Below the rung's cut-off: Tune is told to go on, the trial is asked to stop (not killed).
+    assert asha.on_trial_result(None, weak, {"epoch": 1, "val/psnr": 10.0, "training_iteration": 1}) == TrialScheduler.CONTINUE
+    assert stops.requested == {"weak"}
+    # A diverged trial's last report has no score: ASHA leaves it alone, the trial ends by itself.
+    assert asha.on_trial_result(None, diverged, {"epoch": 1, "diverged": 1}) == TrialScheduler.CONTINUE
+    # The last epoch: the trial finishes by itself (its final checkpoint), it is not stopped.
+    assert asha.on_trial_result(None, good, {"epoch": 4, "val/psnr": 13.0}) == TrialScheduler.CONTINUE
+    late = SimpleNamespace(trial_id="late")
+    asha.on_trial_add(None, late)
+    assert asha.on_trial_result(None, late, {"epoch": 4, "val/psnr": 1.0}) == TrialScheduler.CONTINUE
+    assert stops.requested == {"weak"}
+
+
+def test_a_stop_request_ends_the_workers_at_a_check_step(monkeypatch):
+    import ray
+
+    stops = RecordedStops()
+    monkeypatch.setattr(ray, "get_actor", lambda name: stops)
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    check = StopCheck("sweep-1", "weak", every=4)
+    for step in range(1, 9):
+        check(0, step)  # not requested: nothing happens
+    stops.requested.add("weak")
+    check(0, 5)  # not a check step
+    with pytest.raises(StopRequested):
+        check(0, 8)

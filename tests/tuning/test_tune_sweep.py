@@ -17,60 +17,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from components.tracking import TAG_OUTCOME
 from components.tuning.outcomes import merged_history
 from components.tuning.sweep import trial_records
-from components.tuning.tracking import TAG_PARENT, TAG_SWEEP, TAG_SWEEP_TRIAL
+from components.tuning.tracking import TAG_PARENT, TAG_SWEEP_TRIAL
 from pipelines.cli import main as pairgan
+from support.sweeps import PROJECT, sweep_runs, tune_args, write_project
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[2]
 FLOOR = "train.health.d_loss_floor"
 EPOCHS = 6  # of the resume test's trials
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    result = dict(base)
-    for key, value in overrides.items():
-        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
-    return result
-
-
-def shipped(name: str, overrides: dict) -> dict:
-    return merged(yaml.safe_load((PROJECT / "params" / f"{name}.yaml").read_text()), overrides)
-
-
-def write_project(root: Path, tune: dict, train_pairs: int = 13) -> Path:
-    """params/ (the shipped files with a tiny model) and data/prepared, as `dvc repro prepare` leaves them."""
-    params = root / "params"
-    params.mkdir(parents=True)
-    data = shipped("data", {
-        "source": {"kind": "builtin", "path": None,
-                   "builtin": {"photos": ["astronaut", "coffee"], "train_pairs": train_pairs, "val_pairs": 2, "test_pairs": 1}},
-        "image_size": 32, "loader": {"backend": "torch", "load_size": 36, "crop_size": 32, "num_threads": 1},
-    })
-    model = shipped("model", {"image_size": 32, "load_size": 36,
-                              "method": {"generator": {"ngf": 8, "max_multiplier": 2}, "discriminator": {"ndf": 8, "n_layers": 2}}})
-    train = shipped("train", {"batch_size": 2, "validation": {"samples": 2},
-                              "run": {"tracking": {"system_metrics": False}}})
-    sweep = shipped("tune", {"trial": {"epochs": 2, "use_gpu": False}, "run": {"storage_path": str(root / "sweeps")},
-                             **tune})
-    sweep["fixed"] = {**sweep["fixed"], **tune.get("fixed", {}),
-                      "model.method.diffusion_gan": {**sweep["fixed"]["model.method.diffusion_gan"], "t_max": 50}}
-    sweep["space"] = tune["space"]
-    for name, content in (("data", data), ("model", model), ("train", train), ("tune", sweep)):
-        (params / f"{name}.yaml").write_text(yaml.safe_dump(content, sort_keys=False))
-    assert pairgan(["prepare", "--params-dir", str(params), "--out", str(root / "data/prepared"),
-                    "--report", str(root / "reports/prepare.json"), "--no-progress"]) == 0
-    return params
-
-
-def tune_args(root: Path) -> list[str]:
-    return ["tune", "--params-dir", str(root / "params"), "--data", str(root / "data/prepared"),
-            "--out", str(root / "reports/tune")]
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +40,6 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
     yield
     ray.shutdown()
-
-
-def sweep_runs(tracking_uri: str) -> tuple:
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("pairgan-tune")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [run for run in runs if TAG_SWEEP in run.data.tags]
-    children = [run for run in runs if TAG_PARENT in run.data.tags]
-    return client, parents, children
 
 
 def test_a_sweep_of_three_trials_with_one_diverging(ray_local, tmp_path, monkeypatch):
