@@ -192,7 +192,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     plot = plot_png(summaries, space.keys, tune.metric, f"{sweep_id}: {tune.metric} ({tune.mode}, scope {tune.scope})")
     summary = {
         "sweep": sweep_id, "metric": tune.metric, "mode": tune.mode, "scope": tune.scope, "trials": len(summaries),
-        **counts, "wall_time_s": round(wall, 1), "storage": experiment_path,
+        **counts, "command_wall_time_s": round(wall, 1), "storage": experiment_path,
         "best": None if best is None else {
             "trial": best.trial_id, "score": best.score, "epoch": best.best_epoch, "guidance_weight": best.guidance_weight,
             "values": best.record.values,

@@ -221,13 +221,20 @@ def _archived_results(experiment_path: str) -> dict[str, list[dict]]:
     return archived
 
 
+def _creation_order(trial) -> tuple[int, str]:
+    # Tune numbers its trials in the order it creates them at the start of their experiment tag
+    # ("3_lr_g=0.0001"); Optuna's trial ids are random.
+    number = str(trial.experiment_tag).split("_", 1)[0]
+    return (int(number) if number.isdigit() else 1 << 30, trial.trial_id)
+
+
 def _tune_records(experiment_path: str) -> list[TrialRecord]:
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment_path)
     frames = analysis.trial_dataframes
     records = []
-    for trial in sorted(analysis.trials, key=lambda trial: trial.trial_id):
+    for trial in sorted(analysis.trials, key=_creation_order):
         frame = frames.get(trial.trial_id)
         results = [] if frame is None else frame.to_dict(orient="records")
         error = None
@@ -239,7 +246,7 @@ def _tune_records(experiment_path: str) -> list[TrialRecord]:
 
 
 def trial_records(experiment_path: str) -> list[TrialRecord]:
-    """Every trial of the sweep, in the order of their ids, with all it reported (across resumptions)."""
+    """Every trial of the sweep, in the order Tune created them, with all it reported (across resumptions)."""
     archived = _archived_results(experiment_path)
     return [
         TrialRecord(record.trial_id, record.values, record.status, archived.get(record.trial_id, []) + record.results,
