@@ -139,7 +139,7 @@ class SchedulerParams(StrictModel):
 class TrialParams(StrictModel):
     """How each trial trains; the sweep's budget, never adopted into params/train.yaml."""
 
-    epochs: PositiveInt = 3
+    epochs: PositiveInt = 4
     num_workers: int = Field(1, ge=1, le=1024)
     use_gpu: Literal["auto", True, False] = "auto"
     cpus_per_worker: int = Field(1, ge=1, le=256)
