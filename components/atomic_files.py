@@ -6,11 +6,13 @@ and call, so two processes writing the same destination never share one.
 """
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -42,3 +44,12 @@ def write_json_atomic(path: Path | str, payload: object, indent: int = 2, sort_k
 def copy_file_atomic(source: Path | str, destination: Path | str) -> None:
     with atomic_path(destination) as temporary:
         shutil.copyfile(source, temporary)
+
+
+def write_csv_atomic(path: Path | str, fieldnames: Sequence[str], rows: Sequence[Mapping[str, object]]) -> None:
+    """A header line, then one line per row (a missing value is an empty field); no rows: the header alone."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode())

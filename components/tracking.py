@@ -10,20 +10,30 @@ Nothing here logs a credential: tracking URIs are shown with their user:password
 and params come from the validated config models, which hold no secrets.
 """
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import socket
+import sqlite3
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import psutil
 import torch
 
 from components.config.flatten import flatten
+from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
 from components.evaluation.grid import sample_grid
+from components.redaction import redact_text, redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -35,6 +45,12 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the tag MLflow's UI shows as the 
 TAG_OUTCOME = "pairgan.outcome"  # finished | diverged | failed
 TAG_DIVERGED = "pairgan.diverged"
 TAG_DIVERGENCE_REASON = "pairgan.divergence_reason"
+TAG_FAILURE = "pairgan.failure"  # why a run ended FAILED, in words
+TAG_PARAMS_HASH = "pairgan.params_hash"  # the same training params give the same hash
+TAG_DVC_EXPERIMENT = "pairgan.dvc_experiment"  # the `dvc exp run` experiment that trained the model
+# storage_path/run.name: the Ray run folder this MLflow run trains (it holds the checkpoints)
+TAG_RUN_FOLDER = "pairgan.run_folder"
+TAG_DRIVER = "pairgan.driver"  # host:pid of the `pairgan train` process, to tell a live run from a killed one
 
 # MLflow caps a param value at 6000 characters; a flattened config value never comes close,
 # but a long list (e.g. a T schedule) is cut rather than failing the whole job.
@@ -43,17 +59,6 @@ _PARAM_VALUE_LIMIT = 6000
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be used; raised before any training starts."""
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with any user:password part removed, safe to print and to log."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def default_tracking_uri(working_dir: Path) -> str:
@@ -119,9 +124,9 @@ def check_tracking_reachable(uri: str, experiment: str, timeout_s: float = 5.0) 
     try:
         ensure_experiment(MlflowClient(tracking_uri=uri), uri, experiment)
     except MlflowException as error:
-        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error.message}") from None
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {redact_text(error.message, uri)}") from None
     except OSError as error:
-        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {error}") from None
+        raise TrackingUnavailable(f"MLflow store {redact_uri(uri)} cannot be used: {redact_text(str(error), uri)}") from None
 
 
 def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
@@ -196,6 +201,39 @@ def finish_job_run(
     client.set_terminated(run_id, status="FINISHED" if outcome == "finished" else "FAILED")
 
 
+def log_evaluation(
+    uri: str, run_id: str, metrics: Mapping[str, float], artifacts: Sequence[Path] = (), timeout_s: float = 5.0
+) -> None:
+    """Log an evaluation to the run that trained the model: `metrics` as `eval/<name>`, `artifacts`
+    (report files) under `evaluation/`. Raises TrackingUnavailable, with the reason, when the
+    store does not answer, does not hold the run or refuses the writes.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    if urllib.parse.urlsplit(uri).scheme in {"http", "https"}:
+        _check_http_health(uri, timeout_s)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise TrackingUnavailable(
+            f"MLflow run {run_id} is not in {redact_uri(uri)} ({redact_text(error.message, uri)})"
+        ) from None
+    now_ms = int(time.time() * 1000)
+    # prefixed: the run already holds the per-epoch training curves under plain names
+    items = [Metric(_metric_key(f"eval/{name}"), float(value), now_ms, 0) for name, value in metrics.items()]
+    try:
+        for start in range(0, len(items), 1000):
+            client.log_batch(run_id, metrics=items[start : start + 1000])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    except (MlflowException, OSError) as error:
+        reason = redact_text(getattr(error, "message", None) or str(error), uri)
+        raise TrackingUnavailable(f"logging to MLflow run {run_id} in {redact_uri(uri)} failed: {reason}") from None
+
+
 def _metric_key(name: str) -> str:
     # MLflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in metric names.
     return "".join(char if char.isalnum() or char in "_-. :/" else "_" for char in name)
@@ -236,3 +274,140 @@ class EpochLogger:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+
+def method_label(model: ModelParams) -> str:
+    """The method as a run name shows it: pix2pix, atme-dg (with Diffusion-GAN), ddgan-cfg (with guidance)."""
+    method = model.method
+    if isinstance(method, Pix2PixParams | ATMEParams) and method.diffusion_gan is not None:
+        return f"{method.name}-dg"
+    if isinstance(method, DDGANParams) and method.guidance is not None:
+        return f"{method.name}-cfg"
+    return method.name
+
+
+def params_hash(config: Mapping) -> str:
+    """8 hex digits identifying a training config: runs with equal hashes trained with equal params."""
+    canonical = json.dumps(flatten(config), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def job_run_name(uri: str, experiment: str, base: str) -> str:
+    """`base #n`, n counting the runs of the experiment named `base #...` (the n-th run of this
+    method and experiment); e.g. "atme-dg fussy-bran #2" or "pix2pix 3f2a91c0 #1"."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    existing = client.get_experiment_by_name(experiment)
+    if existing is None:
+        return f"{base} #1"
+    pattern = base.replace("'", "_").replace("%", "_") + " #%"  # _ matches any one character
+    runs = client.search_runs([existing.experiment_id], filter_string=f"attributes.run_name LIKE '{pattern}'",
+                              max_results=50000)
+    return f"{base} #{len(runs) + 1}"
+
+
+def driver_identity() -> str:
+    """host:pid of this process, stored on the run (TAG_DRIVER)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _driver_alive(identity: str, run_started_ms: int) -> bool:
+    # Only a process on this host can be checked; one that started after the run did is a
+    # reused pid, not the run's driver.
+    host, _, pid = identity.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        process = psutil.Process(int(pid))
+        return process.is_running() and process.create_time() <= run_started_ms / 1000 + 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+@dataclass(frozen=True)
+class UnfinishedRuns:
+    """Runs of one run folder that were still RUNNING when a new training of it started."""
+
+    closed: list[str]  # run ids closed as FAILED: their training process is gone
+    live: list[tuple[str, str]]  # (run id, host:pid) whose training process is still running
+
+
+def close_interrupted_runs(uri: str, experiment: str, run_folder: str, started_by: str) -> UnfinishedRuns:
+    """Close as FAILED the runs of `run_folder` that a killed training left RUNNING.
+
+    A run whose `pairgan train` process still runs on this host is left alone and returned in
+    `live` (two trainings of one folder would overwrite each other's checkpoints). A run started
+    on another host cannot be checked and is taken as interrupted: one run folder is trained by
+    one job at a time. The closed runs get TAG_OUTCOME "failed" and TAG_FAILURE saying why.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    existing = client.get_experiment_by_name(experiment)
+    if existing is None:
+        return UnfinishedRuns([], [])
+    closed, live = [], []
+    # Filtered on the tag here, not in the filter string: a path may hold quotes.
+    for run in client.search_runs([existing.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                  max_results=50000):
+        if run.data.tags.get(TAG_RUN_FOLDER) != run_folder:
+            continue
+        driver = run.data.tags.get(TAG_DRIVER, "")
+        if _driver_alive(driver, run.info.start_time):
+            live.append((run.info.run_id, driver))
+            continue
+        reason = (f"interrupted: its training process ({driver or 'unknown'}) ended without closing the run "
+                  f"(killed, or the machine stopped); closed when {started_by} started on the same run folder")
+        client.set_tag(run.info.run_id, TAG_OUTCOME, "failed")
+        client.set_tag(run.info.run_id, TAG_FAILURE, reason)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+    return UnfinishedRuns(closed, live)
+
+
+# system metrics are sampled on their own clock (their step is a sample count, not an epoch)
+_SYSTEM_METRICS_PREFIX = "system/"
+
+
+def epoch_history(uri: str, run_id: str) -> list[dict[str, float]]:
+    """Every per-epoch metric the run logged, one row per epoch (the MLflow step), in epoch order.
+
+    An epoch logged twice (a worker restarted from an earlier checkpoint and trained it again)
+    keeps its later values. Raises MlflowException when the store or the run cannot be read.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    rows: dict[int, dict[str, float]] = {}
+    for key in sorted(client.get_run(run_id).data.metrics):
+        if key.startswith(_SYSTEM_METRICS_PREFIX):
+            continue
+        for point in sorted(client.get_metric_history(run_id, key), key=lambda point: point.timestamp):
+            rows.setdefault(point.step, {})[key] = point.value
+    return [{**values, "epoch": epoch} for epoch, values in sorted(rows.items())]
+
+
+def require_existing_store(tracking_uri: str) -> None:
+    """For readers of a store (predict): a SQLite store must already exist and be MLflow's.
+
+    MLflow creates a SQLite database on first contact; to a reader a missing or foreign file
+    means the wrong store (another working directory, a mistyped MLFLOW_TRACKING_URI), so it
+    raises TrackingUnavailable instead of creating an empty store. Other stores are not checked.
+    """
+    if urllib.parse.urlsplit(tracking_uri).scheme != "sqlite":
+        return
+    database = _sqlite_file(tracking_uri)
+    hint = "set MLFLOW_TRACKING_URI to the store that holds the model, or run where its mlflow.db is"
+    if not database.is_file():
+        raise TrackingUnavailable(f"MLflow store {redact_uri(tracking_uri)}: {database} does not exist; {hint}")
+    try:
+        # read-only: even a foreign file is left untouched
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        raise TrackingUnavailable(
+            f"MLflow store {redact_uri(tracking_uri)}: {database} is not a SQLite database ({error}); {hint}"
+        ) from None
+    if "registered_models" not in tables:
+        raise TrackingUnavailable(f"MLflow store {redact_uri(tracking_uri)}: {database} is not an MLflow store; {hint}")

@@ -1,54 +1,53 @@
 """Stage register: log the generator to MLflow, register it as `challenger`, and gate `champion`.
 
 The gate scores the new model and the current champion, both loaded back from MLflow, on the
-same held-out split with the same seed, and moves `champion` only when params/register.yaml's
-primary metric improves by more than its margin; the first model becomes champion. The
-decision and both scores go to --out (a DVC metrics file) and onto the version's tags. A
-diverged or NaN run is refused before anything is logged. The tracking store is
-MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db; an unreachable one fails first.
+same held-out split with the same seed, and moves `champion` only when the paired bootstrap
+interval of the per-image improvement of params/register.yaml's primary metric lies entirely
+above its margin; the first model becomes champion, and so does a challenger whose champion
+cannot take the current data (e.g. image_size changed). Deciding and moving the alias is
+atomic (a registry lock): two runs at once end consistent, each report saying what happened.
+The decision, the interval and the gate's own scores go to --out (a DVC metrics file) and onto
+the version's tags; its description is a model card. A diverged or NaN run is refused before
+anything is logged; a champion that is not a pt2 model pairgan wrote is never loaded. The
+tracking store is MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db; an
+unreachable one fails first.
 """
 
 import argparse
 import hashlib
-import json
 import logging
+import math
 import sys
 from pathlib import Path
 
+import torch
+
 from components.atomic_files import write_json_atomic
-from components.config import ParamsError, load_params
+from components.config import load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.evaluate import EvaluateParams
+from components.config.flatten import flatten
 from components.config.register import RegisterParams
 from components.data.loaders import make_loader
 from components.data.manifest import load_manifest
-from components.evaluation.features import FeaturesUnavailable, load_inception
 from components.evaluation.held_out import pick_device, score_held_out
+from components.evaluation.report import METRICS_FILE, read_evaluation
 from components.methods.translator import load_translator
-from components.registry import (
-    ChampionUnscoreable,
-    RegistrationRefused,
-    TranslatorCard,
-    refuse_unless_healthy,
-    register_with_gate,
-)
-from components.tracking import (
-    TAG_GIT_COMMIT,
-    TAG_MANIFEST_CHECKSUM,
-    TrackingUnavailable,
-    check_tracking_reachable,
-    git_commit,
-    redact_uri,
-)
+from components.redaction import redact_text, redact_uri
+from components.registry.flavor import TranslatorCard
+from components.registry.gate import ChampionUnusable, RegistrationRefused, refuse_unless_healthy, register_with_gate
+from components.registry.lock import LockLost, RegistryBusy
+from components.registry.model_card import Provenance
+from components.tracking import TrackingUnavailable, check_tracking_reachable, git_commit
+from components.training.report import read_train_report
 from pipelines import environment
-from pipelines.evaluate import GRID_FILE, METRICS_FILE, read_train_report
 from pipelines.exit_status import ExitStatus
 
 log = logging.getLogger(__name__)
 
-TAG_PARAMS_HASH = "pairgan.params_sha256"
-# the feature-based metrics need the Inception extractor in the gate as well
-FEATURE_METRICS = {"fid", "kid"}
+# evaluate's means and the gate's own scores of the same model on the same split agree to
+# float noise; a larger difference means metrics.json is not this model's evaluation
+_AGREEMENT = 1e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,81 +66,69 @@ def params_hash(params_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_metrics(folder: Path) -> dict:
-    path = folder / METRICS_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no evaluation report; run `pairgan evaluate` first") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+def _warn_if_evaluation_disagrees(path: Path, reported: dict, verified: dict[str, float]) -> None:
+    for name, value in verified.items():
+        claimed = reported.get(name)
+        if isinstance(claimed, int | float) and not math.isclose(claimed, value, rel_tol=_AGREEMENT, abs_tol=_AGREEMENT):
+            log.warning(
+                "%s says %s %.4g, the registered model scores %.4g on the same split: that report is not this "
+                "model's evaluation (stale or edited); the registry records the gate's own scores",
+                path, name, claimed, value,
+            )
+
+
+def _fail(message: str) -> int:
+    print(f"pairgan register: {message}", file=sys.stderr)
+    return ExitStatus.FAILED
 
 
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
-    register_path = params_dir / "register.yaml"
-    params = load_params(register_path, RegisterParams)
+    params = load_params(params_dir / "register.yaml", RegisterParams)
     evaluate_params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
     data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
 
     try:
         train_report = read_train_report(Path(args.train_report))
-        evaluation = _read_metrics(Path(args.evaluation))
+        evaluation = read_evaluation(Path(args.evaluation))
     except (FileNotFoundError, ValueError) as error:
-        print(f"pairgan register: {error}", file=sys.stderr)
-        return ExitStatus.FAILED
-    means = evaluation["mean"]
-    if params.primary_metric not in means:
-        raise ParamsError(
-            register_path,
-            [("primary_metric", f"{params.primary_metric} was not computed by evaluate ({evaluation['features']['skipped']})")],
-        )
+        return _fail(str(error))
+    means = evaluation.scores
     try:
-        refuse_unless_healthy(train_report, means)
+        refuse_unless_healthy(train_report.model_dump(), means)
     except RegistrationRefused as refusal:
-        print(f"pairgan register: {refusal}", file=sys.stderr)
-        return ExitStatus.FAILED
+        return _fail(str(refusal))
 
     tracking_uri = environment.tracking_uri()
     try:
         check_tracking_reachable(tracking_uri, params.experiment)
     except TrackingUnavailable as error:
-        print(f"pairgan register: {error}", file=sys.stderr)
-        return ExitStatus.FAILED
+        return _fail(str(error))
     log.info("MLflow: %s, registered model %r", redact_uri(tracking_uri), params.model_name)
 
     try:
         manifest = load_manifest(args.data)
         device = pick_device(evaluate_params.device)
         translator = load_translator(args.model, map_location="cpu").eval()
+        # the file was just read as a generator export: its model params are plain data
+        model_params = torch.load(args.model, map_location="cpu", weights_only=True)["model"]
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"pairgan register: {error}", file=sys.stderr)
-        return ExitStatus.FAILED
-    extractor = None
-    if params.primary_metric in FEATURE_METRICS:
-        try:
-            extractor = load_inception(evaluate_params.features.inception_weights, device)
-        except FeaturesUnavailable as reason:
-            raise ParamsError(register_path, [("primary_metric", f"{params.primary_metric} needs {reason}")]) from None
+        return _fail(str(error))
 
     def held_out():
         return make_loader(
-            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device
+            args.data, evaluate_params.split, data_params.loader, evaluate_params.batch_size, train=False, device=device,
+            expected_checksum=manifest.checksum,
         )
 
-    def score(module) -> float:
-        scores = score_held_out(
-            module, held_out(), device, seed=evaluate_params.seed, max_samples=evaluate_params.max_samples,
-            extractor=extractor, features=evaluate_params.features,
-        )
-        return scores.means[params.primary_metric]
+    def score(module):
+        return score_held_out(module, held_out(), device, seed=evaluate_params.seed, max_samples=evaluate_params.max_samples)
 
     try:
         # the registered graph takes exactly what the held-out loader yields (evaluation size, channels)
         example = next(iter(held_out()))["source"]
     except (ValueError, KeyError) as error:
-        print(f"pairgan register: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
-        return ExitStatus.FAILED
+        return _fail(str(error.args[0] if isinstance(error, KeyError) else error))
     card = TranslatorCard(
         nfe=translator.nfe,
         supports_guidance=translator.supports_guidance,
@@ -149,30 +136,28 @@ def run(args: argparse.Namespace) -> int:
         channels=example.shape[1],
         image_size=example.shape[-1],
     )
-    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, TAG_PARAMS_HASH: params_hash(params_dir), "pairgan.method": translator.method}
-    commit = git_commit(Path.cwd())
-    if commit:
-        tags[TAG_GIT_COMMIT] = commit
-    numeric = {name: value for name, value in means.items() if value is not None}
-    numeric["nfe"] = evaluation["nfe"]
-    numeric.update({f"latency_ms_per_image_{label}": evaluation["latency"][f"latency_ms_per_image_{label}"] for label in ("batch1", "batched")})
-    artifacts = [Path(args.evaluation) / name for name in (METRICS_FILE, GRID_FILE)]
+    provenance = Provenance(
+        method=translator.method,
+        model_params=flatten(model_params),
+        data_manifest_checksum=manifest.checksum,
+        params_sha256=params_hash(params_dir),
+        git_commit=git_commit(Path.cwd()),
+    )
     try:
         outcome = register_with_gate(
-            tracking_uri, params, translator, card, score, device,
-            run_id=train_report.get("mlflow_run_id"), metrics=numeric, tags=tags, artifacts=artifacts,
+            tracking_uri, params, translator, card, score, device, provenance,
+            split=evaluate_params.split, run_id=train_report.mlflow_run_id,
         )
-    except (RegistrationRefused, ChampionUnscoreable) as error:
-        print(f"pairgan register: {error}", file=sys.stderr)
-        return ExitStatus.FAILED
+    except (RegistrationRefused, ChampionUnusable, RegistryBusy, LockLost) as error:
+        return _fail(redact_text(str(error), tracking_uri))
+    _warn_if_evaluation_disagrees(Path(args.evaluation) / METRICS_FILE, means, outcome.verified)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, outcome.report(), sort_keys=False)
     gate = outcome.gate
+    log.info("%s version %s: %s (%s)", outcome.model_name, outcome.version, gate.decision, gate.reason)
     log.info(
-        "%s version %s: %s (%s: challenger %.4g, champion %s); champion is version %s",
-        outcome.model_name, outcome.version, gate.decision, gate.primary_metric, gate.challenger_score,
-        "none" if gate.champion_score is None else f"{gate.champion_score:.4g}", outcome.champion_version_after,
+        "@champion is version %s; @challenger is version %s", outcome.champion_version_after, outcome.version
     )
     return ExitStatus.OK

@@ -1,37 +1,57 @@
 """Stage train: train the method of params/model.yaml on the prepared shards with Ray Train, tracked in MLflow.
 
 Reads params/model.yaml, params/train.yaml (its `run:` section: Ray workers, checkpoints,
-tracking) and the `loader:` section of params/data.yaml. Ray starts locally unless
+tracking) and from params/data.yaml the image size (the networks are built for it) and the
+`loader:` section. Ray starts locally unless
 RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
 Running the stage again with the same run.storage_path and run.name resumes from the latest
-checkpoint. Exit status: 0 trained, 1 failed (after Ray's retries), 2 invalid params or a
-checkpoint the params cannot resume, 3 training diverged (not retried).
+checkpoint; an MLflow run that a killed training of that folder left RUNNING is closed as
+FAILED first. One line per epoch on the console; -v/--verbose adds Ray's and MLflow's own
+output. Exit status: 0 trained, 1 failed (after Ray's retries, or the folder is being trained
+by another process), 2 invalid params or a checkpoint the params cannot resume, 3 training
+diverged (not retried).
 """
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from components.atomic_files import copy_file_atomic, write_json_atomic
-from components.config import ParamsError, load_params
-from components.config.data import READS_SHARDS_ONLY, DataParams
-from components.config.model import ModelParams
+from components.atomic_files import copy_file_atomic
+from components.config import load_params
+from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
+from components.config.model import load_model_params
 from components.config.train import TrainParams
+from components.console import ConsoleOptions
+from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
+from components.object_store import is_s3_uri
+from components.redaction import redact_text, redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_DIVERGENCE_REASON,
+    TAG_DRIVER,
+    TAG_DVC_EXPERIMENT,
+    TAG_FAILURE,
     TAG_GIT_COMMIT,
     TAG_MANIFEST_CHECKSUM,
+    TAG_PARAMS_HASH,
+    TAG_RUN_FOLDER,
     TrackingUnavailable,
     check_tracking_reachable,
+    close_interrupted_runs,
+    driver_identity,
+    epoch_history,
     finish_job_run,
     flatten_params,
     git_commit,
-    redact_uri,
+    job_run_name,
+    method_label,
+    params_hash,
     start_job_run,
 )
+from components.training.report import TrainReport, compared_metrics, write_train_report
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
@@ -40,28 +60,28 @@ logger = logging.getLogger("pairgan.train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared data folder (default: data/prepared)")
+    parser.add_argument(
+        "--data", default="data/prepared", help="prepared data: folder or s3://bucket/prefix (default: data/prepared)"
+    )
     parser.add_argument(
         "--model-out", default="models/generator.pt", help="exported generator (default: models/generator.pt)"
     )
     parser.add_argument(
-        "--report", default="reports/train.json", help="training report, a DVC metrics file (default: reports/train.json)"
+        "--report", default="reports/train.json",
+        help="training report, a DVC metrics file (default: reports/train.json); train_info.json, "
+        "train_curves.csv and train_validation.csv are written beside it",
     )
 
 
-def _check_sizes(model: ModelParams, data: DataParams, model_path: Path, data_path: Path) -> None:
-    # The networks are built for model.image_size; the loader crops data.loader.crop_size.
-    problems = []
-    if model.image_size != data.loader.crop_size:
-        problems.append(
-            ("image_size", f"{model.image_size} differs from loader.crop_size = {data.loader.crop_size} in {data_path}")
-        )
-    if model.load_size is not None and model.load_size != data.loader.load_size:
-        problems.append(
-            ("load_size", f"{model.load_size} differs from loader.load_size = {data.loader.load_size} in {data_path}")
-        )
-    if problems:
-        raise ParamsError(model_path, problems)
+def _epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
+    # The curves are a by-product: a store that cannot be read back costs them, not the model.
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return epoch_history(tracking_uri, run_id)
+    except (MlflowException, OSError) as error:
+        logger.warning("per-epoch curves not written: MLflow run %s could not be read (%s)", run_id, error)
+        return []
 
 
 def _storage_path(storage: str) -> str:
@@ -69,19 +89,45 @@ def _storage_path(storage: str) -> str:
     return storage if storage.startswith("s3://") else str(Path(storage).resolve())
 
 
+def _ray_console(console: ConsoleOptions, address: str) -> dict[str, str]:
+    """Decide what of Ray's output reaches the console; call it before ray is imported.
+
+    Unless --verbose, nothing of Ray's internals: only what our workers log (the epoch lines)
+    and errors. Returns the environment variables the workers need for that.
+    """
+    if not console.interactive:
+        # Ray colours the prefix of the lines it forwards from workers even into a file or pipe.
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+    if console.verbose:
+        return {}
+    # Read when ray is imported: no "(RayTrainWorker pid=...)" before each epoch line.
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    # Read by the workers when they start: Ray's own loggers at ERROR (Train's placement group
+    # cleaner warns every few seconds that the state API, served by the dashboard we do not
+    # start, does not answer), MLflow's info lines off.
+    workers = {"RAY_LOGGER_LEVEL": "error", "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
+    if address == "local":
+        # Ray Train's preemption watcher follows node drains, which a one-machine Ray never
+        # has, and Ray's core worker logs an error each time the watcher is created.
+        workers["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return workers
+
+
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
-    model = load_params(model_path, ModelParams)
-    train = load_params(train_path, TrainParams)
+    console = ConsoleOptions(verbose=args.verbose, interactive=sys.stdout.isatty())
     data = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
-    _check_sizes(model, data, model_path, data_path)
+    # The networks are built for the data's one image size (model.yaml has none).
+    model = load_model_params(model_path, data, data_path)
+    train = load_params(train_path, TrainParams)
     try:
         manifest = load_manifest(args.data)
         dataset_size = manifest.split("train").count
     except (ManifestError, KeyError, FileNotFoundError) as error:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
+    check_prepared_size(data, manifest.image_size, data_path, args.data)
 
     tracking_uri = environment.tracking_uri()
     tracking = train.run.tracking
@@ -90,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
     except TrackingUnavailable as error:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
-    logger.info("MLflow: %s, experiment %r", redact_uri(tracking_uri), tracking.experiment)
 
+    ray_address = environment.ray_address()
+    ray_workers_environment = _ray_console(console, ray_address)
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
     from ray.train import TrainingFailedError
@@ -100,33 +147,66 @@ def run(args: argparse.Namespace) -> int:
     from components.training.compatibility import CheckpointIncompatible
     from components.training.driver import run_training
     from components.training.job import TrainingJob
+    from components.training.run_folder import remove_unlisted_checkpoints
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
-              "data": {"loader": data.loader.model_dump(mode="json")}}
-    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name}
+              "data": {"image_size": data.image_size, "loader": data.loader.model_dump(mode="json")}}
+    storage = _storage_path(train.run.storage_path)
+    run_folder = f"{storage.rstrip('/')}/{train.run.name}"
+    # Equal hashes, equal training: train.yaml's run section says where and how, not what is trained.
+    trained = {**config, "train": {key: value for key, value in config["train"].items() if key != "run"}}
+    trained_hash = params_hash(trained)
+    dvc_experiment = environment.dvc_experiment_name()
+    run_name = job_run_name(tracking_uri, tracking.experiment, f"{method_label(model)} {dvc_experiment or trained_hash}")
+
+    # A training killed before it could close its MLflow run (SIGKILL, a lost machine) left it
+    # RUNNING, and maybe checkpoint folders Ray no longer tracks: close and clean up first.
+    unfinished = close_interrupted_runs(tracking_uri, tracking.experiment, run_folder, f"run {run_name!r}")
+    if unfinished.live:
+        run_id, driver = unfinished.live[0]
+        print(f"pairgan train: run folder {run_folder} is being trained right now (MLflow run {run_id}, process "
+              f"{driver}); wait for it, or give this training another run.name in {train_path}", file=sys.stderr)
+        return ExitStatus.FAILED
+    for closed in unfinished.closed:
+        logger.warning("MLflow run %s of %s was left RUNNING by a training that was killed: closed as FAILED",
+                       closed, run_folder)
+    removed = remove_unlisted_checkpoints(storage, train.run.name)
+    if removed:
+        logger.warning("removed %d checkpoint folder(s) of %s that Ray no longer tracks (left by a killed "
+                       "training): %s", len(removed), run_folder, ", ".join(removed))
+
+    tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name,
+            TAG_PARAMS_HASH: trained_hash, TAG_RUN_FOLDER: run_folder, TAG_DRIVER: driver_identity()}
+    if dvc_experiment:
+        tags[TAG_DVC_EXPERIMENT] = dvc_experiment
     commit = git_commit(Path.cwd())
     if commit:
         tags[TAG_GIT_COMMIT] = commit
-    run_id = start_job_run(tracking_uri, tracking.experiment, train.run.name, flatten_params(config), tags)
+    run_id = start_job_run(tracking_uri, tracking.experiment, run_name, flatten_params(config), tags)
+    logger.info("MLflow: %s, experiment %r, run %r", redact_uri(tracking_uri), tracking.experiment, run_name)
 
     job = TrainingJob(
-        model=model, train=train, loader=data.loader, data_dir=str(Path(args.data).resolve()),
+        model=model, train=train, loader=data.loader,
+        data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
         data_checksum=manifest.checksum, dataset_size=dataset_size,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console,
     )
     if not ray.is_initialized():
-        ray.init(address=environment.ray_address(), include_dashboard=False)
-    storage = _storage_path(train.run.storage_path)
+        ray.init(address=ray_address, include_dashboard=False,
+                 logging_level=logging.INFO if console.verbose else logging.ERROR,
+                 runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
     try:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:
-        finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "checkpoint incompatible with params"})
-        files = {"model": model_path, "train": train_path, "data": Path(args.data) / "manifest.json"}
-        lines = [
-            f"  {files[change.key.split('.', 1)[0]]}: {change.key.split('.', 1)[1]}: "
-            f"checkpoint has {change.checkpoint}, now {change.now}"
-            for change in error.changes
-        ]
+        finish_job_run(tracking_uri, run_id, "failed", {TAG_FAILURE: "checkpoint incompatible with params"})
+        files = {"model": model_path, "train": train_path, "data": manifest.file_location()}
+        # The model's sizes are set in data.yaml.
+        sizes = {"model.image_size": (data_path, "image_size"),
+                 "model.load_size": (data_path, "loader.load_scale, the load size")}
+        lines = []
+        for change in error.changes:
+            file, key = sizes.get(change.key) or (files[change.key.split(".", 1)[0]], change.key.split(".", 1)[1])
+            lines.append(f"  {file}: {key}: checkpoint has {change.checkpoint}, now {change.now}")
         print(
             f"pairgan train: the unfinished run in {error.checkpoint_path} was trained with other params:\n"
             + "\n".join(lines)
@@ -134,28 +214,36 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitStatus.BAD_PARAMS
-    except TrainingFailedError as error:
-        finish_job_run(tracking_uri, run_id, "failed")
-        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {error}", file=sys.stderr)
+    except DataError as error:
+        # a damaged shard: deterministic, so reported once instead of retried
+        finish_job_run(tracking_uri, run_id, "failed", {"pairgan.failure": "data error"})
+        print(f"pairgan train: data error: {error}", file=sys.stderr)
         return ExitStatus.FAILED
-    except BaseException:
+    except TrainingFailedError as error:
+        # a worker's MLflow error can quote the tracking URI, password included
+        failure = redact_text(str(error), tracking_uri)
+        finish_job_run(tracking_uri, run_id, "failed",
+                       {TAG_FAILURE: f"training failed after {train.run.max_failures} restart(s): {failure}"[:5000]})
+        print(f"pairgan train: training failed after {train.run.max_failures} restart(s): {failure}", file=sys.stderr)
+        return ExitStatus.FAILED
+    except BaseException as error:
         # Anything else (Ctrl-C, Ray itself failing): close the run as failed, then let it surface.
-        finish_job_run(tracking_uri, run_id, "failed")
+        finish_job_run(tracking_uri, run_id, "failed", {TAG_FAILURE: f"stopped: {type(error).__name__}: {error}"[:5000]})
         raise
 
-    report = {
-        "status": outcome.status,
-        "method": model.method.name,
-        "epochs": outcome.epoch,
-        "steps": outcome.step,
-        "data_checksum": manifest.checksum,
-        "mlflow_run_id": run_id,
-        "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
-        "metrics": outcome.metrics,
-    }
+    report = TrainReport(
+        metrics=compared_metrics(outcome.metrics, outcome.epoch),
+        status=outcome.status,
+        method=model.method.name,
+        steps=outcome.step,
+        data_checksum=manifest.checksum,
+        mlflow_run_id=run_id,
+        checkpoint=outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        divergence_reason=outcome.divergence_reason,
+    )
+    history = _epoch_history(tracking_uri, run_id)
     if outcome.status == "diverged":
-        report["divergence_reason"] = outcome.divergence_reason
-        write_json_atomic(Path(args.report), report)
+        write_train_report(Path(args.report), report, history)
         finish_job_run(
             tracking_uri, run_id, "diverged",
             {TAG_DIVERGED: "true", TAG_DIVERGENCE_REASON: (outcome.divergence_reason or "")[:5000]},
@@ -165,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
 
     with outcome.checkpoint.as_directory() as folder:
         copy_file_atomic(Path(folder) / GENERATOR_FILE, Path(args.model_out))
-    write_json_atomic(Path(args.report), report)
+    write_train_report(Path(args.report), report, history)
     finish_job_run(tracking_uri, run_id, "finished")
     logger.info("trained %d epochs (%d steps); generator written to %s", outcome.epoch, outcome.step, args.model_out)
     return ExitStatus.OK

@@ -1,7 +1,9 @@
 """Shared fixtures: synthetic paired images on disk, a prepared data set, an S3 server (moto)."""
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,15 +11,58 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.config import with_overrides
 from support.images import pair_halves, pair_seed
+from support.params import shipped, write_shipped
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Tests make their own MLflow stores and local Ray instances: never write to a tracking
     # server or join a cluster that the developer's shell happens to point at.
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         os.environ.pop(name, None)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # The loaders' shard cache defaults to the user's cache folder: the tests use their own
+    # (inherited by the Ray workers they start), never the developer's ~/.cache.
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pairgan-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+
+# what `pairgan` sets for its own process (pipelines/environment.py), and what
+# mlflow.set_tracking_uri sets (it exports the URI); tests run commands in-process
+_PROCESS_SETTINGS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+)
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_restored() -> Iterator[None]:
+    """Each test starts with the environment the developer's shell gave, whatever commands ran before."""
+    before = {name: os.environ.get(name) for name in _PROCESS_SETTINGS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.py runs the cuda tests on a GPU)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -52,25 +97,21 @@ def write_paired_folders() -> Callable[..., Path]:
     return write
 
 
+# params/data.yaml for tests: a few built-in pairs at 32 px (load size 36).
+SMALL_DATA = {
+    "source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 12, "val_pairs": 3, "test_pairs": 3}},
+    "image_size": 32,
+    "shard_max_count": 5,
+    "loader": {"load_scale": 1.125, "num_threads": 1},
+}
+
+
 @pytest.fixture
 def write_params() -> Callable[..., Path]:
-    """write_params(folder, **overrides) writes folder/data.yaml from a small builtin default."""
-    import yaml
+    """write_params(folder, **overrides) writes folder/data.yaml: the shipped file, SMALL_DATA, the overrides."""
 
     def write(folder: Path, **overrides: object) -> Path:
-        data: dict = {
-            "source": {"kind": "builtin", "builtin": {"train_pairs": 12, "val_pairs": 3, "test_pairs": 3}},
-            "image_size": 32,
-            "shard_max_count": 5,
-            "loader": {"load_size": 36, "crop_size": 32, "num_threads": 1},
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "data.yaml").write_text(yaml.safe_dump(data))
+        write_shipped(folder, "data", **with_overrides(SMALL_DATA, overrides))
         return folder
 
     return write
@@ -104,17 +145,11 @@ def s3_endpoint() -> Iterator[str]:
 def prepared_builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared data set (built-in source, 32 px, 13 train pairs in 3 shards): the
     folder holding manifest.json. Shared read-only by tests of the loaders."""
-    from components.config.data import DataParams
     from components.data.sources import open_source
     from components.data.writer import prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / "data"
-    params = DataParams.model_validate(
-        {
-            "source": {"builtin": {"train_pairs": 13, "val_pairs": 2, "test_pairs": 2}},
-            "image_size": 32,
-            "shard_max_count": 5,
-        }
-    )
+    params = shipped("data", **with_overrides(SMALL_DATA, {"source": {"builtin": {"train_pairs": 13, "val_pairs": 2,
+                                                                                    "test_pairs": 2}}}))
     prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False)
     return out

@@ -15,22 +15,22 @@ class FeatureParams(StrictModel):
     metrics.json says which of the two is missing and the stage still succeeds.
     """
 
-    inception_weights: str = "models/inception_v3.pt"
-    kid_subset_size: int = Field(100, ge=2, description="images per KID subset (capped at the split size)")
-    kid_subsets: int = Field(50, ge=1)
+    inception_weights: str
+    kid_subset_size: int = Field(ge=2, description="images per KID subset (capped at the split size)")
+    kid_subsets: int = Field(ge=1)
 
 
 class LatencyParams(StrictModel):
     """Sampling latency: warm-up calls are not timed (first-call allocation, cuDNN autotuning)."""
 
-    warmup: int = Field(2, ge=0)
-    repeats: int = Field(5, ge=1)
+    warmup: int = Field(ge=0)
+    repeats: int = Field(ge=1)
 
 
 class GuidanceSweepParams(StrictModel):
     """Guidance weights w to evaluate without retraining (for translators that support guidance)."""
 
-    weights: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+    weights: list[float]
 
     @model_validator(mode="after")
     def _weights_valid(self) -> "GuidanceSweepParams":
@@ -42,12 +42,12 @@ class GuidanceSweepParams(StrictModel):
 
 
 class EvaluateParams(StrictModel):
-    split: str = Field("test", min_length=1, description="held-out split of the manifest")
-    batch_size: int = Field(8, ge=1)
-    max_samples: int | None = Field(None, ge=1, description="evaluate only the first N samples (None: all)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = Field(0, description="seeds the generator's sampling noise, so a rerun gives the same numbers")
-    grid_samples: int = Field(4, ge=1, description="the first N samples of the split go into the sample grid")
-    features: FeatureParams = FeatureParams()
-    latency: LatencyParams = LatencyParams()
-    guidance_sweep: GuidanceSweepParams = GuidanceSweepParams()
+    split: str = Field(min_length=1, description="held-out split of the manifest")
+    batch_size: int = Field(ge=1)
+    max_samples: int | None = Field(ge=1, description="evaluate only the first N samples (None: all)")
+    device: Literal["auto", "cpu", "cuda"]
+    seed: int = Field(description="seeds the generator's sampling noise, so a rerun gives the same numbers")
+    grid_samples: int = Field(ge=1, description="the first N samples of the split go into the sample grid")
+    features: FeatureParams
+    latency: LatencyParams
+    guidance_sweep: GuidanceSweepParams

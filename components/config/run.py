@@ -15,31 +15,31 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class ScalingParams(StrictModel):
     """Ray Train workers: one process per worker, each holding a full replica of G, D (and W) under DDP."""
 
-    num_workers: int = Field(2, ge=1, le=1024)
+    num_workers: int = Field(ge=1, le=1024)
     # "auto": use one GPU per worker when the Ray cluster has GPUs, else run on CPUs (gloo).
-    use_gpu: Literal["auto", True, False] = "auto"
+    use_gpu: Literal["auto", True, False]
     # Ray resource requests must be whole numbers in cluster files; keep the same rule here.
-    cpus_per_worker: int = Field(1, ge=1, le=256)
-    gpus_per_worker: int = Field(1, ge=1, le=16)
+    cpus_per_worker: int = Field(ge=1, le=256)
+    gpus_per_worker: int = Field(ge=1, le=16)
 
 
 class CheckpointParams(StrictModel):
     """When the complete training state goes to the run's storage (a checkpoint is always written at the end)."""
 
-    every_epochs: int = Field(1, ge=1)
+    every_epochs: int = Field(ge=1)
     # Older checkpoints beyond this many are deleted by Ray; at least one is needed to resume.
-    num_to_keep: int = Field(2, ge=1)
+    num_to_keep: int = Field(ge=1)
 
 
 class TrackingParams(StrictModel):
     """MLflow: one run per training job, logged by worker rank 0 only."""
 
-    experiment: str = Field("pairgan", min_length=1, max_length=200)
+    experiment: str = Field(min_length=1, max_length=200)
     # source | generated | target grids as image artifacts; 0 logs only the final epoch's grid.
-    sample_grid_every_epochs: int = Field(5, ge=0)
-    sample_grid_pairs: int = Field(4, ge=1, le=32)
-    system_metrics: bool = True
-    system_metrics_interval_s: int = Field(10, ge=1, le=3600)
+    sample_grid_every_epochs: int = Field(ge=0)
+    sample_grid_pairs: int = Field(ge=1, le=32)
+    system_metrics: bool
+    system_metrics_interval_s: int = Field(ge=1, le=3600)
 
 
 class RunParams(StrictModel):
@@ -47,15 +47,15 @@ class RunParams(StrictModel):
 
     # A run is identified by storage_path + name: running again with both unchanged resumes
     # from the latest checkpoint instead of starting over.
-    name: str = "pairgan-train"
+    name: str
     # A local folder (relative paths are taken from the directory `pairgan train` runs in;
     # DVC keeps it with `persist: true`) or s3://bucket/prefix (needed for multi-node clusters).
-    storage_path: str = "checkpoints"
+    storage_path: str
     # Worker crashes survived by restarting from the latest checkpoint. Divergence is never retried.
-    max_failures: int = Field(2, ge=0, le=100)
-    scaling: ScalingParams = ScalingParams()
-    checkpoint: CheckpointParams = CheckpointParams()
-    tracking: TrackingParams = TrackingParams()
+    max_failures: int = Field(ge=0, le=100)
+    scaling: ScalingParams
+    checkpoint: CheckpointParams
+    tracking: TrackingParams
 
     @field_validator("name")
     @classmethod

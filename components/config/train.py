@@ -6,21 +6,22 @@ components/config/run.py.
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, Strict, field_validator, model_validator
 
 from components.config.loading import StrictModel
 from components.config.run import RunParams
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class OptimizerParams(StrictModel):
     """Adam for G (with ATME's W) and for D."""
 
-    lr_g: float = Field(2e-4, gt=0.0)
-    lr_d: float = Field(2e-4, gt=0.0)
+    lr_g: float = Field(gt=0.0)
+    lr_d: float = Field(gt=0.0)
     # null: the method's published betas, (0.5, 0.999) for pix2pix and ATME, (0.5, 0.9) for DDGAN.
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = None
+    betas: Annotated[tuple[Beta, Beta], Strict(False)] | None
 
 
 class LRScheduleParams(StrictModel):
@@ -32,23 +33,23 @@ class LRScheduleParams(StrictModel):
     auto: cosine for DDGAN, linear_decay otherwise.
     """
 
-    kind: Literal["auto", "linear_decay", "cosine", "constant"] = "auto"
+    kind: Literal["auto", "linear_decay", "cosine", "constant"]
     # null: half of `epochs` (pix2pix trains 100 constant + 100 decaying epochs).
-    decay_epochs: Annotated[int, Field(ge=0)] | None = None
-    lr_floor: float = Field(1e-5, ge=0.0)
+    decay_epochs: Annotated[int, Field(ge=0)] | None
+    lr_floor: float = Field(ge=0.0)
 
 
 class HealthParams(StrictModel):
     """The divergence detector; its checks run every `check_interval` steps (one host sync each)."""
 
-    check_interval: PositiveInt = 50
+    check_interval: PositiveInt
     # A loss that is NaN or infinite stops the run at the next check.
-    stop_on_nonfinite: bool = True
+    stop_on_nonfinite: bool
     # D's loss below this floor for `patience_steps` consecutive steps: D has won, G gets no signal.
-    d_loss_floor: float = Field(1e-3, ge=0.0)
+    d_loss_floor: float = Field(ge=0.0)
     # D classifying every real and fake patch correctly for `patience_steps` consecutive steps.
-    stop_on_perfect_d: bool = True
-    patience_steps: PositiveInt = 500
+    stop_on_perfect_d: bool
+    patience_steps: PositiveInt
 
 
 class ValidationParams(StrictModel):
@@ -58,10 +59,10 @@ class ValidationParams(StrictModel):
     every run, scored by worker rank 0 with the sampler the exported generator uses.
     """
 
-    samples: int = Field(16, ge=0)  # 0: no validation
-    every_epochs: PositiveInt = 1  # and always after the last epoch
+    samples: int = Field(ge=0)  # 0: no validation
+    every_epochs: PositiveInt  # and always after the last epoch
     # DDGAN trained with guidance: after the last epoch, the subset is scored at each weight w.
-    guidance_weights: list[Annotated[float, Field(ge=0.0)]] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+    guidance_weights: list[Annotated[float, Field(ge=0.0)]]
 
     @field_validator("guidance_weights")
     @classmethod
@@ -72,31 +73,48 @@ class ValidationParams(StrictModel):
 
 
 class PerformanceParams(StrictModel):
-    """Speed switches; "auto" turns each on where it helps (CUDA) and off on the CPU.
+    """Speed and memory switches (components/training/performance.py applies them).
 
-    The on/off switches take true, false or auto (YAML reads a bare on/off as true/false too).
+    The on/off switches take true, false or auto (YAML reads a bare on/off as true/false too);
+    auto is what the GPU measurements in docs/benchmarks.md found to win on CUDA, and off on the CPU.
     """
 
-    autocast: Literal["auto", "none", "bf16"] = "auto"
-    channels_last: bool | Literal["auto"] = "auto"
-    fused_adam: bool | Literal["auto"] = "auto"
-    tf32: bool = True
-    # torch.compile of each network; a network that fails to compile runs eagerly with a warning.
-    compile: bool | Literal["auto"] = "auto"
+    autocast: Literal["auto", "none", "bf16"]
+    channels_last: bool | Literal["auto"]
+    fused_adam: bool | Literal["auto"]
+    tf32: bool
+    # Regional torch.compile of the networks' repeated blocks; a block that fails to compile
+    # runs eagerly with a warning.
+    compile: bool | Literal["auto"]
+    # The compiled blocks as CUDA graphs (CUDA only; needs compile).
+    cuda_graphs: bool | Literal["auto"]
+    # The DDPM U-Net's full attention through F.scaled_dot_product_attention.
+    sdpa: bool | Literal["auto"]
+    # Recompute the repeated blocks in the backward pass instead of storing their activations.
+    activation_checkpointing: bool | Literal["auto"]
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> "PerformanceParams":
+        if self.cuda_graphs is True and self.compile is False:
+            raise ValueError(
+                "cuda_graphs: true needs compile (the CUDA graphs capture the compiled blocks); "
+                "set compile to true or auto, or cuda_graphs to false"
+            )
+        return self
 
 
 class TrainParams(StrictModel):
     """All of params/train.yaml."""
 
-    epochs: PositiveInt = 4
-    batch_size: PositiveInt = 8
-    seed: int = 0
-    optimizer: OptimizerParams = OptimizerParams()
-    lr_schedule: LRScheduleParams = LRScheduleParams()
-    health: HealthParams = HealthParams()
-    performance: PerformanceParams = PerformanceParams()
-    validation: ValidationParams = ValidationParams()
-    run: RunParams = RunParams()
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    seed: int
+    optimizer: OptimizerParams
+    lr_schedule: LRScheduleParams
+    health: HealthParams
+    performance: PerformanceParams
+    validation: ValidationParams
+    run: RunParams
 
     @model_validator(mode="after")
     def _decay_fits(self) -> "TrainParams":

@@ -1,16 +1,19 @@
 """The manifest of a prepared data set: what `prepare` wrote and what the loaders read.
 
-`manifest.json` is written last by `prepare` (temp file + os.replace): it is the commit point,
-so a reader that finds it finds every shard it lists complete. Its `checksum` (SHA-256 of the
-canonical JSON body) identifies the data set and tags every MLflow run trained on it.
+`manifest.json` is written last by `prepare` (temp file + os.replace locally, the last upload
+on S3): it is the commit point, so a reader that finds it finds every shard it lists complete.
+Its `checksum` (SHA-256 of the canonical JSON body) identifies the data set and tags every
+MLflow run trained on it. A data set lives in a local folder or under an s3:// prefix.
 """
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from components.atomic_files import write_bytes_atomic
+from components.object_store import ObjectMissing, ObjectStoreError, get_bytes, is_s3_uri, join_s3_uri, s3_client
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pairgan-shards/1"
@@ -20,7 +23,7 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class ShardEntry:
     tar: str  # path relative to the manifest's folder
-    index: str  # the DALI index file (wds2idx) next to it
+    index: str  # the DALI webdataset index (wds2idx format) next to it
     sha256: str
     count: int
     first_index: int  # samples first_index .. first_index + count - 1, in this order
@@ -33,6 +36,9 @@ class SampleEntry:
     shard: int  # position in the split's shard list
     origin: list[str]  # source file(s), relative to the source root
     sha256: str  # of the source bytes: tells a changed pair from an unchanged one
+    # of the sample's members as stored in its shard (`stored_digest`): names the damaged sample
+    # of a shard that fails its checksum; None in data sets written before it was recorded
+    stored_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,20 @@ class Manifest:
     skipped: list[dict]  # {"split", "path", "reason"}: inputs of the last run not written
     changed: list[dict]  # {"split", "key", "origin", "reason"}: pairs kept at their old content
     checksum: str
-    root: Path  # folder the shard paths are relative to (not serialised)
+    # the folder the shard paths are relative to: an absolute local path or an s3:// URI (not serialised)
+    location: str
 
     def split(self, name: str) -> SplitManifest:
         if name not in self.splits:
-            raise KeyError(f"{self.root / MANIFEST_NAME}: no split {name!r} (has {', '.join(self.splits)})")
+            raise KeyError(f"{self.file_location()}: no split {name!r} (has {', '.join(self.splits)})")
         return self.splits[name]
 
-    def shard_paths(self, name: str) -> list[Path]:
-        return [self.root / shard.tar for shard in self.split(name).shards]
+    def member_location(self, relative: str) -> str:
+        """Where a file the manifest names (a shard, an index) is: a local path or an s3:// URI."""
+        return join_s3_uri(self.location, relative) if is_s3_uri(self.location) else str(Path(self.location) / relative)
+
+    def file_location(self) -> str:
+        return self.member_location(MANIFEST_NAME)
 
 
 class ManifestError(ValueError):
@@ -91,31 +102,58 @@ def _canonical(body: dict) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+def manifest_bytes(body: dict) -> tuple[bytes, str]:
+    """The manifest file's content for this body, and its checksum."""
+    checksum = hashlib.sha256(_canonical(body)).hexdigest()
+    return (json.dumps({**body, "checksum": checksum}, indent=1, sort_keys=True) + "\n").encode(), checksum
+
+
 def write_manifest(folder: Path, body: dict) -> str:
     """Write `folder/manifest.json` atomically; return its checksum."""
-    checksum = hashlib.sha256(_canonical(body)).hexdigest()
-    text = json.dumps({**body, "checksum": checksum}, indent=1, sort_keys=True) + "\n"
-    write_bytes_atomic(folder / MANIFEST_NAME, text.encode())
+    content, checksum = manifest_bytes(body)
+    write_bytes_atomic(folder / MANIFEST_NAME, content)
     return checksum
 
 
-def _check_inside(manifest_path: Path, key: str, relative: str) -> None:
+def _check_inside(manifest_path: str, key: str, relative: str) -> None:
     # Shard paths are relative to the manifest's folder: a reader must never be sent outside it.
     posix = PurePosixPath(relative)
     if posix.is_absolute() or ".." in posix.parts or "\\" in relative or (len(relative) > 1 and relative[1] == ":"):
         raise ManifestError(f"{manifest_path}: {key} {relative!r} leaves the data set's folder (absolute or '..')")
 
 
-def load_manifest(path: Path | str) -> Manifest:
-    """Read a manifest (the file, or the folder holding manifest.json) and check its checksum."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
+def _read_manifest_text(location: str, client: Any) -> tuple[str, str, str]:
+    """(manifest file, data set folder, text) for a folder or its manifest.json, local or s3://."""
+    if is_s3_uri(location):
+        folder = location.rstrip("/").removesuffix("/" + MANIFEST_NAME)
+        path = join_s3_uri(folder, MANIFEST_NAME)
+        try:
+            return path, folder, get_bytes(client or s3_client(), path).decode("utf-8")
+        except ObjectMissing:
+            raise ManifestError(f"{path}: no manifest; run `pairgan prepare` first") from None
+        except (ObjectStoreError, UnicodeDecodeError) as error:
+            raise ManifestError(f"{path}: cannot be read: {error}") from None
+    local = Path(location)
+    if local.is_dir():
+        local = local / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return str(local), str(local.parent.resolve()), local.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest; run `pairgan prepare` first") from None
-    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{local}: no manifest; run `pairgan prepare` first") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{local}: cannot be read: {error}") from None
+
+
+def load_manifest(location: Path | str, client: Any = None) -> Manifest:
+    """Read a manifest and check its checksum.
+
+    location: the data set's folder or its manifest.json, local or s3://bucket/prefix.
+    client: the boto3 client for S3 (default: boto3's standard configuration, e.g. AWS_ENDPOINT_URL).
+    """
+    path, folder, text = _read_manifest_text(str(location), client)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
         raise ManifestError(f"{path}: cannot be read as JSON: {error}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a pairgan manifest (expected format {FORMAT})")
@@ -135,5 +173,5 @@ def load_manifest(path: Path | str) -> Manifest:
     }
     return Manifest(
         image_size=data["image_size"], source=data["source"], params=data["params"], splits=splits,
-        skipped=data["skipped"], changed=data["changed"], checksum=checksum, root=path.parent.resolve(),
+        skipped=data["skipped"], changed=data["changed"], checksum=checksum, location=folder,
     )

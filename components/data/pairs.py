@@ -1,6 +1,7 @@
 """Turning a source pair's raw bytes into the two JPEGs a shard stores, or a reason why not."""
 
 import io
+import math
 import warnings
 
 from PIL import Image
@@ -36,9 +37,27 @@ def _encode(image: Image.Image, size: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def _shape_problem(width: int, height: int, size: int, max_upscale: float, max_aspect_ratio: float,
+                   what: str) -> str | None:
+    """Why a half of width x height should not become a size x size image, or None."""
+    shorter, longer = min(width, height), max(width, height)
+    if shorter * max_upscale < size:
+        return (f"{what} is too small for image_size {size}: it would be enlarged "
+                f"{size / shorter:.1f}x (max_upscale {max_upscale:g}; at least {math.ceil(size / max_upscale)} px "
+                "per side needed)")
+    if longer / shorter > max_aspect_ratio:
+        return (f"{what} has aspect ratio {longer / shorter:.2f}: resizing it to {size}x{size} "
+                f"would stretch it (max_aspect_ratio {max_aspect_ratio:g}); crop it closer to a square")
+    return None
+
+
 def encode_pair(pair: SourcePair, blobs: tuple[bytes, ...], layout: Layout, direction: str,
-                size: int, quality: int) -> tuple[bytes, bytes] | list[BadInput]:
-    """(source JPEG, target JPEG) at size x size, or every problem with this pair."""
+                size: int, quality: int, max_upscale: float, max_aspect_ratio: float) -> tuple[bytes, bytes] | list[BadInput]:
+    """(source JPEG, target JPEG) at size x size, or every problem with this pair.
+
+    Refused: a half that would be enlarged more than `max_upscale` times (a 2x1 image is two
+    1x1 halves), or whose aspect ratio exceeds `max_aspect_ratio` (it would be stretched).
+    """
     images = [_decode(blob, pair.split, path) for blob, path in zip(blobs, pair.origin)]
     problems = [image for image in images if isinstance(image, BadInput)]
     if problems:
@@ -48,6 +67,10 @@ def encode_pair(pair: SourcePair, blobs: tuple[bytes, ...], layout: Layout, dire
         width, height = both.size
         if width % 2:
             return [BadInput(pair.split, pair.origin[0], f"width {width} is odd: cannot split it into two equal halves")]
+        problem = _shape_problem(width // 2, height, size, max_upscale, max_aspect_ratio,
+                                 f"each half ({width // 2}x{height} of a {width}x{height} image)")
+        if problem:
+            return [BadInput(pair.split, pair.origin[0], problem)]
         left = both.crop((0, 0, width // 2, height))
         right = both.crop((width // 2, 0, width, height))
         source, target = (left, right) if direction == "AtoB" else (right, left)
@@ -57,4 +80,8 @@ def encode_pair(pair: SourcePair, blobs: tuple[bytes, ...], layout: Layout, dire
             return [BadInput(pair.split, pair.origin[0],
                              f"size {source.size[0]}x{source.size[1]} differs from its partner "
                              f"{pair.origin[1]} ({target.size[0]}x{target.size[1]})")]
+        problem = _shape_problem(*source.size, size, max_upscale, max_aspect_ratio,
+                                 f"each image ({source.size[0]}x{source.size[1]})")
+        if problem:
+            return [BadInput(pair.split, pair.origin[0], f"{problem} (the same for its partner {pair.origin[1]})")]
     return _encode(source, size, quality), _encode(target, size, quality)

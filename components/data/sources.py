@@ -2,12 +2,17 @@
 
 A source lists `SourcePair`s (split, key, origin, a `read()` that returns the raw bytes) and the
 problems it found while listing (a half without its partner, an empty split, a file that is
-not an image). Decoding and validating the bytes is the writer's job (`components.data.pairs`),
-so every source is checked the same way.
+not an image, a symbolic link leading out of the folder). Decoding and validating the bytes is
+the writer's job (`components.data.pairs`), so every source is checked the same way.
+
+Symbolic links in a local source: a link (to a file or a folder) is followed only when its
+target is inside the source folder; a link out of it, a broken link and a link that loops are
+refused as bad inputs naming the link, and nothing outside the folder is ever read.
 """
 
 import hashlib
 import logging
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -17,6 +22,7 @@ from typing import Literal, Protocol
 
 from components.config.data import DataParams, S3Params
 from components.data.manifest import SPLITS
+from components.object_store import ObjectStoreError, get_bytes, list_keys, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,8 @@ class Storage(Protocol):
     """A tree of files addressed by '/'-separated paths relative to its root."""
 
     description: str
+    # path -> why it is not read (a symbolic link out of the tree, ...); reported as bad inputs
+    refused: dict[str, str]
 
     def list_files(self) -> list[str]: ...
 
@@ -78,78 +86,83 @@ class Storage(Protocol):
 
 
 class LocalStorage:
+    """A local folder; symbolic links are followed only where they stay inside it (see the module doc)."""
+
     def __init__(self, root: Path, description: str):
         self.root = root
         self.description = description
+        self.real_root = root.resolve()
+        self.refused: dict[str, str] = {}
+        self._files: list[str] = []
+        self._folders: list[str] = []
+        self._walk(self.real_root, PurePosixPath(), {self.real_root})
+        self._files.sort()
+        self._folders.sort()
+
+    def _walk(self, folder: Path, relative: PurePosixPath, ancestors: set[Path]) -> None:
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda item: item.name):
+                if entry.name.startswith("."):
+                    continue  # hidden files and folders are never inputs
+                path = (relative / entry.name).as_posix()
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if not target.exists():
+                        self.refused[path] = f"broken symbolic link (to {os.readlink(entry.path)})"
+                        continue
+                    if not target.is_relative_to(self.real_root):
+                        self.refused[path] = "symbolic link to a location outside the source folder; refused"
+                        continue
+                    if target.is_dir() and target in ancestors:
+                        self.refused[path] = "symbolic link to a folder that contains it (a loop); refused"
+                        continue
+                    is_dir, is_file, real = target.is_dir(), target.is_file(), target
+                else:
+                    is_dir, is_file, real = entry.is_dir(), entry.is_file(), Path(entry.path)
+                if is_dir:
+                    self._folders.append(path)
+                    self._walk(real, relative / entry.name, ancestors | {real})
+                elif is_file:
+                    self._files.append(path)
+                else:
+                    self.refused[path] = "not a regular file (a device, socket or pipe)"
 
     def list_files(self) -> list[str]:
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return self._files
 
     def list_folders(self) -> list[str]:
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_dir())
+        return self._folders
 
     def read(self, relative: str) -> bytes:
-        return (self.root / relative).read_bytes()
+        # Checked again at read time: a file replaced by a link after listing is not followed out.
+        real = (self.root / relative).resolve()
+        if not real.is_relative_to(self.real_root):
+            raise OSError(f"{relative} now leads outside the source folder (a symbolic link); refused")
+        return real.read_bytes()
 
 
 class S3Storage:
     """Objects under s3://bucket/prefix; only ListObjectsV2 and GetObject are called."""
 
     def __init__(self, uri: str, params: S3Params):
-        import boto3  # imported here so local runs never pay for it
-        from botocore.config import Config
-
         self.description = uri
-        self.bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.uri = uri.rstrip("/")
+        self.refused: dict[str, str] = {}
         self.max_attempts = params.max_attempts
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=params.endpoint_url,
-            region_name=params.region,
-            config=Config(retries={"max_attempts": params.max_attempts, "mode": "standard"}),
-        )
+        self.client = s3_client(params.endpoint_url, params.region, params.max_attempts)
 
     def list_files(self) -> list[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        keys = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-                keys.extend(item["Key"].removeprefix(self.prefix) for item in page.get("Contents", []))
-        except (BotoCoreError, ClientError) as error:
-            raise SourceError(f"{self.description}: cannot list objects: {error}") from None
-        return sorted(key for key in keys if key and not key.endswith("/"))
+            return list_keys(self.client, self.uri)
+        except ObjectStoreError as error:
+            raise SourceError(f"{self.description}: {error}") from None
 
     def list_folders(self) -> list[str]:
         # S3 has no folders; an empty "folder" cannot exist, so only folders holding files count.
         return sorted({str(PurePosixPath(f).parent) for f in self.list_files()} - {"."})
 
     def read(self, relative: str) -> bytes:
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            ConnectionClosedError,
-            IncompleteReadError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-        )
-
-        # botocore retries the request, not the download of the body that follows it: a
-        # connection dropped mid-body is retried here, or a flaky network would turn good
-        # images into "bad inputs".
-        interrupted = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
-        key = self.prefix + relative
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-            except interrupted as error:
-                if attempt == self.max_attempts:
-                    raise OSError(f"cannot get s3://{self.bucket}/{key} ({attempt} attempts): {error}") from None
-                log.warning("s3://%s/%s: download interrupted (%s); retrying", self.bucket, key, error)
-            except (BotoCoreError, ClientError) as error:
-                raise OSError(f"cannot get s3://{self.bucket}/{key}: {error}") from None
-        raise AssertionError("unreachable: max_attempts >= 1")
+        return get_bytes(self.client, f"{self.uri}/{relative}", attempts=self.max_attempts)
 
 
 def make_key(stem: str) -> str:
@@ -224,6 +237,9 @@ def list_file_pairs(storage: Storage, kind: str, direction: str) -> SourceListin
     files = storage.list_files()
     folders = storage.list_folders()
     problems: list[BadInput] = []
+    for path, reason in sorted(storage.refused.items()):
+        parts = PurePosixPath(path).parts[0 if kind == "pix2pix" else 1 :]
+        problems.append(BadInput(parts[0] if parts and parts[0] in SPLITS else "-", path, reason))
     pairs: list[SourcePair] = []
     if kind == "pix2pix":
         split_layout = _has_split_folders(folders, ())
@@ -258,9 +274,11 @@ def list_file_pairs(storage: Storage, kind: str, direction: str) -> SourceListin
         if not any(pair.split == split for pair in pairs):
             problems.append(BadInput(split, f"{split}/", "empty split: the folder holds no complete image pairs"))
     if not any(pair.split == "train" for pair in pairs):
+        refused = "".join(f"\n  {problem.path}: {problem.reason}" for problem in problems[:20])
         raise SourceError(
             f"{storage.description}: no training pairs found for layout {kind} "
             f"(expected {'train/*.jpg' if kind == 'pix2pix' else 'A/train/*.jpg and B/train/*.jpg'}, or the images directly)"
+            + (f"; problems found:{refused}" if refused else "")
         )
     pairs.sort(key=lambda pair: (pair.split, pair.key))
     return SourceListing(storage.description, layout, pairs, problems)

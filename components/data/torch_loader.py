@@ -8,6 +8,8 @@ reproducible whatever the thread scheduling.
 import io
 import random
 import struct
+import tarfile
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,10 @@ from PIL import Image
 
 from components.config.data import LoaderParams
 from components.data.batch import Batch
-from components.data.loaders import Backend, batches_per_epoch, owned_indices
+from components.data.integrity import DataError
+from components.data.loaders import Backend, LocalShard, batches_per_epoch, owned_indices
 from components.data.manifest import Manifest
+from components.data.shard_cache import Pin
 
 
 def sample_index(sample: dict) -> int:
@@ -33,19 +37,18 @@ class TorchPairLoader:
     backend: Backend = "torch"
 
     def __init__(
-        self, manifest: Manifest, split: str, loader: LoaderParams, batch_size: int, train: bool,
-        rank: int, world_size: int, seed: int, device: torch.device,
+        self, manifest: Manifest, split: str, shards: list[LocalShard], pin: Pin, loader: LoaderParams,
+        batch_size: int, train: bool, rank: int, world_size: int, seed: int, device: torch.device,
     ):
         self.manifest = manifest
         split_manifest = manifest.split(split)
         self.owned = owned_indices(split_manifest.count, rank, world_size)
         self._length = batches_per_epoch(split_manifest.count, batch_size, train, rank, world_size)
-        # only the shards holding some of this rank's samples are opened
-        self._urls = [
-            str(manifest.root / shard.tar)
-            for shard in split_manifest.shards
-            if shard.first_index < self.owned.stop and shard.first_index + shard.count > self.owned.start
-        ]
+        # the verified local files of the shards holding some of this rank's samples
+        self._urls = [str(shard.path) for shard in shards]
+        self._labels = {str(shard.path): shard.label for shard in shards}
+        self._split = split
+        self._pin = pin  # keeps the cache entries in place while the loader lives
         self._loader = loader
         self._batch_size = batch_size
         self._train = train
@@ -73,19 +76,27 @@ class TorchPairLoader:
 
     def _augment(self, sample: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, int, bool, tuple[int, int]]:
         loader, index = self._loader, sample_index(sample)
-        resize_to = loader.load_size if self._train else loader.crop_size
+        size = self._image_size  # the one image size the data was prepared at
+        resize_to = loader.load_size_for(size) if self._train else size
         top = left = 0
         flip = False
         if self._train:
             draw = np.random.default_rng([self._seed, epoch, index])
-            top, left = (int(v) for v in draw.integers(0, resize_to - loader.crop_size + 1, size=2))
+            top, left = (int(v) for v in draw.integers(0, resize_to - size + 1, size=2))
             flip = loader.flip and bool(draw.random() < 0.5)
         halves = []
         for member in ("src.jpg", "tgt.jpg"):
-            image = Image.open(io.BytesIO(sample[member])).convert("RGB")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    image = Image.open(io.BytesIO(sample[member])).convert("RGB")
+            except (OSError, SyntaxError, ValueError, KeyError, Image.DecompressionBombWarning) as error:
+                shard = self._labels.get(sample.get("__url__"), sample.get("__url__"))
+                raise DataError(f"{shard}, sample {self._split}/{sample.get('__key__')} (index {index}): "
+                                f"{member} does not decode ({type(error).__name__}: {error})") from None
             if resize_to != self._image_size:
                 image = image.resize((resize_to, resize_to), Image.BILINEAR)
-            array = np.array(image)[top : top + loader.crop_size, left : left + loader.crop_size]
+            array = np.array(image)[top : top + size, left : left + size]
             if flip:
                 array = array[:, ::-1]
             halves.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(127.5).sub_(1.0))
@@ -106,6 +117,13 @@ class TorchPairLoader:
             crop=move(torch.tensor(crops, dtype=torch.int64)),
         )
 
+    def _next_sample(self, samples: Iterator[dict]) -> dict | None:
+        try:
+            return next(samples, None)
+        except (tarfile.TarError, OSError, ValueError, KeyError, struct.error) as error:
+            shards = ", ".join(self._labels.values())
+            raise DataError(f"{shards}: cannot read split {self._split!r} ({type(error).__name__}: {error})") from None
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self._epoch
         self._epoch += 1
@@ -116,7 +134,7 @@ class TorchPairLoader:
             samples = self._samples(epoch)
             while produced < self._length:
                 while len(pending) < in_flight:
-                    sample = next(samples, None)
+                    sample = self._next_sample(samples)
                     if sample is None:
                         break
                     pending.append(pool.submit(self._augment, sample, epoch))

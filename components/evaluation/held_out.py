@@ -1,23 +1,30 @@
 """Running a translator over a held-out split: per-image metrics, FID/KID, latency, guidance sweep.
 
+`evaluate_translator` makes every pass the evaluate stage needs, with progress; the functions
+it calls are the building blocks other code reuses (the register gate, validation during training).
+
 Works on any `nn.Module` mapping source -> image in [-1, 1] (a `Translator`, or the module
 `mlflow.pytorch.load_model` returns), so the register gate scores the champion it loads from
 the registry exactly as evaluate scores a fresh model.
 """
 
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from components.config.evaluate import FeatureParams, LatencyParams
+from components.config.evaluate import EvaluateParams, FeatureParams, LatencyParams
 from components.data.batch import Batch
 from components.evaluation.features import FeatureExtractor, fid_from_features, kid_from_features
 from components.evaluation.image_metrics import l1_per_image, psnr_per_image, ssim_per_image
+from components.evaluation.progress import EvaluationProgress
+
+log = logging.getLogger(__name__)
 
 # direction of every metric the gate can use: True when higher is better
 HIGHER_IS_BETTER: dict[str, bool] = {"l1": False, "psnr": True, "ssim": True, "fid": False, "kid": False}
@@ -115,16 +122,31 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def latency_images(example_batch_size: int, params: LatencyParams) -> int:
+    """Images `measure_latency` translates: every call at batch 1 and at the example's batch size."""
+    return (params.warmup + params.repeats) * (1 + example_batch_size)
+
+
 @torch.no_grad()
 def measure_latency(
-    translator: nn.Module, example_source: torch.Tensor, device: torch.device, params: LatencyParams
+    translator: nn.Module,
+    example_source: torch.Tensor,
+    device: torch.device,
+    params: LatencyParams,
+    *,
+    on_images: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Wall time per translated image, at batch 1 and at the example's batch size (median of repeats)."""
+    """Wall time per translated image, at batch 1 and at the example's batch size (median of repeats).
+
+    `on_images(n)` is called after each call (outside the timed part) with the images it translated.
+    """
     result = {}
     for label, source in (("batch1", example_source[:1]), ("batched", example_source)):
         source = source.to(device)
         for _ in range(params.warmup):
             translator(source)
+            if on_images is not None:
+                on_images(len(source))
         _synchronize(device)
         times = []
         for _ in range(params.repeats):
@@ -132,6 +154,8 @@ def measure_latency(
             translator(source)
             _synchronize(device)
             times.append(time.perf_counter() - start)
+            if on_images is not None:
+                on_images(len(source))
         result[f"latency_ms_per_image_{label}"] = 1000.0 * float(np.median(times)) / len(source)
     result["latency_batch_size"] = len(example_source)
     return result
@@ -161,3 +185,52 @@ def sweep_guidance(
     finally:
         translator.guidance_weight = original
     return table
+
+
+@dataclass
+class Evaluation:
+    """Every pass of one evaluation."""
+
+    scores: HeldOutScores
+    latency: dict[str, float]  # see measure_latency
+    sweep: list[dict[str, float]]  # see sweep_guidance; empty for a translator without guidance
+
+
+def evaluate_translator(
+    translator: nn.Module,
+    make_batches: Callable[[], Iterable[Batch]],
+    split_size: int,
+    device: torch.device,
+    params: EvaluateParams,
+    extractor: FeatureExtractor | None = None,
+) -> Evaluation:
+    """Score, time and (with guidance) sweep `translator` on the held-out batches `make_batches()` yields.
+
+    `split_size`: samples in the split (the progress plan; `params.max_samples` caps it).
+    """
+    images = min(split_size, params.max_samples or split_size)
+    weights = params.guidance_sweep.weights if getattr(translator, "supports_guidance", False) else []
+    example = next(iter(make_batches()))["source"]
+    timed = latency_images(len(example), params.latency)
+    progress = EvaluationProgress(images * (1 + len(weights)) + timed)
+    log.info(
+        "evaluating on %s: %d %s images, latency at batch 1 and %d%s",
+        device.type, images, params.split, len(example),
+        f", guidance sweep over w = {', '.join(f'{w:g}' for w in weights)}" if weights else "",
+    )
+    score_options = {
+        "seed": params.seed, "max_samples": params.max_samples, "extractor": extractor, "features": params.features,
+    }
+    scores = score_held_out(
+        translator, progress.track(f"scoring {params.split}", images, make_batches()), device,
+        keep_samples=params.grid_samples, **score_options,
+    )
+    with progress.step("latency", timed) as advance:
+        latency = measure_latency(translator, example, device, params.latency, on_images=advance)
+    sweep = []
+    for weight in weights:
+        def batches_for_this_weight(weight: float = weight) -> Iterator[Batch]:
+            return progress.track(f"guidance sweep w={weight:g}", images, make_batches())
+
+        sweep += sweep_guidance(translator, batches_for_this_weight, [weight], device, **score_options)
+    return Evaluation(scores=scores, latency=latency, sweep=sweep)

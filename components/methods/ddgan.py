@@ -6,9 +6,11 @@ q(y_t | y_{t+1}, y0_hat), and D judges cat(y_t, y_{t+1}, x) at t. Non-saturating
 lazy R1 on the real y_t, EMA of G for sampling. With guidance, x is replaced by the null
 condition (zeros) with probability p_uncond for G and D alike, and sampling uses
 (1 + w) G(., x) - w G(., null) in y0 space with the same z.
-The schedule follows the official code (get_sigma_schedule / Posterior_Coefficients).
+The schedule follows the official code (get_sigma_schedule / Posterior_Coefficients), and so
+does the step (train_ddgan.py): D's step first, on a fresh sample (t, y_t, y_{t+1}, z), with
+R1 on that same real y_t added to the same step every `r1_interval` steps, unscaled; then G's
+step on another fresh sample, D frozen; then the EMA.
 """
-
 
 import torch
 from torch import nn
@@ -16,12 +18,11 @@ from torch import nn
 from components.config.model import DDGANParams, ModelParams
 from components.data.batch import Batch
 from components.methods.atme import build_ddpm_generator
-from components.methods.base import Autocast, Prepare, Reduce, unwrap
+from components.methods.base import Method, MethodContext, OptimizerStep, Player, Reduce, Sampler, eager, unwrap
 from components.methods.ema import EMA
 from components.methods.losses import GANLoss, r1_penalty
 from components.methods.pix2pix import build_discriminator
-from components.training.health import report_discriminator_health
-from components.training.stats import StatsCollector
+from components.training_stats import StatsCollector, report_discriminator_health
 
 EPS_SMALL = 1e-3
 
@@ -58,7 +59,7 @@ def vp_schedule(num_steps: int, beta_min: float, beta_max: float) -> dict[str, t
     }
 
 
-class DDGANSampler(nn.Module):
+class DDGANSampler(Sampler):
     """Inference: y_T ~ N(0, I), then T denoising steps, each one G call (two batched with guidance).
 
     `guidance_weight` is a sampling-time knob; `seed`, when set, makes the noise reproducible
@@ -73,7 +74,6 @@ class DDGANSampler(nn.Module):
         self.target_channels = target_channels
         self.guidance_trained = params.guidance is not None
         self.guidance_weight = guidance_weight
-        self.seed: int | None = None
         schedule = vp_schedule(params.num_steps, params.beta_min, params.beta_max)
         for name in ("coef1", "coef2", "log_var"):
             self.register_buffer(name, schedule[name].float(), persistent=False)
@@ -107,23 +107,18 @@ class DDGANSampler(nn.Module):
         return y0
 
 
-class DDGAN:
+class DDGAN(Method):
     default_betas = (0.5, 0.9)
+    default_lr_schedule = "cosine"
 
-    def __init__(
-        self,
-        model: ModelParams,
-        dataset_size: int,
-        device: torch.device,
-        prepare: Prepare,
-        autocast: Autocast,
-        reduce: Reduce | None = None,
-    ):
+    def __init__(self, context: MethodContext):
+        super().__init__(context)
+        model = context.model
         method: DDGANParams = model.method
-        self.model, self.params, self.device, self.autocast = model, method, device, autocast
+        self.params = method
         target, source = model.target_channels, model.source_channels
-        self.G = prepare(build_ddpm_generator(model, target + source, target, latent_dim=method.nz))
-        self.D = prepare(build_discriminator(model, 2 * target + source, time_conditioned=True))
+        self.G = context.prepare(build_ddpm_generator(model, target + source, target, latent_dim=method.nz))
+        self.D = context.prepare(build_discriminator(model, 2 * target + source, time_conditioned=True))
         self.ema = EMA(unwrap(self.G), method.ema_decay)
         # The official DDGAN loss: softplus(-D(real)) + softplus(D(fake)), not halved.
         self.gan_loss = GANLoss(method.loss, discriminator_scale=1.0)
@@ -131,17 +126,19 @@ class DDGAN:
         self.r1_gamma = method.loss.r1_gamma
         self.r1_interval = method.loss.r1_interval if method.loss.r1_gamma > 0 else 0
         schedule = vp_schedule(method.num_steps, method.beta_min, method.beta_max)
-        self.schedule = {name: value.float().to(device) for name, value in schedule.items()}
-        self._cache: dict[str, torch.Tensor] = {}
+        self.schedule = {name: value.float().to(context.device) for name, value in schedule.items()}
+        # D-main's real sample, which D-reg penalises (the official R1 is on D's real y_t).
+        self._real: dict[str, torch.Tensor] = {}
 
     def networks(self) -> dict[str, nn.Module]:
         return {"G": self.G, "D": self.D}
 
-    def generator_parameters(self) -> list[nn.Parameter]:
-        return list(self.G.parameters())
+    def parameters_of(self, player: Player) -> list[nn.Parameter]:
+        return list(self.G.parameters()) if player == "G" else list(self.D.parameters())
 
-    def discriminator_parameters(self) -> list[nn.Parameter]:
-        return list(self.D.parameters())
+    def step_plan(self, step: int) -> tuple[OptimizerStep, ...]:
+        regularise = self.r1_interval and step % self.r1_interval == 0
+        return (OptimizerStep("D", ("D-main", "D-reg") if regularise else ("D-main",)), OptimizerStep("G", ("G-main",)))
 
     def _coefficient(self, name: str, index: torch.Tensor) -> torch.Tensor:
         return self.schedule[name][index][:, None, None, None]
@@ -163,62 +160,79 @@ class DDGAN:
         dropped = torch.rand(source.shape[0], device=source.device) < self.params.guidance.p_uncond
         return torch.where(dropped[:, None, None, None], torch.zeros_like(source), source)
 
-    def _discriminate(self, y_t: torch.Tensor, y_next: torch.Tensor, condition: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.D(torch.cat([y_t, y_next, condition], dim=1), t.float())
+    def _fresh_sample(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """A training sample of the denoising GAN: t, the real pair (y_t, y_{t+1}), the condition, z."""
+        target = batch["target"]
+        n = target.shape[0]
+        t = torch.randint(0, self.params.num_steps, (n,), device=target.device)
+        y_t, y_next = self.diffuse_pair(target, t)
+        condition = self._condition(batch["source"])
+        z = torch.randn(n, self.params.nz, device=target.device)
+        return {"t": t, "y_t": y_t, "y_next": y_next, "condition": condition, "z": z}
+
+    def _denoise(self, sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y0_hat, fake y_t): G's prediction from y_{t+1}, then a draw from the posterior."""
+        y0_hat = self.G(torch.cat([sample["y_next"], sample["condition"]], dim=1), sample["t"].float(), sample["z"])
+        return y0_hat, self.posterior_sample(y0_hat.float(), sample["y_next"], sample["t"])
+
+    def _discriminate(self, y_t: torch.Tensor, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.D(torch.cat([y_t, sample["y_next"], sample["condition"]], dim=1), sample["t"].float())
 
     def accumulate_gradients(self, phase: str, batch: Batch, gain: int, stats: StatsCollector) -> None:
         target = batch["target"]
-        n = target.shape[0]
-        if phase == "G-main":
-            t = torch.randint(0, self.params.num_steps, (n,), device=target.device)
-            y_t, y_next = self.diffuse_pair(target, t)
-            condition = self._condition(batch["source"])
-            z = torch.randn(n, self.params.nz, device=target.device)
+        if phase == "D-main":
+            sample = self._fresh_sample(batch)
             with self.autocast():
-                y0_hat = self.G(torch.cat([y_next, condition], dim=1), t.float(), z)
-                fake = self.posterior_sample(y0_hat.float(), y_next, t)
-                fake_logits = self._discriminate(fake, y_next, condition, t)
+                with torch.no_grad():  # G's gradients here would be thrown away
+                    _, fake = self._denoise(sample)
+                real_logits = self._discriminate(sample["y_t"], sample)
+                fake_logits = self._discriminate(fake, sample)
+                loss = self.gan_loss.discriminator(real_logits, fake_logits)
+            stats.report("loss/D", loss)
+            report_discriminator_health(stats, real_logits, fake_logits)
+            self._real = sample
+            loss.mul(gain).backward()
+        elif phase == "D-reg":
+            sample = self._real
+            real = sample["y_t"].detach().requires_grad_(True)
+            with eager(), self.autocast():
+                real_logits = self._discriminate(real, sample)
+                penalty = r1_penalty(real_logits, real)
+            stats.report("loss/R1", penalty)
+            (penalty * (self.r1_gamma / 2) + real_logits.float().mean() * 0).mul(gain).backward()
+        elif phase == "G-main":
+            sample = self._fresh_sample(batch)
+            with self.autocast():
+                y0_hat, fake = self._denoise(sample)
+                fake_logits = self._discriminate(fake, sample)
                 gan = self.gan_loss.generator(fake_logits)
                 l1 = (y0_hat.float() - target).abs().mean()
                 loss = gan + self.lambda_l1 * l1
             stats.report("loss/G", loss)
             stats.report("loss/G_gan", gan)
             stats.report("loss/G_L1", l1)
-            self._cache = {"t": t, "y_t": y_t, "y_next": y_next, "condition": condition, "fake": fake.detach()}
             loss.mul(gain).backward()
-        elif phase == "D-main":
-            cache = self._cache
-            with self.autocast():
-                real_logits = self._discriminate(cache["y_t"], cache["y_next"], cache["condition"], cache["t"])
-                fake_logits = self._discriminate(cache["fake"], cache["y_next"], cache["condition"], cache["t"])
-                loss = self.gan_loss.discriminator(real_logits, fake_logits)
-            stats.report("loss/D", loss)
-            report_discriminator_health(stats, real_logits, fake_logits)
-            loss.mul(gain).backward()
-        elif phase == "D-reg":
-            t = torch.randint(0, self.params.num_steps, (n,), device=target.device)
-            y_t, y_next = self.diffuse_pair(target, t)
-            y_t = y_t.detach().requires_grad_(True)
-            with self.autocast():
-                real_logits = self._discriminate(y_t, y_next, self._condition(batch["source"]), t)
-                penalty = r1_penalty(real_logits, y_t)
-            stats.report("loss/R1", penalty)
-            (penalty * (self.r1_gamma / 2) + real_logits.float().mean() * 0).mul(gain).backward()
         else:
-            raise ValueError(f"DDGAN has no phase {phase!r}")
+            raise self._phase_error(phase)
 
     def after_step(self, batch: Batch, stats: StatsCollector) -> None:
         self.ema.update(unwrap(self.G))
-        self._cache = {}
+        self._real = {}
 
-    def make_sampler(self) -> nn.Module:
+    def make_sampler(self) -> Sampler:
         weight = self.params.guidance.weight if self.params.guidance is not None else 0.0
         return DDGANSampler(self.ema.shadow, self.params, self.model.target_channels, weight).to(self.device)
 
-    def extra_state(self) -> dict:
+    @classmethod
+    def untrained_sampler(cls, model: ModelParams) -> Sampler:
+        method: DDGANParams = model.method
+        channels = model.target_channels + model.source_channels
+        generator = build_ddpm_generator(model, channels, model.target_channels, latent_dim=method.nz)
+        weight = method.guidance.weight if method.guidance is not None else 0.0
+        return DDGANSampler(generator, method, model.target_channels, weight)
+
+    def extra_state(self, gather: Reduce | None = None) -> dict:
         return {"ema": self.ema.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])
-
-

@@ -8,9 +8,10 @@ r_d = E sign(D logits on diffused reals):
     p <- clip(p + sign(r_d - d_target) * batch * interval / (ada_kimg * 1000), 0, 1)
     T = T_min + round(p (T_max - T_min))
 As in the reference, the betas are linear from beta_start to beta_end over the *current* T,
-so the schedule stretches as T grows. Everything stays on the device: no host sync per step. Under data parallelism the session's
-`reduce` (a sum over workers) makes r_d and the image count global, so every worker moves
-to the same T.
+so the schedule stretches as T grows. Everything stays on the device: no host sync per step.
+Under data parallelism the session's `reduce` (a sum over workers) makes r_d and the image
+count global, so every worker moves to the same T; a checkpoint gathers the partial sums of
+the interval in progress, and after a resume rank 0 alone holds them, so they count once.
 """
 
 from collections.abc import Callable
@@ -26,9 +27,11 @@ class DiffusionAugment:
         params: DiffusionGANParams,
         device: torch.device,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        rank: int = 0,
     ):
         self.params = params
         self.reduce = reduce
+        self.rank = rank
         self.steps = torch.arange(1, params.t_max + 1, device=device, dtype=torch.float64)
         self.p = torch.zeros((), device=device, dtype=torch.float64)
         self.T = torch.full((), params.t_min, device=device, dtype=torch.long)
@@ -84,19 +87,28 @@ class DiffusionAugment:
         self.p = (self.p + torch.sign(self.r_d - params.d_target) * step).clamp(0.0, 1.0)
         self.T = (params.t_min + torch.round(self.p * (params.t_max - params.t_min))).long()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """With `gather` (a sum over workers, a collective), the partial sums of the interval in
+        progress are those of all workers."""
+        sign_sum, counts = self._sign_sum, self._sign_sum.new_tensor([self._sign_count, self._images])
+        if gather is not None:
+            sign_sum, counts = gather(sign_sum), gather(counts)
         return {
             "p": self.p,
             "T": self.T,
             "r_d": self.r_d,
-            "sign_sum": self._sign_sum,
-            "sign_count": self._sign_count,
-            "images": self._images,
+            "sign_sum": sign_sum,
+            "sign_count": int(counts[0]),
+            "images": int(counts[1]),
             "batches": self._batches,
         }
 
     def load_state_dict(self, state: dict) -> None:
         device = self.p.device
         self.p, self.T, self.r_d = (state[key].to(device) for key in ("p", "T", "r_d"))
-        self._sign_sum = state["sign_sum"].to(device)
-        self._sign_count, self._images, self._batches = (int(state[key]) for key in ("sign_count", "images", "batches"))
+        self._batches = int(state["batches"])
+        # The saved partial sums are the whole group's: they continue on rank 0 only, so the next
+        # update's sum over workers counts them once.
+        keep = self.rank == 0
+        self._sign_sum = state["sign_sum"].to(device) * keep
+        self._sign_count, self._images = (int(state[key]) * keep for key in ("sign_count", "images"))

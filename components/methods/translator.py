@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from components.atomic_files import atomic_path
-from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
-from components.methods.atme import ATMESampler, build_ddpm_generator
-from components.methods.ddgan import DDGANSampler
-from components.methods.pix2pix import Pix2PixSampler, build_unet_generator
+from components.config.model import ModelParams
+from components.methods.base import Sampler
+from components.methods.registry import build_sampler
 
 if TYPE_CHECKING:
     from components.training.loop import TrainingSession
@@ -26,12 +25,16 @@ FORMAT_VERSION = 1
 
 
 class Translator(nn.Module):
-    """source (N x C x H x W in [-1, 1]) -> translated image in [-1, 1]."""
+    """source (N x C x H x W in [-1, 1]) -> translated image in [-1, 1].
 
-    def __init__(self, sampler: nn.Module, method: str):
+    `image_size`: the size it was trained at (H = W); it translates images of that size only.
+    """
+
+    def __init__(self, sampler: Sampler, method: str, image_size: int):
         super().__init__()
         self.sampler = sampler
         self.method = method
+        self.image_size = image_size
 
     @property
     def nfe(self) -> int:
@@ -40,7 +43,7 @@ class Translator(nn.Module):
 
     @property
     def supports_guidance(self) -> bool:
-        return isinstance(self.sampler, DDGANSampler) and self.sampler.guidance_trained
+        return self.sampler.guidance_trained
 
     @property
     def guidance_weight(self) -> float:
@@ -59,26 +62,10 @@ class Translator(nn.Module):
 
     @property
     def seed(self) -> int | None:
-        return getattr(self.sampler, "seed", None)
+        return self.sampler.seed
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         return self.sampler(source).clamp(-1.0, 1.0)
-
-
-def build_sampler(model: ModelParams) -> nn.Module:
-    """An untrained sampler of the right architecture, to load an export's state into."""
-    method = model.method
-    if isinstance(method, Pix2PixParams):
-        return Pix2PixSampler(build_unet_generator(model))
-    if isinstance(method, ATMEParams):
-        generator = build_ddpm_generator(model, model.source_channels, model.target_channels)
-        return ATMESampler(generator, torch.zeros(1, 1, model.image_size, model.image_size))
-    if isinstance(method, DDGANParams):
-        channels = model.target_channels + model.source_channels
-        generator = build_ddpm_generator(model, channels, model.target_channels, latent_dim=method.nz)
-        weight = method.guidance.weight if method.guidance is not None else 0.0
-        return DDGANSampler(generator, method, model.target_channels, weight)
-    raise TypeError(f"no sampler for {type(method).__name__}")
 
 
 def export_translator(session: "TrainingSession", metadata: dict | None = None) -> dict:
@@ -88,7 +75,7 @@ def export_translator(session: "TrainingSession", metadata: dict | None = None) 
         "format_version": FORMAT_VERSION,
         "model": session.model.model_dump(mode="json"),
         "sampler_state": {name: value.detach().cpu().clone() for name, value in sampler.state_dict().items()},
-        "guidance_weight": float(getattr(sampler, "guidance_weight", 0.0)),
+        "guidance_weight": float(sampler.guidance_weight),
         "metadata": {"method": session.model.method.name, "step": session.step, "epoch": session.epoch, **(metadata or {})},
     }
 
@@ -115,7 +102,7 @@ def translator_from_export(exported: dict) -> Translator:
         sampler.load_state_dict(exported["sampler_state"])
     except RuntimeError as error:
         raise ValueError(f"its weights do not fit its model params: {error}") from error
-    translator = Translator(sampler, model.method.name)
+    translator = Translator(sampler, model.method.name, model.image_size)
     if translator.supports_guidance:
         translator.guidance_weight = exported["guidance_weight"]
     return translator.eval()

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from components.networks.norms import GroupNorm
+
 
 class ATMEW(nn.Module):
     """Three (bilinear upsample, 3x3 conv, GroupNorm, SiLU) blocks to 1/4, 1/2 and the full
@@ -17,7 +19,7 @@ class ATMEW(nn.Module):
             layers += [
                 nn.Upsample(size=(size, size), mode="bilinear", align_corners=False),
                 nn.Conv2d(previous, width, 3, padding=1),
-                nn.GroupNorm(groups, width),
+                GroupNorm(groups, width),
                 nn.SiLU(),
             ]
             previous = width

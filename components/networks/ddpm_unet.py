@@ -1,9 +1,11 @@
 """The DDPM-style U-Net: ATME's generator and, with a latent z and a condition, DDGAN's.
 
 Written for throughput as well as correctness (the reference ATME spends its time on
-memory-bound work): plain convolutions (no weight standardisation), linear attention as
-batched matmuls on views (no einsum reshapes at full resolution), and
-`F.scaled_dot_product_attention` for the full attention in the middle.
+memory-bound work): plain convolutions (no weight standardisation), group norms with float32
+statistics that keep bf16 activations in bf16, linear attention as batched matmuls on views
+(no einsum reshapes at full resolution), and `F.scaled_dot_product_attention` for the full
+attention in the middle. ResBlock, LinearAttention and FullAttention are the repeated blocks
+that components/training/performance.py compiles and checkpoints one by one.
 """
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from components.networks.embedding import sinusoidal_embedding
+from components.networks.norms import GroupNorm
 
 
 class ResBlock(nn.Module):
@@ -21,11 +24,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int, groups: int, latent_dim: int | None, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.norm1 = GroupNorm(groups, in_channels)
         self.latent_projection = nn.Linear(latent_dim, 2 * in_channels) if latent_dim else None
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_projection = nn.Linear(embed_dim, 2 * out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.norm2 = GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -52,30 +55,41 @@ class LinearAttention(nn.Module):
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
-        self.out = nn.Sequential(nn.Conv2d(heads * head_dim, channels, 1), nn.GroupNorm(1, channels))
+        self.out = nn.Sequential(nn.Conv2d(heads * head_dim, channels, 1), GroupNorm(1, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(batch, height * width, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # batch x positions x heads x dim
-        q = q.softmax(dim=-1) * self.head_dim**-0.5
-        k = k.softmax(dim=1)
-        # heads x dim x dim context: the cost is linear in the number of positions.
-        context = torch.matmul(k.permute(0, 2, 3, 1), v.transpose(1, 2))
+        # Softmax in the activations' dtype: under bf16 autocast it would return, and keep for
+        # the backward pass, float32 copies of q and k at full resolution (the kernel
+        # accumulates in float32 either way).
+        with torch.autocast(x.device.type, enabled=False):
+            q = q.softmax(dim=-1)
+            k = k.softmax(dim=1)
+        # heads x dim x dim context: the cost is linear in the number of positions. The 1/sqrt(d)
+        # of q is applied to this small matrix instead of to q.
+        context = torch.matmul(k.permute(0, 2, 3, 1), v.transpose(1, 2)) * self.head_dim**-0.5
         attended = torch.matmul(q.transpose(1, 2), context)  # batch x heads x positions x dim
         attended = attended.transpose(1, 2).reshape(batch, height, width, self.heads * self.head_dim)
         return x + self.out(attended.permute(0, 3, 1, 2))
 
 
 class FullAttention(nn.Module):
-    """Pre-norm multi-head softmax attention over all positions (used at the lowest resolution)."""
+    """Pre-norm multi-head softmax attention over all positions (used at the lowest resolution).
+
+    `use_sdpa` (on by default): `F.scaled_dot_product_attention`, which picks a fused kernel
+    (flash or memory-efficient attention) and never stores the positions x positions
+    weights; off: the same attention written out, softmax(q k^T / sqrt(d)) v.
+    """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.norm = nn.GroupNorm(groups, channels)
+        self.use_sdpa = True
+        self.norm = GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * heads * head_dim, 1, bias=False)
         self.out = nn.Conv2d(heads * head_dim, channels, 1)
 
@@ -83,7 +97,12 @@ class FullAttention(nn.Module):
         batch, _, height, width = x.shape
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(batch, height * width, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # batch x heads x positions x dim
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        if self.use_sdpa:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        else:
+            weights = torch.matmul(q, k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+            attended = torch.matmul(weights.to(v.dtype), v)
+        attended = attended.transpose(1, 2)
         attended = attended.reshape(batch, height, width, self.heads * self.head_dim)
         return x + self.out(attended.permute(0, 3, 1, 2))
 

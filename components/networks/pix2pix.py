@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from components.networks.embedding import sinusoidal_embedding
+from components.networks.init import init_normal_
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -17,16 +18,18 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def init_gan_weights(module: nn.Module) -> None:
-    """pix2pix init: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.normal_(layer.weight, 0.0, 0.02)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.normal_(layer.weight, 1.0, 0.02)
-            nn.init.zeros_(layer.bias)
+class UNetBlock(nn.Sequential):
+    """One level of the U-Net on the way down or up: (activation, conv, norm[, dropout]).
+
+    A class of its own, with its forward in this file, so that it can be compiled as a region
+    (torch.compile leaves the `forward` of torch's own containers uncompiled); its layers and
+    state_dict keys are a Sequential's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x
 
 
 class UNetGenerator(nn.Module):
@@ -56,9 +59,9 @@ class UNetGenerator(nn.Module):
             if level == 0:
                 block = nn.Conv2d(in_channels, channels[0], 4, 2, 1, bias=bias)
             elif level == levels - 1:
-                block = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(channels[level - 1], channels[level], 4, 2, 1, bias=bias))
+                block = UNetBlock(nn.LeakyReLU(0.2), nn.Conv2d(channels[level - 1], channels[level], 4, 2, 1, bias=bias))
             else:
-                block = nn.Sequential(
+                block = UNetBlock(
                     nn.LeakyReLU(0.2),
                     nn.Conv2d(channels[level - 1], channels[level], 4, 2, 1, bias=bias),
                     norm_layer(norm, channels[level]),
@@ -68,15 +71,15 @@ class UNetGenerator(nn.Module):
         for level in range(levels):
             inputs = channels[level] if level == levels - 1 else 2 * channels[level]
             if level == 0:
-                block = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(inputs, out_channels, 4, 2, 1), nn.Tanh())
+                block = UNetBlock(nn.ReLU(), nn.ConvTranspose2d(inputs, out_channels, 4, 2, 1), nn.Tanh())
             else:
                 layers = [nn.ReLU(), nn.ConvTranspose2d(inputs, channels[level - 1], 4, 2, 1, bias=bias)]
                 layers.append(norm_layer(norm, channels[level - 1]))
                 if dropout > 0 and max(1, levels - 4) <= level <= levels - 2:
                     layers.append(nn.Dropout(dropout))
-                block = nn.Sequential(*layers)
+                block = UNetBlock(*layers)
             self.ups.append(block)
-        init_gan_weights(self)
+        init_normal_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -119,7 +122,7 @@ class PatchGAN(nn.Module):
         else:
             self.time_mlp = None
             self.time_projections = None
-        init_gan_weights(self)
+        init_normal_(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         embedding = None

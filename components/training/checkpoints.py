@@ -27,28 +27,10 @@ def load_checkpoint(checkpoint, device: torch.device) -> tuple[dict, dict]:
     return info, state
 
 
-def gathered_memory(memory, written_before: torch.Tensor | None) -> dict | None:
-    """ATME's memory merged over all ranks, each entry from the rank that wrote it (a collective).
-
-    written_before: the entries the resumed checkpoint already held, still marked as written.
-    """
-    from components.methods.atme import merge_memories
-    from components.training.collectives import all_reduce_sum
-
-    if memory is None:
-        return None
-    maps, owned = merge_memories(memory.maps, memory.owned, all_reduce_sum)
-    if written_before is not None:
-        owned = owned | written_before
-    return {"maps": maps, "owned": owned}
-
-
-def write_checkpoint(folder: Path, session, memory: dict | None, info: dict, with_generator: bool) -> None:
+def write_checkpoint(folder: Path, session, state: dict, info: dict, with_generator: bool) -> None:
+    """state: the session's `state_dict(gather=True)`, which every rank computed."""
     from components.methods.translator import save_translator
 
-    state = session.state_dict()
-    if memory is not None:
-        state["method"]["memory"] = memory
     torch.save(state, folder / STATE_FILE)
     if with_generator:
         save_translator(folder / GENERATOR_FILE, session)

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 from components.config.run import RunParams
+from components.data.integrity import DataError
 from components.training.compatibility import ChangedKey, CheckpointIncompatible
 from components.training.job import TrainingJob, TrainingOutcome
-from components.training.outcome import OutcomeBox
+from components.training.outcome import DATA_ERROR, OutcomeBox
 from components.training.worker import train_worker
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,11 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks:
 
     storage_path: absolute local folder or s3://; with `run.name` it identifies the run, so a
     second call with the same pair resumes. callbacks: Ray Train callbacks (a sweep's trial
-    passes Tune's report callback). Raises CheckpointIncompatible, or Ray's
-    TrainingFailedError once `run.max_failures` restarts are used up.
+    passes Tune's report callback). Raises CheckpointIncompatible, DataError (a damaged shard,
+    never retried), or Ray's TrainingFailedError once `run.max_failures` restarts are used up.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     scaling = run.scaling
@@ -47,6 +48,9 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks:
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            # Ray Train's own progress (resources, worker group, every report and checkpoint)
+            # is for debugging; a failure still reaches the driver as an exception.
+            logging_config=LoggingConfig(log_level="INFO" if job.console.verbose else "ERROR"),
             callbacks=list(callbacks),
         ),
     )
@@ -55,10 +59,18 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks:
         job.model.method.name, scaling.num_workers, "GPU" if use_gpu else "CPU", run.name, storage_path,
     )
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError:
+            # the attempt that met a damaged shard mid-epoch failed on purpose (see outcome.py)
+            if DATA_ERROR in (recorded := ray.get(box.get.remote())):
+                raise DataError(recorded[DATA_ERROR]) from None
+            raise
         early = ray.get(box.get.remote())
     finally:
         ray.kill(box)
+    if DATA_ERROR in early:
+        raise DataError(early[DATA_ERROR])
     if "incompatible" in early:
         changes = [ChangedKey(**change) for change in json.loads(early["incompatible"])]
         raise CheckpointIncompatible(early["checkpoint"], changes)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from components.config.data import LoaderParams
 from components.config.model import ModelParams
 from components.config.train import TrainParams
+from components.console import ConsoleOptions
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
@@ -18,12 +19,13 @@ StepHook = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class TrainingJob:
-    """Everything a worker needs; sent to the workers, so only absolute paths (they change directory)."""
+    """Everything a worker needs; sent to the workers, so only absolute paths (they change directory) or
+    s3:// URIs, never a path that exists only on the driver's machine."""
 
     model: ModelParams
     train: TrainParams
     loader: LoaderParams
-    data_dir: str
+    data_location: str  # the prepared data set: an absolute path every node sees, or s3://bucket/prefix
     data_checksum: str
     dataset_size: int
     # repr=False: Ray Train V2 shows str(train_loop_config) in its run state (dashboard, export
@@ -31,6 +33,7 @@ class TrainingJob:
     tracking_uri: str | None = field(default=None, repr=False)
     mlflow_run_id: str | None = None
     step_hook: StepHook | None = None
+    console: ConsoleOptions = ConsoleOptions()  # what the workers print, decided by the command
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,20 @@
 """The one training loop, for every method, in one process (Ray runs the same on each worker).
 
-A step, in full: for each phase (G-main, D-main, and D-reg every r1_interval steps) zero
-the phase's optimiser, let the method accumulate gradients, record the gradient norm, step.
-Then the method's after_step (EMA, ATME's memory, adaptive T), and the divergence detector
-watches the step's statistics (checking on the host only every `check_interval` steps).
+A step, in full: the method's `begin_step` (forward passes its phases share), then each
+optimiser step of the method's `step_plan`, in the method's reference order: only that
+player's parameters require grad; zero its optimiser, let the method accumulate the step's
+phases (G-main, D-main, D-reg), record the gradient norm of a main step, step. Then the
+method's `after_step` (EMA, ATME's memory, adaptive T), and the divergence detector watches
+the step's statistics (checking on the host only every `check_interval` steps). The loop
+knows no method by name: the order, the optimiser settings and the default LR schedule are
+the method's (components/methods/base.py).
 """
 
 import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 
 import numpy as np
 import torch
@@ -18,14 +22,16 @@ import torch.distributed as dist
 from torch import nn
 
 from components.config.flatten import changed_keys
-from components.config.model import DDGANParams, ModelParams
+from components.config.model import ModelParams
 from components.config.train import TrainParams
+from components.console import StepProgress, epoch_line
 from components.data.batch import Batch
-from components.methods.base import unwrap
-from components.methods.build import build_method
+from components.methods.base import MethodContext, Player, unwrap
+from components.methods.registry import build_method
 from components.training.health import DivergenceDetector
+from components.training.performance import apply_switches, configure_backends, resolve_switches
 from components.training.rng import capture_rng, restore_rng
-from components.training.stats import StatsCollector
+from components.training_stats import StatsCollector
 
 logger = logging.getLogger(__name__)
 STATE_FORMAT_VERSION = 1
@@ -33,10 +39,6 @@ STATE_FORMAT_VERSION = 1
 
 def identity(module: nn.Module) -> nn.Module:
     return module
-
-
-def _switch(value: bool | str, cuda: bool) -> bool:
-    return value is True or (value == "auto" and cuda)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -71,40 +73,35 @@ class TrainingSession:
         self.model, self.train, self.device = model, train, torch.device(device)
         # None: this process's rank in the default process group (0 without one).
         self.rank = rank if rank is not None else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-        cuda = self.device.type == "cuda"
-        performance = train.performance
-        self.channels_last = _switch(performance.channels_last, cuda)
-        self.autocast_dtype = torch.bfloat16 if performance.autocast == "bf16" or (performance.autocast == "auto" and cuda) else None
-        if cuda and performance.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.switches = resolve_switches(train.performance, self.device)
+        self.channels_last = self.switches.channels_last
+        self.autocast_dtype = self.switches.autocast_dtype
+        configure_backends(self.switches)
         torch.manual_seed(train.seed)
 
         def prepare(network: nn.Module) -> nn.Module:
-            network = network.to(self.device)
-            if self.channels_last:
-                network = network.to(memory_format=torch.channels_last)
-            network = wrap(network)
-            if _switch(performance.compile, cuda):
-                # A network that fails to compile then runs eagerly, with dynamo's warning.
-                torch._dynamo.config.suppress_errors = True
-                network = torch.compile(network)
-            return network
+            return wrap(apply_switches(network.to(self.device), self.switches))
 
-        self.method = build_method(model, dataset_size, self.device, prepare, self._autocast, reduce)
-        betas = train.optimizer.betas or self.method.default_betas
-        fused = _switch(performance.fused_adam, cuda)
-        self.optimizer_g = torch.optim.Adam(self.method.generator_parameters(), lr=train.optimizer.lr_g, betas=betas, fused=fused)
-        self.optimizer_d = torch.optim.Adam(self.method.discriminator_parameters(), lr=train.optimizer.lr_d, betas=betas, fused=fused)
+        self.reduce = reduce
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        context = MethodContext(model, dataset_size, self.device, prepare, self._autocast, reduce, self.rank, world_size)
+        self.method = build_method(context)
+        configured_betas = train.optimizer.betas or self.method.default_betas
+        fused = self.switches.fused_adam
+        self.optimizers: dict[Player, torch.optim.Adam] = {}
+        for player, configured_lr in (("G", train.optimizer.lr_g), ("D", train.optimizer.lr_d)):
+            lr, betas = self.method.optimizer_settings(player, configured_lr, configured_betas)
+            self.optimizers[player] = torch.optim.Adam(self.method.parameters_of(player), lr=lr, betas=betas, fused=fused)
         schedule = train.lr_schedule
-        kind = schedule.kind if schedule.kind != "auto" else ("cosine" if isinstance(model.method, DDGANParams) else "linear_decay")
+        kind = schedule.kind if schedule.kind != "auto" else self.method.default_lr_schedule
         decay = schedule.decay_epochs if schedule.decay_epochs is not None else train.epochs // 2
-        self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(
+        self.schedulers = {
+            player: torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lr_factor(kind, train.epochs, decay, schedule.lr_floor / optimizer.param_groups[0]["lr"])
             )
-            for optimizer in (self.optimizer_g, self.optimizer_d)
-        ]
+            for player, optimizer in self.optimizers.items()
+        }
+        self._trainable: Player | None = None
         self.stats = StatsCollector(reduce)
         self.detector = DivergenceDetector(train.health, self.device)
         self.step = 0
@@ -120,13 +117,24 @@ class TrainingSession:
         if batch["source"].shape[-2:] != (size, size) or batch["target"].shape[-2:] != (size, size):
             raise ValueError(
                 f"batch images are {tuple(batch['source'].shape[-2:])} / {tuple(batch['target'].shape[-2:])}, "
-                f"the model was built for image_size {size} (params/model.yaml image_size must match the data's crop size)"
+                f"the model was built for image_size {size} (params/data.yaml image_size; prepare the data at that size)"
             )
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         moved = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         for key in ("source", "target"):
             moved[key] = moved[key].to(memory_format=memory_format)
         return moved
+
+    def _make_trainable(self, player: Player) -> None:
+        """Only `player`'s parameters require grad (StyleGAN2-ADA's training loop): the other
+        player's networks take no gradient and, under DDP, all-reduce nothing."""
+        if self._trainable == player:
+            return
+        for owner, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.requires_grad_(owner == player)
+        self._trainable = player
 
     def train_step(self, batch: Batch) -> None:
         # Every step's draws (dropout, z, diffusion t and noise, condition dropout) come from a
@@ -137,15 +145,18 @@ class TrainingSession:
         batch = self._to_device(batch)
         method, stats = self.method, self.stats
         stats.begin_step()
-        phases = [("G-main", self.optimizer_g, 1), ("D-main", self.optimizer_d, 1)]
-        if method.r1_interval and self.step % method.r1_interval == 0:
-            phases.append(("D-reg", self.optimizer_d, method.r1_interval))
-        for phase, optimizer, gain in phases:
+        self._make_trainable("G")  # a forward shared with G-main must build G's graph
+        method.begin_step(batch, stats)
+        for optimizer_step in method.step_plan(self.step):
+            player = optimizer_step.player
+            optimizer = self.optimizers[player]
+            self._make_trainable(player)
             optimizer.zero_grad(set_to_none=True)
-            method.accumulate_gradients(phase, batch, gain, stats)
-            if phase.endswith("-main"):
+            for phase in optimizer_step.phases:
+                method.accumulate_gradients(phase, batch, optimizer_step.gain, stats)
+            if f"{player}-main" in optimizer_step.phases:
                 gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-                stats.report(f"grad_norm/{phase[0]}", torch.nn.utils.get_total_norm(gradients))
+                stats.report(f"grad_norm/{player}", torch.nn.utils.get_total_norm(gradients))
             optimizer.step()
         method.after_step(batch, stats)
         self.detector.observe(stats.step_values)
@@ -157,9 +168,9 @@ class TrainingSession:
         """Check health, reduce the epoch's statistics, step the LR schedules."""
         self.detector.check(self.step)
         metrics = self.stats.reduce_epoch()
-        metrics["lr/G"] = self.optimizer_g.param_groups[0]["lr"]
-        metrics["lr/D"] = self.optimizer_d.param_groups[0]["lr"]
-        for scheduler in self.schedulers:
+        for player, optimizer in self.optimizers.items():
+            metrics[f"lr/{player}"] = optimizer.param_groups[0]["lr"]
+        for scheduler in self.schedulers.values():
             scheduler.step()
         self.epoch += 1
         return metrics
@@ -174,17 +185,21 @@ class TrainingSession:
         sampler.train(was_training)
         return images
 
-    def state_dict(self) -> dict:
-        """The complete training state; torch.save it, load it with weights_only=True."""
+    def state_dict(self, gather: bool = False) -> dict:
+        """The complete training state; torch.save it, load it with weights_only=True.
+
+        gather: merge the method's per-worker state over the workers with the session's
+        `reduce` (a collective: every rank calls it at the same point; the Ray checkpoint).
+        """
         return {
             "format_version": STATE_FORMAT_VERSION,
             "model": self.model.model_dump(mode="json"),
             "step": self.step,
             "epoch": self.epoch,
             "networks": {name: unwrap(network).state_dict() for name, network in self.method.networks().items()},
-            "optimizers": {"G": self.optimizer_g.state_dict(), "D": self.optimizer_d.state_dict()},
-            "schedulers": {"G": self.schedulers[0].state_dict(), "D": self.schedulers[1].state_dict()},
-            "method": self.method.extra_state(),
+            "optimizers": {player: optimizer.state_dict() for player, optimizer in self.optimizers.items()},
+            "schedulers": {player: scheduler.state_dict() for player, scheduler in self.schedulers.items()},
+            "method": self.method.extra_state(self.reduce if gather else None),
             "stats": self.stats.state_dict(),
             "detector": self.detector.state_dict(),
             "rng": capture_rng(),
@@ -200,10 +215,14 @@ class TrainingSession:
             raise ValueError(f"the checkpoint was trained with different model params: {', '.join(changed)} changed")
         for name, network in self.method.networks().items():
             unwrap(network).load_state_dict(state["networks"][name])
-        self.optimizer_g.load_state_dict(state["optimizers"]["G"])
-        self.optimizer_d.load_state_dict(state["optimizers"]["D"])
-        self.schedulers[0].load_state_dict(state["schedulers"]["G"])
-        self.schedulers[1].load_state_dict(state["schedulers"]["D"])
+        for player, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][player])
+            scheduler = self.schedulers[player]
+            scheduler.load_state_dict(state["schedulers"][player])
+            # The coming epoch's LR under this session's schedule: the saved one was computed
+            # for the saved `epochs`, which a finished run continued to more epochs no longer has.
+            for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)
         self.method.load_extra_state(state["method"])
         self.stats.load_state_dict(state["stats"])
         self.detector.load_state_dict(state["detector"])
@@ -216,27 +235,35 @@ def run_epochs(
     loader: Iterable[Batch],
     epochs: int,
     on_epoch_end: Callable[[TrainingSession, dict[str, float]], None] | None = None,
+    progress: StepProgress | None = None,
 ) -> list[dict[str, float]]:
-    """Train from `session.epoch` up to `epochs`, logging rate and ETA per epoch; returns each epoch's metrics."""
+    """Train from `session.epoch` up to `epochs`; returns each epoch's metrics.
+
+    Logs one line per epoch (time, rate, ETA and the statistics of console.EPOCH_LINE_FIELDS);
+    `progress`, when given, follows the steps inside each epoch.
+    """
     history = []
+    first_epoch, run_started = session.epoch, time.perf_counter()
     for _ in range(session.epoch, epochs):
         started, images = time.perf_counter(), 0
+        if progress is not None:
+            progress.start(f"epoch {session.epoch + 1}/{epochs}", len(loader) if isinstance(loader, Sized) else 0)
         for batch in loader:
             session.train_step(batch)
             images += batch["source"].shape[0]
+            if progress is not None:
+                progress.advance()
+        if progress is not None:
+            progress.close()
         metrics = session.end_epoch()
         elapsed = time.perf_counter() - started
         metrics["throughput/images_per_s"] = images / elapsed if elapsed > 0 else 0.0
+        # The mean time of this run's epochs so far, checkpoints and logging included.
+        per_epoch = (time.perf_counter() - run_started) / (session.epoch - first_epoch)
         logger.info(
-            "epoch %d/%d: %.1f images/s, ETA %.0f s, loss G %.4f, loss D %.4f, V gap %.4f, D entropy %.4f",
-            session.epoch,
-            epochs,
-            metrics["throughput/images_per_s"],
-            elapsed * (epochs - session.epoch),
-            metrics.get("loss/G", float("nan")),
-            metrics.get("loss/D", float("nan")),
-            metrics.get("health/V_gap", float("nan")),
-            metrics.get("health/D_entropy", float("nan")),
+            "%s",
+            epoch_line(session.epoch, epochs, elapsed, metrics["throughput/images_per_s"],
+                       per_epoch * (epochs - session.epoch), metrics),
         )
         history.append(metrics)
         if on_epoch_end is not None:

@@ -1,10 +1,18 @@
-"""How the workers tell the driver that a job ended without a trained epoch (diverged, incompatible checkpoint),
+"""How the workers tell the driver that a job ended without a trained epoch (diverged, incompatible checkpoint, bad data),
 and how a job is asked to end before its last epoch (`StopRequested`).
 
 Ray's Result carries the metrics of the latest *checkpoint* only, so a report without one
 would never reach the driver: rank 0 leaves the outcome in a small actor (`OutcomeBox`) that
 the driver reads after `fit()`. Every rank still makes its last `ray.train.report` (a barrier).
+
+A data error (a damaged shard) is the same on every attempt, so it must not be retried like a
+crashed worker: the rank that meets it records it in the box, and workers that find a data
+error recorded stop at once (`data_error_recorded`), whatever Ray's failure policy.
 """
+
+import torch
+
+DATA_ERROR = "data_error"
 
 
 class StopRequested(Exception):
@@ -41,3 +49,36 @@ def end_early(box, rank: int, outcome: dict) -> None:
     if rank == 0:
         ray.get(box.set.remote(outcome))
     report(outcome)
+
+
+def stop_on_data_error(box, error: str | None, device: torch.device) -> bool:
+    """Whether any rank's data failed; if so every rank records (its own error) and ends early.
+
+    Called by every rank at the same point: the agreement is a collective, so a rank whose
+    shards are fine does not go on into DDP's all-reduce, waiting for a rank that stopped.
+    """
+    import ray
+
+    from components.training.collectives import all_reduce
+
+    failed = all_reduce(torch.tensor([0 if error is None else 1], device=device), "max")
+    if not failed.item():
+        return False
+    if error is not None:
+        ray.get(box.set.remote({DATA_ERROR: error}))
+    report({DATA_ERROR: 1})
+    return True
+
+
+def record_data_error(box, error: str) -> None:
+    """Record a data error met mid-epoch (the other ranks may be inside a collective: no agreement possible)."""
+    import ray
+
+    ray.get(box.set.remote({DATA_ERROR: error}))
+
+
+def data_error_recorded(box) -> bool:
+    """Whether an earlier attempt of this job met a data error (then the restarted workers stop at once)."""
+    import ray
+
+    return DATA_ERROR in ray.get(box.get.remote())

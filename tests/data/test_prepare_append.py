@@ -61,7 +61,7 @@ def test_append_refuses_params_that_would_mix_two_data_sets(tmp_path, monkeypatc
     write_params(tmp_path / "params", mode="append")
     assert prepare() == 0
     before = snapshot(tmp_path / "data/prepared")
-    write_params(tmp_path / "params", mode="append", image_size=48)
+    write_params(tmp_path / "params", mode="append", image_size=64)
     assert prepare() == 1
     assert "params key image_size differs" in caplog.text and "mode: overwrite" in caplog.text
     assert snapshot(tmp_path / "data/prepared") == before
@@ -116,7 +116,7 @@ def test_append_accepts_new_s3_connection_settings_but_not_another_source():
 
     class Existing:
         params = used("s3://pairs/set", "http://minio-old:9000", 5)
-        root = Path("data/prepared")
+        location = "data/prepared"
 
     _check_append_compatible(Existing, used("s3://pairs/set", "https://minio-new:9000", 10))
     with pytest.raises(PrepareError, match="source.path"):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from components.config.data import LoaderParams
 from components.data.loaders import make_loader
 from components.data.manifest import load_manifest
 from components.data.tar_safety import UnsafeTarError, check_tar_members
+from support.params import shipped
 
 
 def write_tar(path: Path, members: list[tarfile.TarInfo]) -> Path:
@@ -64,11 +64,27 @@ def test_not_a_tar_is_refused(tmp_path):
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_loaders_check_every_shard_before_reading(tmp_path, prepared_builtin, backend):
+    import hashlib
+    import json
+
+    from components.data.integrity import DataError
+    from components.data.manifest import _canonical
+
     copy = shutil.copytree(prepared_builtin, tmp_path / "data")
     shard = copy / load_manifest(copy).split("train").shards[1].tar
     write_tar(shard, [regular("k.src.jpg"), regular("../k.tgt.jpg")])
+    params = shipped("data", loader={"backend": backend}).loader
+    # a replaced shard fails its checksum first
+    with pytest.raises(DataError, match="train-000001.tar.*missing"):
+        make_loader(copy, "train", params, batch_size=2, train=True)
+    # a manifest crafted to match it: the tar headers are still checked before anything is read
+    body = json.loads((copy / "manifest.json").read_text())
+    body.pop("checksum")
+    body["splits"]["train"]["shards"][1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(UnsafeTarError, match="k.tgt.jpg"):
-        make_loader(copy, "train", LoaderParams(backend=backend, load_size=32, crop_size=32), batch_size=2, train=True)
+        make_loader(copy, "train", params, batch_size=2, train=True)
 
 
 @pytest.mark.parametrize("bad_path", ["../../outside/train-000000.tar", "/etc/shard.tar"])
@@ -86,4 +102,4 @@ def test_a_manifest_pointing_a_shard_outside_its_folder_is_refused(tmp_path, pre
     body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
     (copy / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(ManifestError, match=r"splits\.train\.shards\[0\]\.tar .*leaves the data set's folder"):
-        make_loader(copy, "train", LoaderParams(backend="torch", load_size=32, crop_size=32), batch_size=2, train=True)
+        make_loader(copy, "train", shipped("data", loader={"backend": "torch"}).loader, batch_size=2, train=True)

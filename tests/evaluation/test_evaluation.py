@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from components.config import ParamsError, load_params
-from components.config.evaluate import EvaluateParams, FeatureParams, LatencyParams
+from components.config.evaluate import EvaluateParams
 from components.evaluation.features import (
     FeaturesUnavailable,
     InceptionFeatures,
@@ -21,6 +21,7 @@ from components.evaluation.features import (
 from components.evaluation.grid import sample_grid
 from components.evaluation.held_out import measure_latency, score_held_out, sweep_guidance
 from components.evaluation.image_metrics import PSNR_CAP_DB, l1_per_image, psnr_per_image, ssim_per_image
+from support.params import shipped
 
 CPU = torch.device("cpu")
 
@@ -193,7 +194,7 @@ class ChannelMeans:
 
 
 def test_perfect_translator_scores_perfectly_on_every_image():
-    scores = score_held_out(Halve(), make_batches(), CPU, extractor=ChannelMeans(), features=FeatureParams(kid_subset_size=4), keep_samples=3)
+    scores = score_held_out(Halve(), make_batches(), CPU, extractor=ChannelMeans(), features=shipped("evaluate", features={"kid_subset_size": 4}).features, keep_samples=3)
     assert [row["index"] for row in scores.per_image] == [0, 1, 2, 3, 4]
     assert scores.means["l1"] == 0 and scores.means["psnr"] == PSNR_CAP_DB and scores.means["ssim"] == pytest.approx(1.0)
     assert abs(scores.means["fid"]) < 1e-8
@@ -228,7 +229,7 @@ def test_guidance_sweep_refuses_a_translator_without_guidance():
 
 
 def test_latency_reports_per_image_times():
-    latency = measure_latency(Halve(), torch.zeros(4, 3, 16, 16), CPU, LatencyParams(warmup=0, repeats=2))
+    latency = measure_latency(Halve(), torch.zeros(4, 3, 16, 16), CPU, shipped("evaluate", latency={"warmup": 0, "repeats": 2}).latency)
     assert latency["latency_batch_size"] == 4
     assert latency["latency_ms_per_image_batch1"] > 0 and latency["latency_ms_per_image_batched"] > 0
 
@@ -251,10 +252,11 @@ def test_sample_grid_enlarges_tiny_images_so_they_can_be_seen():
 # ---------------------------------------------------------------- params
 
 
-def test_evaluate_params_defaults_load_from_an_empty_file(tmp_path):
+def test_an_empty_evaluate_params_file_is_an_error_naming_it(tmp_path):
     path = tmp_path / "evaluate.yaml"
     path.write_text("")
-    assert load_params(path, EvaluateParams).split == "test"
+    with pytest.raises(ParamsError, match=rf"{path}: is empty"):
+        load_params(path, EvaluateParams)
 
 
 @pytest.mark.parametrize(

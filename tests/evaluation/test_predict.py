@@ -1,4 +1,7 @@
-"""`pairgan predict` on a folder: corrupt inputs, existing outputs, batching."""
+"""`pairgan predict` on a folder: corrupt inputs, decompression bombs, existing outputs, unsafe folders, batching."""
+
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -67,10 +70,83 @@ def test_missing_or_wrong_model_file_is_named(inputs, tmp_path, capsys):
 
 
 def test_outputs_never_replace_the_input_images_even_with_overwrite(generator, tmp_path, capsys):
-    folder = tmp_path / "in"
+    folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
-    Image.new("RGB", (20, 20), (10, 100, 200)).save(folder / "sketch.png")
-    before = (folder / "sketch.png").read_bytes()
+    out.mkdir()
+    Image.new("RGB", (20, 20), (10, 100, 200)).save(out / "sketch.png")
+    (folder / "sketch.png").symlink_to(out / "sketch.png")  # the input lives where its output would go
+    before = (out / "sketch.png").read_bytes()
     assert predict(generator, folder, folder, "--overwrite") == 1
-    assert "sketch.png" in capsys.readouterr().err
-    assert (folder / "sketch.png").read_bytes() == before
+    assert "is the --input folder" in capsys.readouterr().err
+    assert predict(generator, folder, out, "--overwrite") == 1
+    assert f"outputs would replace input images, nothing was written (choose another --output): {out / 'sketch.png'}" in (
+        capsys.readouterr().err
+    )
+    assert (out / "sketch.png").read_bytes() == before
+
+
+def decompression_bomb(path, side, complete=True):
+    """A 1-bit greyscale PNG of side x side pixels, all black: a few kB that decode to side² pixels.
+
+    complete=False writes only the start of the pixel data: PIL refuses it from the header alone."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"\0" * ((1 + (side + 7) // 8) * (side if complete else 1)))
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(params=["warned", "refused"])
+def bomb(request, inputs):
+    """The input folder with one decompression bomb instead of the broken PNG; returns the bomb's name."""
+    (inputs / "broken.png").unlink()
+    if request.param == "warned":
+        assert 10_000**2 > Image.MAX_IMAGE_PIXELS  # PIL only warns, then decodes 100 megapixels
+        decompression_bomb(inputs / "warned.png", 10_000)
+    else:
+        assert 20_000**2 > 2 * Image.MAX_IMAGE_PIXELS  # PIL raises, from the header alone
+        decompression_bomb(inputs / "refused.png", 20_000, complete=False)
+    return f"{request.param}.png"
+
+
+def test_a_decompression_bomb_stops_the_run_naming_the_file(generator, inputs, bomb, tmp_path, capsys):
+    assert predict(generator, inputs, tmp_path / "out") == 1
+    error = capsys.readouterr().err
+    assert "1 unreadable image(s)" in error and bomb in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_decompression_bomb_is_skipped_with_the_reason(generator, inputs, bomb, tmp_path, caplog):
+    assert predict(generator, inputs, tmp_path / "out", "--on-bad-input", "skip") == 0
+    assert any(bomb in record.getMessage() and "decompression bomb" in record.getMessage() for record in caplog.records)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["photo0.png", "photo1.png", "photo2.png"]
+
+
+def test_an_output_path_that_is_a_file_is_refused_and_kept(generator, inputs, tmp_path, capsys):
+    (tmp_path / "results").write_text("my notes")
+    for output in (tmp_path / "results", tmp_path / "results" / "sub"):
+        assert predict(generator, inputs, output, "--on-bad-input", "skip") == 1
+        assert f"{tmp_path / 'results'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "results").read_text() == "my notes"
+
+
+def test_outputs_into_the_input_folder_are_refused_whatever_the_input_format(generator, inputs, capsys):
+    (inputs / "broken.png").unlink()  # only .jpg inputs: no output has an input's name
+    before = sorted(path.name for path in inputs.iterdir())
+    assert predict(generator, inputs, inputs) == 1
+    assert "is the --input folder" in capsys.readouterr().err
+    assert sorted(path.name for path in inputs.iterdir()) == before
+
+
+def test_a_registry_reference_never_creates_a_tracking_store(generator, inputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no MLFLOW_TRACKING_URI: the store would be ./mlflow.db
+    assert predict("models:/pairgan-generator@champion", inputs, tmp_path / "out", "--on-bad-input", "skip") == 1
+    assert f"{tmp_path / 'mlflow.db'} does not exist" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in"]  # no mlflow.db, no mlruns/, no out/
+
+    (tmp_path / "mlflow.db").write_text("my own notes, not a database")
+    assert predict("models:/pairgan-generator@champion", inputs, tmp_path / "out", "--on-bad-input", "skip") == 1
+    assert "is not a SQLite database" in capsys.readouterr().err
+    assert (tmp_path / "mlflow.db").read_text() == "my own notes, not a database"

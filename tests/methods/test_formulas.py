@@ -6,18 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from components.config.model import DiffusionGANParams, LossParams, ModelParams
-from components.config.train import TrainParams
 from components.methods.atme import ATMEMemory, merge_memories
 from components.methods.ddgan import vp_schedule
 from components.methods.diffusion_gan import DiffusionAugment
 from components.methods.losses import GANLoss, r1_penalty
-from components.training.health import binary_entropy_of_logits, report_discriminator_health
 from components.training.loop import TrainingSession
-from components.training.stats import StatsCollector
+from components.training_stats import StatsCollector, binary_entropy_of_logits, report_discriminator_health
+from support.params import shipped
 from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def diffusion_gan_params(**keys):
+    return shipped("model", method={"diffusion_gan": keys}).method.diffusion_gan
+
+
+def loss_params(**keys):
+    return shipped("model", method={"loss": keys}).method.loss
 
 
 @pytest.mark.parametrize("num_steps", [2, 4])
@@ -43,7 +49,7 @@ def test_ddgan_betas_and_posterior_match_the_paper(num_steps):
 
 
 def test_diffusion_gan_alpha_bar_and_diffusion_match_reference():
-    params = DiffusionGANParams(t_min=5, t_max=100)
+    params = diffusion_gan_params(t_min=5, t_max=100)
     augment = DiffusionAugment(params, torch.device("cpu"))
     augment.T = torch.tensor(37)
     betas = np.linspace(params.beta_start, params.beta_end, 37, dtype=np.float64)
@@ -64,7 +70,7 @@ def test_diffusion_gan_alpha_bar_and_diffusion_match_reference():
 
 
 def test_adaptive_t_follows_the_scripted_r_d_sequence():
-    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.5, update_interval=4)
+    params = diffusion_gan_params(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.5, update_interval=4)
     augment = DiffusionAugment(params, torch.device("cpu"))
     batch = 8
     scripted = [0.9, 0.9, 0.7, 0.1, 0.6, 1.0, -0.5, 0.95] * 5
@@ -81,7 +87,7 @@ def test_adaptive_t_follows_the_scripted_r_d_sequence():
 
 
 def test_adaptive_t_updates_every_interval_from_mean_sign_of_real_logits():
-    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=4)
+    params = diffusion_gan_params(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=4)
     augment = DiffusionAugment(params, torch.device("cpu"))
     confident = torch.full((4, 1, 2, 2), 3.0)  # sign +1 everywhere: r_d = 1 > 0.6, T must grow
     for _ in range(3):
@@ -96,7 +102,7 @@ def test_adaptive_t_updates_every_interval_from_mean_sign_of_real_logits():
 
 @pytest.mark.parametrize("distribution", ["priority", "uniform"])
 def test_t_sampling_half_clean_rest_within_current_t(distribution):
-    params = DiffusionGANParams(t_min=5, t_max=50, t_distribution=distribution)
+    params = diffusion_gan_params(t_min=5, t_max=50, t_distribution=distribution)
     augment = DiffusionAugment(params, torch.device("cpu"))
     augment.T = torch.tensor(20)
     torch.manual_seed(0)
@@ -205,30 +211,61 @@ def test_gan_loss_options_match_their_definitions():
     real = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
     fake = torch.tensor([[-3.0, 0.5]], dtype=torch.float64)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
-    vanilla = GANLoss(LossParams(gan_loss="vanilla", label_smoothing=0.1))
+    vanilla = GANLoss(loss_params(gan_loss="vanilla", label_smoothing=0.1))
     expected = 0.5 * (bce(real, torch.full_like(real, 0.9)) + bce(fake, torch.zeros_like(fake)))
     assert vanilla.discriminator(real, fake).item() == pytest.approx(expected.item())
     assert vanilla.generator(fake).item() == pytest.approx(bce(fake, torch.ones_like(fake)).item())
-    lsgan = GANLoss(LossParams(gan_loss="lsgan"))
+    lsgan = GANLoss(loss_params(gan_loss="lsgan"))
     assert lsgan.discriminator(real, fake).item() == pytest.approx(0.5 * (((real - 1) ** 2).mean() + (fake**2).mean()).item())
     assert lsgan.generator(fake).item() == pytest.approx(((fake - 1) ** 2).mean().item())
-    hinge = GANLoss(LossParams(gan_loss="hinge"))
+    hinge = GANLoss(loss_params(gan_loss="hinge"))
     expected = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
     assert hinge.discriminator(real, fake).item() == pytest.approx(expected.item())
     assert hinge.generator(fake).item() == pytest.approx(-fake.mean().item())
 
 
 def test_r1_penalty_is_the_squared_input_gradient_norm():
+    # One logit per sample (DDGAN's official D): the usual R1, exactly.
     x = torch.randn(3, 2, 4, 4, requires_grad=True)
     logits = (x**2).sum(dim=(1, 2, 3), keepdim=True)  # gradient 2x
     assert r1_penalty(logits, x).item() == pytest.approx((4 * x.detach() ** 2).sum(dim=(1, 2, 3)).mean().item(), rel=1e-5)
+
+
+def test_r1_penalty_of_a_logit_map_is_the_mean_of_each_patch_logits_r1():
+    # Patches that see disjoint pixels (a 1x1 convolution): each logit's input gradient is the
+    # conv's weights on the target channels, so each patch's R1 is |w_target|^2, whatever the
+    # number of patches. (The R1 of the map's sum would be 256 times that here, its mean's 1/256.)
+    conv = torch.nn.Conv2d(6, 1, 1)
+    source, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16, requires_grad=True)
+    logits = conv(torch.cat([source, target], dim=1))
+    per_patch = conv.weight[0, 3:].square().sum().item()
+    assert r1_penalty(logits, target).item() == pytest.approx(per_patch, rel=1e-5)
+
+
+def test_r1_penalty_at_initialisation_does_not_grow_with_the_image_size():
+    # A published gamma must mean the same at 64 px as at 256 px: at initialisation a PatchGAN's
+    # per-patch R1 is about the same at every size (measured 1.07, 1.15, 1.19 for the exact
+    # mean over patches), where the R1 of the map's sum grows with the number of patches
+    # (13.9, 45.7, 150: 36, 196 and 900 patches).
+    from components.networks.pix2pix import PatchGAN
+
+    penalties = {}
+    for size in (64, 128, 256):
+        torch.manual_seed(0)
+        discriminator = PatchGAN(6, ndf=16, n_layers=3, norm="instance")
+        source = torch.rand(2, 3, size, size) * 2 - 1
+        target = (torch.rand(2, 3, size, size) * 2 - 1).requires_grad_(True)
+        logits = discriminator(torch.cat([source, target], dim=1))
+        penalties[size] = sum(r1_penalty(logits, target).item() for _ in range(4)) / 4
+    assert max(penalties.values()) / min(penalties.values()) < 1.3, penalties
 
 
 def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
     # If G predicted y0 exactly, its fake y_t would be distributed as the real y_t: D could not
     # tell them apart. Check mean and std of y_t (for every t) against q(y_t | y_0).
     method = TrainingSession(
-        ModelParams(
+        shipped(
+            "model",
             image_size=16,
             method={
                 "name": "ddgan",
@@ -237,7 +274,7 @@ def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
                 "discriminator": {"ndf": 8, "n_layers": 1},
             },
         ),
-        TrainParams(),
+        shipped("train"),
         1,
         torch.device("cpu"),
     ).method
@@ -253,8 +290,30 @@ def test_ddgan_posterior_sample_given_the_true_y0_has_the_forward_marginal():
         assert fake.std().item() == pytest.approx(max(real.std().item(), 1e-4), rel=0.05, abs=2e-3)
 
 
+def test_adaptive_t_partial_sums_are_gathered_for_a_checkpoint_and_resume_on_rank_0_only():
+    schedule = {"t_min": 5, "t_max": 500, "d_target": 0.6, "ada_kimg": 0.1, "update_interval": 4}
+    params = shipped("model", method={"diffusion_gan": schedule}).method.diffusion_gan
+
+    def with_other_worker(value: torch.Tensor) -> torch.Tensor:
+        # The other worker: sign sum -6 over 8 logits, 2 images; a second tensor for the counts.
+        return value + (value.new_tensor(-6.0) if value.dim() == 0 else value.new_tensor([8.0, 2.0]))
+
+    augment = DiffusionAugment(params, torch.device("cpu"))
+    augment.observe_real_logits(torch.full((2, 1, 2, 2), 3.0))
+    augment.after_batch(2)  # the first of 4 batches: no update yet
+    gathered = augment.state_dict(gather=with_other_worker)
+    assert (gathered["sign_sum"].item(), gathered["sign_count"], gathered["images"]) == (2.0, 16, 4)
+    # Resumed on two workers: the group's partial sums continue on rank 0 alone, so the next
+    # update's sum over workers counts them once.
+    for rank, expected in ((0, (2.0, 16, 4)), (1, (0.0, 0, 0))):
+        resumed = DiffusionAugment(params, torch.device("cpu"), rank=rank)
+        resumed.load_state_dict(gathered)
+        assert (resumed._sign_sum.item(), resumed._sign_count, resumed._images) == expected
+        assert resumed._batches == 1
+
+
 def test_adaptive_t_uses_r_d_and_image_count_summed_over_workers():
-    params = DiffusionGANParams(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=1)
+    params = diffusion_gan_params(t_min=5, t_max=500, d_target=0.6, ada_kimg=0.1, update_interval=1)
 
     def with_other_worker(totals: torch.Tensor) -> torch.Tensor:
         # The other worker saw 16 logits, all negative, over 4 images: global r_d = (16 - 16) / 32 = 0.
@@ -277,8 +336,8 @@ def test_ddgan_d_loss_is_the_official_unhalved_softplus_sum_and_pix2pix_keeps_it
     official = (softplus(-real).mean() + softplus(fake).mean()).item()
 
     def method(name: str, extra: dict):
-        model = ModelParams(image_size=16, method={"name": name, "discriminator": {"ndf": 8, "n_layers": 1}, **extra})
-        return TrainingSession(model, TrainParams(), 1, torch.device("cpu")).method
+        model = shipped("model", image_size=16, method={"name": name, "discriminator": {"ndf": 8, "n_layers": 1}, **extra})
+        return TrainingSession(model, shipped("train"), 1, torch.device("cpu")).method
 
     small_unet = {"width": 8, "channel_multipliers": [1, 2], "attention_levels": []}
     ddgan = method("ddgan", {"generator": small_unet, "num_steps": 2})

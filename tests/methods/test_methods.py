@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from components.config.model import ModelParams
-from components.config.train import TrainParams
 from components.methods.translator import export_translator, load_translator, save_translator, translator_from_export
 from components.training.loop import TrainingSession, run_epochs
+from support.params import shipped
 from support.synthetic_pairs import SyntheticPairs, colour_transform, make_sources, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,7 +52,7 @@ def _l1(translator: torch.nn.Module) -> float:
 def test_method_learns_the_colour_transform(name):
     method, steps = LEARNING[name]
     data = SyntheticPairs(32, 32, 4)
-    session = TrainingSession(ModelParams(image_size=32, method=method), TrainParams(epochs=100), len(data), torch.device("cpu"))
+    session = TrainingSession(shipped("model", image_size=32, method=method), shipped("train", epochs=100), len(data), torch.device("cpu"))
     untrained = _l1(translator_from_export(export_translator(session)))
     for batch in data.steps(steps):
         session.train_step(batch)
@@ -71,7 +70,7 @@ def test_method_learns_the_colour_transform(name):
 
 def _trained_briefly(method: dict) -> TrainingSession:
     data = SyntheticPairs(8, 32, 4)
-    session = TrainingSession(ModelParams(image_size=32, method=method), TrainParams(epochs=1), len(data), torch.device("cpu"))
+    session = TrainingSession(shipped("model", image_size=32, method=method), shipped("train", epochs=1), len(data), torch.device("cpu"))
     run_epochs(session, data, 1)
     return session
 
@@ -97,7 +96,7 @@ def test_saved_translator_reproduces_the_session_sampler(method, tmp_path):
 def test_atme_translator_bakes_w_of_the_configured_constant_map():
     for logit in (0.0, 3.0):
         session = TrainingSession(
-            ModelParams(image_size=32, method={**ATME, "test_map_logit": logit}), TrainParams(), 8, torch.device("cpu")
+            shipped("model", image_size=32, method={**ATME, "test_map_logit": logit}), shipped("train"), 8, torch.device("cpu")
         )
         with torch.no_grad():
             expected = session.method.W(torch.full((1, 1, 2, 2), logit))  # D's map is 2 x 2 at 32 px
@@ -135,14 +134,14 @@ def test_translator_exports_with_torch_export(method):
 
 
 def test_batch_of_the_wrong_size_is_refused_with_the_param_to_fix():
-    session = TrainingSession(ModelParams(image_size=64, method=PIX2PIX), TrainParams(), 8, torch.device("cpu"))
+    session = TrainingSession(shipped("model", image_size=64, method=PIX2PIX), shipped("train"), 8, torch.device("cpu"))
     with pytest.raises(ValueError, match="image_size 64"):
         session.train_step(next(iter(SyntheticPairs(8, 32, 4))))
 
 
 def test_run_epochs_logs_rate_and_eta_per_epoch(caplog):
     data = SyntheticPairs(8, 32, 4)
-    session = TrainingSession(ModelParams(image_size=32, method=PIX2PIX), TrainParams(epochs=2), len(data), torch.device("cpu"))
+    session = TrainingSession(shipped("model", image_size=32, method=PIX2PIX), shipped("train", epochs=2), len(data), torch.device("cpu"))
     seen = []
     with caplog.at_level("INFO", logger="components.training.loop"):
         history = run_epochs(session, data, 2, on_epoch_end=lambda s, metrics: seen.append(s.epoch))
@@ -158,8 +157,8 @@ def test_run_epochs_logs_rate_and_eta_per_epoch(caplog):
 def test_cuda_performance_paths_bf16_and_channels_last_train_on_cpu(method):
     # The CUDA defaults (bf16 autocast, channels_last) exercised on the CPU, where both exist.
     data = SyntheticPairs(8, 32, 4)
-    train = TrainParams(performance={"autocast": "bf16", "channels_last": True})
-    session = TrainingSession(ModelParams(image_size=32, method=method), train, len(data), torch.device("cpu"))
+    train = shipped("train", performance={"autocast": "bf16", "channels_last": True})
+    session = TrainingSession(shipped("model", image_size=32, method=method), train, len(data), torch.device("cpu"))
     assert session.autocast_dtype == torch.bfloat16 and session.channels_last
     for batch in data.steps(2):
         session.train_step(batch)
@@ -170,7 +169,7 @@ def test_cuda_performance_paths_bf16_and_channels_last_train_on_cpu(method):
 
 def test_loading_a_file_that_is_not_a_generator_names_the_file_and_the_problem(tmp_path):
     # The likely mistakes: a training checkpoint (state.pt) or some other file given as --model.
-    session = TrainingSession(ModelParams(image_size=32, method=PIX2PIX), TrainParams(), 8, torch.device("cpu"))
+    session = TrainingSession(shipped("model", image_size=32, method=PIX2PIX), shipped("train"), 8, torch.device("cpu"))
     checkpoint = tmp_path / "state.pt"
     torch.save(session.state_dict(), checkpoint)
     with pytest.raises(ValueError, match=r"state\.pt: not an exported generator .*lacks sampler_state"):

@@ -78,3 +78,30 @@ def test_patchgan_sees_70x70_patches_and_has_no_norm_on_its_first_layer():
     discriminator(image)[0, 0, 15, 15].backward()
     rows, cols = image.grad[0].abs().sum(0).nonzero().unbind(1)
     assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (70, 70)
+
+
+def test_batch_norm_under_a_split_batch_is_synchronised_on_gpus_and_kept_with_a_warning_on_cpus(caplog):
+    from pathlib import Path
+
+    import yaml
+
+    from components.config.model import ModelParams
+    from components.methods.base import MethodContext
+    from components.methods.pix2pix import Pix2Pix
+
+    model = yaml.safe_load((Path(__file__).resolve().parents[2] / "params/model.yaml").read_text())
+    model.update(image_size=32, load_size=32)
+    model["method"].update(generator={**model["method"]["generator"], "ngf": 4, "norm": "batch"},
+                           discriminator={**model["method"]["discriminator"], "ndf": 4, "n_layers": 2, "norm": "batch"})
+    model = ModelParams.model_validate(model)
+
+    def norms(method: Pix2Pix) -> set[type]:
+        return {type(layer) for network in (method.G, method.D) for layer in network.modules()
+                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)}
+
+    # Built only, never run: no GPU needed to see which layers a GPU run would use.
+    assert norms(Pix2Pix(MethodContext(model, 8, torch.device("cuda"), world_size=2))) == {torch.nn.SyncBatchNorm}
+    assert norms(Pix2Pix(MethodContext(model, 8, torch.device("cuda"), world_size=1))) == {torch.nn.BatchNorm2d}
+    with caplog.at_level("WARNING", logger="components.methods.base"):
+        assert norms(Pix2Pix(MethodContext(model, 8, torch.device("cpu"), world_size=2))) == {torch.nn.BatchNorm2d}
+    assert "norm: instance" in caplog.text and "2 CPU workers" in caplog.text

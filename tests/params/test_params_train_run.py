@@ -1,24 +1,19 @@
 """The `run:` section of params/train.yaml: every bad value stops the stage with the file, key and reason."""
 
 import pytest
-import yaml
 
 from components.config import ParamsError, load_params
 from components.config.train import TrainParams
+from support.params import PARAMS, shipped, write_shipped
 
 
 def load_run(tmp_path, run: dict):
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump({"run": run}))
-    return load_params(path, TrainParams).run
+    return load_params(write_shipped(tmp_path, "train", run=run), TrainParams).run
 
 
-def test_defaults_and_the_shipped_file_load(tmp_path):
-    run = load_run(tmp_path, {})
-    assert (run.name, run.storage_path, run.max_failures) == ("pairgan-train", "checkpoints", 2)
-    assert run.scaling.num_workers == 2 and run.scaling.use_gpu == "auto"
-    shipped = load_params("params/train.yaml", TrainParams).run
-    assert shipped.checkpoint.every_epochs >= 1 and shipped.tracking.experiment
+def test_the_shipped_file_loads():
+    run = load_params(PARAMS / "train.yaml", TrainParams).run
+    assert run == shipped("train").run and run.checkpoint.every_epochs >= 1 and run.tracking.experiment
 
 
 def test_s3_storage_is_accepted(tmp_path):
@@ -35,6 +30,7 @@ def test_s3_storage_is_accepted(tmp_path):
         ({"name": "a/b"}, "run.name", "letters, digits"),
         ({"max_failures": -1}, "run.max_failures", "greater than or equal to 0"),
         ({"scaling": {"num_workers": 0}}, "run.scaling.num_workers", "greater than or equal to 1"),
+        ({"scaling": {"num_workers": "2"}}, "run.scaling.num_workers", "valid integer"),
         ({"scaling": {"use_gpu": "sometimes"}}, "run.scaling.use_gpu", "'auto', True or False"),
         ({"scaling": {"cpus_per_worker": 0.5}}, "run.scaling.cpus_per_worker", "integer"),
         ({"checkpoint": {"every_epochs": 0}}, "run.checkpoint.every_epochs", "greater than or equal to 1"),

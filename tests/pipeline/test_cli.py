@@ -1,5 +1,6 @@
 """The `pairgan` console script as a user meets it."""
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import STAGES
+from pipelines.cli import STAGES, build_parser
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -49,3 +50,15 @@ def test_stages_reading_the_shards_do_not_need_the_source_folder(tmp_path, stage
     result = pairgan(stage, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert missing in result.stderr and "source.path" not in result.stderr
+
+
+def test_version_comes_from_the_installed_package():
+    result = pairgan("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"pairgan {importlib.metadata.version('pairgan')}"
+
+
+@pytest.mark.parametrize(("argv", "verbose"), [(["train"], False), (["-v", "train"], True), (["train", "--verbose"], True),
+                                               (["--verbose", "evaluate", "-v"], True)])
+def test_verbose_is_accepted_before_or_after_the_stage(argv, verbose):
+    assert build_parser().parse_args(argv).verbose is verbose

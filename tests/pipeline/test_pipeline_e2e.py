@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.config.flatten import flatten
+
 PROJECT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -58,7 +60,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     register_report = json.loads((repo / "reports/register.json").read_text())
     assert register_report["promoted"] is True  # the first model ever becomes champion
     evaluation = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert evaluation["mean"]["l1"] >= 0
+    evaluation_info = json.loads((repo / "reports/evaluate/info.json").read_text())
+    # The demo learns: the champion's test samples are recognisably the targets (the README's promise).
+    assert evaluation_info["samples"] >= 32 and evaluation["psnr"] >= 20, evaluation
 
     import mlflow
 
@@ -67,6 +71,37 @@ def test_dvc_repro_end_to_end(tmp_path):
     champion = client.get_model_version_by_alias(register_params["model_name"], "champion")
     assert str(champion.version) == str(register_report["version"])
 
+    # `dvc metrics show`: the evaluation first, numbers only, nothing in two files
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)[""]["data"]
+    metrics = {path: content["data"] for path, content in shown.items()}
+    assert list(metrics) == ["reports/evaluate/metrics.json", "reports/register.json", "reports/train.json", "reports/prepare.json"]
+    evaluation, training = metrics["reports/evaluate/metrics.json"], metrics["reports/train.json"]
+    assert list(evaluation) == ["psnr", "ssim", "l1", "ms_per_image", "ms_per_image_batched", "nfe"]
+    assert {"loss/G", "loss/D", "loss/G_L1", "loss/G_gan", "health/D_entropy", "health/V_gap", "images_per_s", "epoch"} <= set(training)
+    assert all(isinstance(value, int | float) for value in [*evaluation.values(), *training.values()])
+    columns = [set(flatten(content)) for content in metrics.values()]
+    assert all(not (first_file & other) for index, first_file in enumerate(columns) for other in columns[index + 1 :])
+    # ids, checksums and paths are in the info files, which are not metrics
+    train_info = json.loads((repo / "reports/train_info.json").read_text())
+    evaluation_info = json.loads((repo / "reports/evaluate/info.json").read_text())
+    assert evaluation_info["train_run_id"] == train_info["mlflow_run_id"] == register_report["run_id"]
+    assert evaluation_info["data_manifest_checksum"] == train_info["data_checksum"]
+
+    # `dvc plots show`: the training curves, the per-image histograms, the samples; no sweep for
+    # pix2pix, and no validation plot unless the run has a validation score; no warning
+    plots = run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, env)
+    assert (tmp_path / "plots" / "index.html").exists() and "WARNING" not in plots.stderr + plots.stdout
+    drawn = {name for name, items in json.loads(run(["dvc", "plots", "show", "--json"], repo, env).stdout)["data"].items() if items}
+    validated = len((repo / "reports/train_validation.csv").read_text().splitlines()) > 1
+    assert drawn == {
+        "Adversarial losses per epoch", "Generator L1 loss per epoch", "Discriminator health per epoch",
+        "Test PSNR per image", "Test SSIM per image", "reports/evaluate/samples.png",
+    } | ({"Validation PSNR per epoch"} if validated else set())
+    epochs = yaml.safe_load((repo / "params/train.yaml").read_text())["epochs"]
+    assert len((repo / "reports/train_curves.csv").read_text().splitlines()) == 1 + epochs
+
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "first repro"], repo, env)
     second = run(["dvc", "repro"], repo, env)
     assert ran_stages(second.stdout) == set(), second.stdout
 
@@ -78,7 +113,11 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "prepare" not in ran_stages(third.stdout)
     assert {"train", "evaluate", "register"} <= ran_stages(third.stdout)
 
-    metrics_diff = run(["dvc", "metrics", "diff", "--json"], repo, env)
-    assert json.loads(metrics_diff.stdout) is not None
-    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo, env)
-    assert (tmp_path / "plots" / "index.html").exists()
+    metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout)
+    assert "psnr" in metrics_diff["reports/evaluate/metrics.json"]
+    # the comparison fits a 120-column terminal, the evaluation's columns in full
+    table = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], repo, {**env, "COLUMNS": "120"}).stdout
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    assert all(f" {name} " in table.splitlines()[1] for name in ("psnr", "ssim", "l1")), table
+    run(["dvc", "plots", "diff", "HEAD", "-o", str(tmp_path / "plots_diff")], repo, env)
+    assert (tmp_path / "plots_diff" / "index.html").exists()

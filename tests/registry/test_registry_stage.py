@@ -1,6 +1,7 @@
 """`pairgan register` and `pairgan predict models:/...@champion` against a throwaway SQLite store."""
 
 import json
+import shutil
 import socket
 
 import mlflow
@@ -8,6 +9,7 @@ import pytest
 
 from pipelines.cli import main as pairgan
 from support.evaluation_fixtures import make_project, write_generator, write_train_report
+from support.params import write_shipped
 
 
 @pytest.fixture(autouse=True)
@@ -52,12 +54,14 @@ def test_first_registration_is_champion_and_a_rerun_keeps_it(project, tmp_path, 
     challenger = client.get_model_version_by_alias("pairgan-generator", "challenger")
     assert str(challenger.version) == "2"
     evaluation = json.loads((project / "reports/evaluate/metrics.json").read_text())
-    assert challenger.tags["pairgan.data_manifest_checksum"] == evaluation["data_manifest_checksum"]
+    evaluation_info = json.loads((project / "reports/evaluate/info.json").read_text())
+    assert challenger.tags["pairgan.data_manifest_checksum"] == evaluation_info["data_manifest_checksum"]
     assert len(challenger.tags["pairgan.params_sha256"]) == 64
-    assert float(challenger.tags["metric.psnr"]) == pytest.approx(evaluation["mean"]["psnr"], rel=1e-4)
+    assert float(challenger.tags["metric.psnr"]) == pytest.approx(evaluation["psnr"], rel=1e-4)
     assert challenger.tags["gate.decision"] == "kept_champion"
-    artifacts = {item.path for item in client.list_artifacts(first["run_id"], "evaluation")}
-    assert artifacts == {"evaluation/metrics.json", "evaluation/samples.png"}
+    # the same model twice: every per-image difference is 0, an interval [0, 0] not above margin 0
+    assert second["improvement"] == 0 and second["interval_low"] == second["interval_high"] == 0
+    assert second["samples"] == evaluation_info["samples"] and second["resamples"] == 2000
 
     # predict straight from the registry
     (inputs := tmp_path / "in").mkdir()
@@ -89,18 +93,67 @@ def test_unreachable_tracking_server_fails_first_with_a_clear_error(project, mon
     assert "absent.pt" not in error  # checked before the model is even loaded
 
 
-def test_feature_metric_gate_without_inception_weights_is_a_params_error(project, tmp_path, monkeypatch, capsys):
+def test_set_level_gate_metric_is_a_params_error_naming_the_key(project, tmp_path, monkeypatch, capsys):
     params = tmp_path / "params"
     params.mkdir()
-    for name in ("data.yaml", "evaluate.yaml"):
+    for name in ("data.yaml", "evaluate.yaml", "register.yaml"):
         (params / name).write_text((project / "params" / name).read_text())
-    (params / "register.yaml").write_text("primary_metric: fid\n")
+    write_shipped(params, "register", primary_metric="fid")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     code = pairgan(["register", "--params-dir", str(params), "--data", str(project / "data/prepared"),
                     "--model", str(project / "models/generator.pt"), "--train-report", str(project / "reports/train.json"),
                     "--evaluation", str(project / "reports/evaluate"), "--out", str(tmp_path / "register.json")])
     assert code == 2
-    assert f"{params / 'register.yaml'}: primary_metric: fid was not computed" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{params / 'register.yaml'}: primary_metric:" in error and "fid is a set-level metric" in error
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tags_hold_the_gates_own_scores_not_a_faked_evaluation_report(project, tmp_path, monkeypatch, caplog):
+    faked = tmp_path / "evaluate"
+    shutil.copytree(project / "reports/evaluate", faked)
+    metrics = json.loads((faked / "metrics.json").read_text())
+    metrics["psnr"] = 99.0
+    (faked / "metrics.json").write_text(json.dumps(metrics))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert pairgan(["register", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
+                    "--model", str(project / "models/generator.pt"), "--train-report", str(project / "reports/train.json"),
+                    "--evaluation", str(faked), "--out", str(tmp_path / "register.json")]) == 0
+    report = json.loads((tmp_path / "register.json").read_text())
+    tags = mlflow.MlflowClient(tracking_uri=store).get_model_version("pairgan-generator", "1").tags
+    assert float(tags["metric.psnr"]) == pytest.approx(report["scores"]["psnr"], rel=1e-5)
+    assert report["scores"]["psnr"] < 50
+    assert all(value != "99" for value in tags.values())
+    assert "says psnr 99, the registered model scores" in caplog.text
+
+
+def test_evaluate_logs_its_metrics_to_the_run_that_trained_the_model(project, tmp_path, monkeypatch):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run_id = client.create_run(client.create_experiment("training")).info.run_id
+    write_train_report(tmp_path / "train.json", mlflow_run_id=run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert pairgan(["evaluate", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
+                    "--model", str(project / "models/generator.pt"), "--train-report", str(tmp_path / "train.json"),
+                    "--out", str(tmp_path / "evaluate")]) == 0
+    evaluation = json.loads((tmp_path / "evaluate/metrics.json").read_text())
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/psnr"] == pytest.approx(evaluation["psnr"])
+    assert logged["eval/nfe"] == 1 and "eval/ms_per_image" in logged
+    artifacts = {item.path for item in client.list_artifacts(run_id, "evaluation")}
+    assert artifacts == {"evaluation/metrics.json", "evaluation/info.json", "evaluation/per_image.csv",
+                         "evaluation/samples.png"}
+
+
+def test_evaluate_warns_and_succeeds_when_the_training_run_is_not_in_the_store(project, tmp_path, monkeypatch, caplog):
+    write_train_report(tmp_path / "train.json", mlflow_run_id="0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert pairgan(["evaluate", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
+                    "--model", str(project / "models/generator.pt"), "--train-report", str(tmp_path / "train.json"),
+                    "--out", str(tmp_path / "evaluate")]) == 0
+    assert (tmp_path / "evaluate/metrics.json").exists()
+    assert "evaluation not logged to MLflow: MLflow run 0123456789abcdef0123456789abcdef is not in" in caplog.text
 
 
 def test_guided_ddgan_registers_and_loads_with_its_guidance(project, tmp_path, monkeypatch):

@@ -1,23 +1,25 @@
 """Small prepared data sets, generator files and train reports for the evaluate/register/predict stage tests."""
 
-import json
+import math
 from pathlib import Path
 
 import torch
 import yaml
 
-from components.config.model import ModelParams
 from components.methods.translator import FORMAT_VERSION, build_sampler
+from components.training.report import TrainReport
+from components.training.report import write_train_report as write_train_report_files
 from pipelines.cli import main as pairgan
+from support.params import shipped, write_shipped
 
 PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
 TEST_PAIRS = 3
 
 TINY_DATA = {
-    "source": {"kind": "builtin", "builtin": {"photos": ["astronaut", "coffee"], "train_pairs": 2, "val_pairs": 0, "test_pairs": TEST_PAIRS}},
+    "source": {"kind": "builtin", "path": None, "builtin": {"photos": ["astronaut", "coffee"], "train_pairs": 2, "val_pairs": 0, "test_pairs": TEST_PAIRS}},
     "image_size": SIZE,
-    "loader": {"backend": "torch", "load_size": SIZE + 2, "crop_size": SIZE},
+    "loader": {"backend": "torch", "load_scale": 1.125},
 }
 PIX2PIX = {"name": "pix2pix", "generator": {"ngf": 8}, "discriminator": {"n_layers": 1}}
 DDGAN_GUIDED = {
@@ -37,17 +39,31 @@ def make_project(root: Path) -> Path:
     evaluate["latency"] = {"warmup": 0, "repeats": 1}
     evaluate["guidance_sweep"] = {"weights": [0.0, 1.0]}
     (params / "evaluate.yaml").write_text(yaml.safe_dump(evaluate))
-    (params / "data.yaml").write_text(yaml.safe_dump(TINY_DATA))
+    write_shipped(params, "data", **TINY_DATA)
     assert pairgan(["prepare", "--params-dir", str(params), "--out", str(root / "data/prepared"),
                     "--report", str(root / "reports/prepare.json"), "--no-progress"]) == 0
     return root
 
 
-def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0) -> Path:
-    """A train-stage generator file (the Translator export format), randomly initialised."""
+def write_generator(
+    path: Path, method: dict = PIX2PIX, seed: int = 0, image_size: int = SIZE, constant: float | None = None
+) -> Path:
+    """A train-stage generator file (the Translator export format), randomly initialised.
+
+    `constant` (pix2pix only): every weight zero and the output layer's bias atanh(constant),
+    so the generator draws that grey level everywhere; a predictable better or worse model.
+    """
     torch.manual_seed(seed)
-    model = ModelParams.model_validate({"image_size": SIZE, "method": method})
+    model = shipped("model", image_size=image_size, method=method)
     sampler = build_sampler(model)
+    if constant is not None:
+        state = sampler.state_dict()
+        for tensor in state.values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+        # the output layer's is the only bias with one value per target channel
+        (output_bias,) = [name for name, tensor in state.items() if name.endswith(".bias") and tensor.numel() == model.target_channels]
+        state[output_bias].fill_(math.atanh(constant))
     guidance = float(method.get("guidance", {}).get("weight", 0.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format_version": FORMAT_VERSION, "model": model.model_dump(mode="json"),
@@ -57,8 +73,11 @@ def write_generator(path: Path, method: dict = PIX2PIX, seed: int = 0) -> Path:
 
 
 def write_train_report(path: Path, status: str = "finished", **extra) -> Path:
+    """A train stage report (train.json and train_info.json) of a 1-epoch pix2pix run."""
+    report = TrainReport.model_validate({
+        "status": status, "method": "pix2pix", "steps": 2, "data_checksum": "0" * 64, "mlflow_run_id": None,
+        "checkpoint": None, "metrics": {"loss/G": 2.5, "loss/D": 0.7, "epoch": 1}, **extra,
+    })
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"status": status, "method": "pix2pix", "epochs": 1, "steps": 2, "mlflow_run_id": None,
-              "metrics": {"loss_g": 2.5, "loss_d": 0.7}, **extra}
-    path.write_text(json.dumps(report))
+    write_train_report_files(path, report, history=[{"epoch": 1, "loss/G": 2.5, "loss/D": 0.7}])
     return path

@@ -7,10 +7,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from components.config.model import ModelParams
-from components.config.train import TrainParams
 from components.methods.base import unwrap
 from components.training.loop import TrainingSession
+from support.params import shipped
 from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -46,8 +45,8 @@ METHODS = {
 
 
 def _session(method: dict) -> TrainingSession:
-    model = ModelParams(image_size=32, load_size=40, method=method)
-    train = TrainParams(epochs=3, lr_schedule={"kind": "linear_decay", "decay_epochs": 2})
+    model = shipped("model", image_size=32, load_size=40, method=method)
+    train = shipped("train", epochs=3, lr_schedule={"kind": "linear_decay", "decay_epochs": 2})
     return TrainingSession(model, train, 12, torch.device("cpu"))
 
 
@@ -131,13 +130,13 @@ def test_session_trains_ddp_wrapped_networks_and_saves_plain_state(tmp_path):
             return DistributedDataParallel(network)
 
         method = METHODS["atme+diffusion_gan"] | {"loss": {"r1_gamma": 1.0, "r1_interval": 1}}
-        model = ModelParams(image_size=32, load_size=40, method=method)
-        session = TrainingSession(model, TrainParams(), 12, torch.device("cpu"), wrap=wrap)
+        model = shipped("model", image_size=32, load_size=40, method=method)
+        session = TrainingSession(model, shipped("train"), 12, torch.device("cpu"), wrap=wrap)
         assert sorted(wrapped) == ["ATMEW", "DDPMUNet", "PatchGAN"]
         _run(session, SyntheticPairs(12, 32, 4, load_size=40), 2)
         state = session.state_dict()
         assert not any(key.startswith("module.") for key in state["networks"]["G"])
-        plain = TrainingSession(model, TrainParams(), 12, torch.device("cpu"))
+        plain = TrainingSession(model, shipped("train"), 12, torch.device("cpu"))
         plain.load_state_dict(state)
         assert plain.step == 2
     finally:
@@ -149,8 +148,8 @@ def test_workers_draw_independent_noise_from_identical_initial_weights(method):
     # Under DDP every worker runs the same session code: one seed for all would give sample k
     # of every rank the same diffusion t and noise, latent z and condition dropout.
     def first_step(rank: int) -> tuple[dict, dict]:
-        model = ModelParams(image_size=32, load_size=40, method=METHODS[method])
-        session = TrainingSession(model, TrainParams(), 12, torch.device("cpu"), rank=rank)
+        model = shipped("model", image_size=32, load_size=40, method=METHODS[method])
+        session = TrainingSession(model, shipped("train"), 12, torch.device("cpu"), rank=rank)
         initial = {
             name: {key: value.clone() for key, value in unwrap(network).state_dict().items()}
             for name, network in session.method.networks().items()

@@ -8,6 +8,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from components.redaction import redact_uri
 from components.tracking import (
     TAG_DIVERGED,
     TAG_GIT_COMMIT,
@@ -19,7 +20,6 @@ from components.tracking import (
     default_tracking_uri,
     finish_job_run,
     flatten_params,
-    redact_uri,
     start_job_run,
 )
 
@@ -131,13 +131,11 @@ def test_a_tracking_uri_with_a_password_never_reaches_rays_run_state():
     # Ray Train V2 stringifies train_loop_config into its run state (dashboard, export events)
     from ray.train.v2._internal.state.schema import _to_json_serializable_value
 
-    from components.config.data import LoaderParams
-    from components.config.model import ModelParams
-    from components.config.train import TrainParams
     from components.training.job import TrainingJob
+    from support.params import shipped
 
     job = TrainingJob(
-        model=ModelParams(), train=TrainParams(), loader=LoaderParams(), data_dir="/data", data_checksum="abc",
+        model=shipped("model"), train=shipped("train"), loader=shipped("data").loader, data_location="/data", data_checksum="abc",
         dataset_size=4, tracking_uri="https://alice:s3cret-token@mlflow.example.com", mlflow_run_id="run1",
     )
     shown = str(_to_json_serializable_value({"job": job, "outcome": None}))

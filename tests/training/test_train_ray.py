@@ -5,6 +5,7 @@ each test uses its own storage folder and MLflow store. The data is the session'
 prepared built-in set (13 training pairs, 32 px): 2 workers x batch 2 = 3 steps per epoch.
 """
 
+import csv
 import functools
 import io
 import json
@@ -18,12 +19,8 @@ import boto3
 import pyarrow.fs
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
-from components.config.data import LoaderParams
-from components.config.model import ModelParams
-from components.config.train import TrainParams
 from components.data.loaders import owned_indices
 from components.data.manifest import load_manifest
 from components.methods.translator import load_translator
@@ -31,15 +28,15 @@ from components.tracking import TAG_DIVERGED, TAG_MANIFEST_CHECKSUM, TAG_OUTCOME
 from components.training.checkpoints import INFO_FILE, STATE_FILE
 from components.training.driver import run_training
 from components.training.job import TrainingJob
+from components.training.report import read_train_report
 from pipelines.cli import main as pairgan
+from support.params import shipped, write_shipped
 
 pytestmark = pytest.mark.slow
 
 STEPS_PER_EPOCH = 3  # (13 pairs // 2 workers) // batch 2
 
 TINY_PIX2PIX = {
-    "image_size": 32,
-    "load_size": 36,
     "method": {
         "name": "pix2pix",
         "generator": {"ngf": 8, "max_multiplier": 2, "norm": "instance"},
@@ -47,8 +44,6 @@ TINY_PIX2PIX = {
     },
 }
 TINY_ATME = {
-    "image_size": 32,
-    "load_size": 36,
     "method": {
         "name": "atme",
         "generator": {"width": 8, "channel_multipliers": [1, 2], "attention_levels": [], "blocks_per_level": 1,
@@ -97,9 +92,9 @@ def train_params(storage: Path, **overrides) -> dict:
 
 
 def write_stage_params(folder: Path, write_params, model: dict, train: dict) -> Path:
-    write_params(folder)
-    (folder / "model.yaml").write_text(yaml.safe_dump(model))
-    (folder / "train.yaml").write_text(yaml.safe_dump(train))
+    write_params(folder)  # 32 px, load size 36
+    write_shipped(folder, "model", **model)
+    write_shipped(folder, "train", **train)
     return folder
 
 
@@ -112,8 +107,8 @@ def job_for(data: Path, model: dict, train: dict, tracking_uri: str | None = Non
             step_hook=None) -> TrainingJob:
     manifest = load_manifest(data)
     return TrainingJob(
-        model=ModelParams.model_validate(model), train=TrainParams.model_validate(train),
-        loader=LoaderParams(load_size=36, crop_size=32, num_threads=1), data_dir=str(data),
+        model=shipped("model", image_size=32, load_size=36, **model), train=shipped("train", **train),
+        loader=shipped("data", loader={"load_scale": 1.125, "num_threads": 1}).loader, data_location=str(data),
         data_checksum=manifest.checksum, dataset_size=manifest.split("train").count,
         tracking_uri=tracking_uri, mlflow_run_id=run_id, step_hook=step_hook,
     )
@@ -188,8 +183,10 @@ def test_two_workers_train_atme_with_ddp_checkpoints_in_s3_export_and_mlflow(
 
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
 
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["status"] == "finished" and report["epochs"] == 2 and report["steps"] == 2 * STEPS_PER_EPOCH
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.status == "finished" and report.metrics["epoch"] == 2 and report.steps == 2 * STEPS_PER_EPOCH
+    with open(tmp_path / "out/train_curves.csv", newline="") as curves:
+        assert [row["epoch"] for row in csv.DictReader(curves)] == ["1", "2"]  # every epoch, from the MLflow run
     translator = load_translator(tmp_path / "out/generator.pt")
     assert translator.method == "atme"
     with torch.no_grad():
@@ -257,7 +254,7 @@ def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
     hook = functools.partial(crash_job, at_step=2 * STEPS_PER_EPOCH + 1, after_checkpoint=2,
                              storage=str(storage), name="tiny")
     with pytest.raises(TrainingFailedError):
-        run_training(job_for(prepared_builtin, TINY_PIX2PIX, train, step_hook=hook), TrainParams.model_validate(train).run,
+        run_training(job_for(prepared_builtin, TINY_PIX2PIX, train, step_hook=hook), shipped("train", **train).run,
                      str(storage))
     stopped = latest_state(storage, "tiny")[0]
     assert stopped["epoch"] == 2
@@ -277,17 +274,17 @@ def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
     # The stage again with the job's own params: continues after epoch 2 instead of starting over.
     write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train)
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["epochs"] == 4 and report["steps"] == 4 * STEPS_PER_EPOCH
-    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [3, 4]
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.metrics["epoch"] == 4 and report.steps == 4 * STEPS_PER_EPOCH
+    assert epochs_logged(tracking_uri, report.mlflow_run_id) == [3, 4]
 
     # That job has finished: another seed is a new job (`dvc repro` after a params change),
     # trained from scratch rather than refused or answered with the old model.
     write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, {**train, "seed": 7})
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["steps"] == 4 * STEPS_PER_EPOCH
-    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [1, 2, 3, 4]
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.steps == 4 * STEPS_PER_EPOCH
+    assert epochs_logged(tracking_uri, report.mlflow_run_id) == [1, 2, 3, 4]
 
 
 def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(
@@ -307,10 +304,10 @@ def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(
     assert "diverged" in output.err and "discriminator loss" in output.err
     assert "RETRY" not in output.out + output.err  # Ray's failure policy never saw an error
     assert not (tmp_path / "out/generator.pt").exists()
-    report = json.loads((tmp_path / "out/train.json").read_text())
-    assert report["status"] == "diverged" and report["steps"] == 1
+    report = read_train_report(tmp_path / "out/train.json")
+    assert report.status == "diverged" and report.steps == 1
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.get_run(report["mlflow_run_id"])
+    run = client.get_run(report.mlflow_run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags[TAG_DIVERGED] == "true" and run.data.tags[TAG_OUTCOME] == "diverged"
 
@@ -331,8 +328,37 @@ def test_unreachable_tracking_server_stops_before_any_training(tmp_path, monkeyp
     assert not storage.exists() and not (tmp_path / "out").exists()
 
 
-def test_model_and_loader_sizes_must_agree(tmp_path, write_params, prepared_builtin, capsys):
-    params = write_stage_params(tmp_path / "params", write_params, {**TINY_PIX2PIX, "image_size": 16},
+def test_the_image_size_is_data_yamls_and_must_be_the_prepared_one(tmp_path, write_params, prepared_builtin, capsys):
+    # model.yaml has no size: one there is refused, naming the file that sets it.
+    params = write_stage_params(tmp_path / "params", write_params, {**TINY_PIX2PIX, "image_size": 32},
                                 train_params(tmp_path / "checkpoints"))
     assert cli_train(params, prepared_builtin, tmp_path / "out") == 2
-    assert "model.yaml: image_size: 16 differs from loader.crop_size = 32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.yaml: image_size: the image size is set once, in" in err and "data.yaml" in err
+    # data.yaml at 64 px, the data prepared at 32: nothing trains at a size the data is not.
+    write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train_params(tmp_path / "checkpoints"))
+    write_params(tmp_path / "params", image_size=64)
+    assert cli_train(params, prepared_builtin, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "data.yaml: image_size: is 64, but" in err and "prepared at 32 px" in err and "pairgan prepare" in err
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "out").exists()
+
+
+def test_lowering_epochs_of_a_finished_run_trains_a_new_shorter_model(
+    ray_local, tmp_path, monkeypatch, write_params, prepared_builtin
+):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    storage, out = tmp_path / "checkpoints", tmp_path / "out"
+    params = write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train_params(storage, epochs=2))
+    assert cli_train(params, prepared_builtin, out) == 0
+
+    # epochs lowered (`dvc exp run -S params/train.yaml:epochs=1`): the 2-epoch model is not a
+    # 1-epoch one; a new model is trained from scratch, and every record says 1 epoch.
+    write_shipped(params, "train", **train_params(storage, epochs=1))
+    assert cli_train(params, prepared_builtin, out) == 0
+    report = json.loads((out / "train.json").read_text())
+    generator_epoch = torch.load(out / "generator.pt", weights_only=True)["metadata"]["epoch"]
+    assert (report["epochs"], report["steps"], generator_epoch) == (1, STEPS_PER_EPOCH, 1)
+    assert epochs_logged(tracking_uri, report["mlflow_run_id"]) == [1]
+    # (Raising epochs continues a finished run: test_resume_decisions.py, without Ray.)

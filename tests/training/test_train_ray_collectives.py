@@ -2,30 +2,24 @@
 
 - the divergence verdict is the same on every rank even when only one rank saw the NaN
   (a rank stopping alone would leave the other waiting in DDP's all-reduce);
-- ATME's memory gathered for a checkpoint takes each entry from the rank that wrote it.
+- ATME's memory gathered for a checkpoint (the method's state hook) takes each entry from the
+  rank that wrote it.
 """
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from components.config.train import HealthParams
-from components.training.checkpoints import gathered_memory
-from components.training.collectives import AgreeingDetector
+from components.methods.atme import ATMEMemory
+from components.training.collectives import AgreeingDetector, all_reduce_sum
 from components.training.health import TrainingDiverged
-
-
-class _Memory:
-    """The two fields of ATMEMemory the gather reads."""
-
-    def __init__(self, maps: torch.Tensor, owned: torch.Tensor):
-        self.maps, self.owned = maps, owned
+from support.params import shipped
 
 
 def _worker(rank: int, init_file: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        detector = AgreeingDetector(HealthParams(check_interval=1), torch.device("cpu"))
+        detector = AgreeingDetector(shipped("train", health={"check_interval": 1}).health, torch.device("cpu"))
         loss = torch.tensor(float("nan") if rank == 1 else 0.7)
         detector.observe({"loss/D": loss})
         try:
@@ -36,13 +30,13 @@ def _worker(rank: int, init_file: str, results) -> None:
 
         # 4 samples: since the resume rank 0 wrote samples 0 and 1, rank 1 sample 2; nobody
         # wrote sample 3, which both ranks hold as loaded from the checkpoint.
-        maps = torch.full((4, 2, 2), 0.5 + rank)  # what each rank held before writing
-        owned = torch.zeros(4, dtype=torch.bool)
-        mine = [0, 1] if rank == 0 else [2]
-        for index in mine:
-            maps[index] = -(10 * rank + index)  # D's logits as this rank wrote them
-            owned[index] = True
-        gathered = gathered_memory(_Memory(maps, owned), written_before=torch.tensor([False, False, False, True]))
+        memory = ATMEMemory(dataset_size=4, map_size=2, patch_stride=8, crop_margin=0, device=torch.device("cpu"))
+        memory.load_state_dict({"maps": torch.full((4, 2, 2), 0.5 + rank),  # what each rank held before writing
+                                "owned": torch.tensor([False, False, False, True])})
+        mine = torch.tensor([0, 1] if rank == 0 else [2])
+        logits = -(10 * rank + mine).float()[:, None, None, None].expand(-1, 1, 2, 2)  # D's logits as this rank wrote them
+        memory.write(mine, torch.zeros(len(mine), dtype=torch.bool), torch.zeros(len(mine), 2, dtype=torch.long), logits)
+        gathered = memory.state_dict(gather=all_reduce_sum)
         results[rank] = (verdict, gathered["maps"].clone(), gathered["owned"].clone())
     finally:
         dist.destroy_process_group()

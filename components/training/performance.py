@@ -1,0 +1,167 @@
+"""The speed and memory switches of params/train.yaml `performance:`, resolved and applied to networks.
+
+`resolve_switches` turns the params (true, false or auto) into what runs on this device;
+`apply_switches` applies them to one network before the caller wraps it (DDP):
+
+- channels_last: NHWC weights (the batch is converted by the loop), what cuDNN's bf16
+  convolutions prefer.
+- sdpa: the DDPM U-Net's full attention through F.scaled_dot_product_attention (off: the
+  same attention written out).
+- compile: regional torch.compile. A network made of repeated blocks (the DDPM U-Net's
+  ResBlocks and attention blocks, the pix2pix U-Net's UNetBlocks) has each block compiled
+  in place, not the whole network: blocks of one class share their compiled code
+  (after a second size, one dynamic-shape graph serves every resolution), so compiling takes
+  seconds, and Inductor fuses each block's norm, activation, FiLM and residual into a few
+  kernels. ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not
+  compiled: the R1 penalty (the D-reg phase) differentiates twice through D, which compiled
+  code does not support. A block that fails to compile runs eagerly, with dynamo's warning.
+- cuda_graphs: the compiled regions run as CUDA graphs (torch.compile's "reduce-overhead"
+  mode, CUDA graph trees), which removes the kernel-launch cost. The whole training step is
+  not captured as one graph: it re-seeds the RNG from the host every step, sets gradients to
+  None, reads ATME's memory with data-dependent indices and synchronises with the host for
+  the divergence check, none of which a static graph replays.
+- activation_checkpointing: the repeated blocks keep only their inputs for the backward pass
+  and recompute the rest (torch.utils.checkpoint, non-reentrant): less memory for about
+  one more forward pass of those blocks.
+
+Compiling and checkpointing happen in place (`module.compile()` and a bound `forward`), so
+state_dict keys, `unwrap`, DDP and deep copies (DDGAN's EMA) see the plain network.
+"""
+
+import logging
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from components.config.train import PerformanceParams
+from components.networks.atme_w import ATMEW
+from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
+from components.networks.pix2pix import UNetBlock, UNetGenerator
+
+logger = logging.getLogger(__name__)
+
+# What `auto` turns on with a CUDA device (on the CPU `auto` is off, except sdpa). Set from
+# the GPU check's on/off measurements (bench/gpu_check.py, docs/benchmarks.md): a switch is on
+# by default only where it was measured to win on every method.
+AUTO_CUDA_AUTOCAST_BF16 = True
+AUTO_CUDA_CHANNELS_LAST = False
+AUTO_CUDA_FUSED_ADAM = True
+AUTO_CUDA_COMPILE = False
+AUTO_CUDA_CUDA_GRAPHS = False
+AUTO_CUDA_ACTIVATION_CHECKPOINTING = False
+AUTO_SDPA = True
+
+# Distinct graphs dynamo may keep per code object. Every compiled block shares
+# nn.Module._call_impl, so the default (8) would be reached by the block classes and sizes of
+# one U-Net, after which blocks silently run eagerly.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class Switches:
+    """What runs on this device, every `auto` resolved."""
+
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    fused_adam: bool
+    tf32: bool
+    compile: bool
+    cuda_graphs: bool
+    sdpa: bool
+    activation_checkpointing: bool
+
+    def summary(self) -> dict[str, bool | str]:
+        """Plain values for logs and reports."""
+        return {
+            "autocast": "bf16" if self.autocast_dtype == torch.bfloat16 else "none",
+            "channels_last": self.channels_last,
+            "fused_adam": self.fused_adam,
+            "tf32": self.tf32,
+            "compile": self.compile,
+            "cuda_graphs": self.cuda_graphs,
+            "sdpa": self.sdpa,
+            "activation_checkpointing": self.activation_checkpointing,
+        }
+
+
+def _resolve(value: bool | str, auto: bool) -> bool:
+    return auto if value == "auto" else bool(value)
+
+
+def resolve_switches(params: PerformanceParams, device: torch.device) -> Switches:
+    cuda = torch.device(device).type == "cuda"
+    if params.cuda_graphs is True and not cuda:
+        logger.warning("performance.cuda_graphs is true but training runs on %s: CUDA graphs need a CUDA device, off", device)
+    bf16 = params.autocast == "bf16" or (params.autocast == "auto" and cuda and AUTO_CUDA_AUTOCAST_BF16)
+    compile_ = _resolve(params.compile, cuda and AUTO_CUDA_COMPILE)
+    switches = Switches(
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        channels_last=_resolve(params.channels_last, cuda and AUTO_CUDA_CHANNELS_LAST),
+        fused_adam=_resolve(params.fused_adam, cuda and AUTO_CUDA_FUSED_ADAM),
+        tf32=cuda and params.tf32,
+        compile=compile_,
+        # CUDA graphs are a mode of the compiled regions: without compile there is nothing to capture.
+        cuda_graphs=cuda and compile_ and _resolve(params.cuda_graphs, AUTO_CUDA_CUDA_GRAPHS),
+        sdpa=_resolve(params.sdpa, AUTO_SDPA),
+        activation_checkpointing=_resolve(params.activation_checkpointing, cuda and AUTO_CUDA_ACTIVATION_CHECKPOINTING),
+    )
+    logger.info("performance switches on %s: %s", device, ", ".join(f"{k}={v}" for k, v in switches.summary().items()))
+    return switches
+
+
+def configure_backends(switches: Switches) -> None:
+    """Process-wide settings the switches need (TF32 matmuls and convolutions, dynamo's limits)."""
+    if switches.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if switches.compile:
+        torch._dynamo.config.suppress_errors = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+
+def repeated_blocks(network: nn.Module) -> list[nn.Module]:
+    """The blocks a network repeats (the units of regional compile and of checkpointing); none
+    for networks without a repeated structure."""
+    if isinstance(network, DDPMUNet):
+        return [module for module in network.modules() if isinstance(module, ResBlock | LinearAttention | FullAttention)]
+    if isinstance(network, UNetGenerator):
+        return [module for module in network.modules() if isinstance(module, UNetBlock)]
+    return []
+
+
+def compile_regions(network: nn.Module) -> list[nn.Module]:
+    """What `compile` compiles in a network (see the module doc for why PatchGAN is left out)."""
+    if isinstance(network, ATMEW):
+        return [network]
+    return repeated_blocks(network)
+
+
+def _checkpointed_forward(block: nn.Module, *inputs: torch.Tensor | None) -> torch.Tensor:
+    forward = type(block).forward
+    if not torch.is_grad_enabled():
+        return forward(block, *inputs)  # sampling: nothing to save, nothing to recompute
+    return checkpoint(forward, block, *inputs, use_reentrant=False)
+
+
+def apply_switches(network: nn.Module, switches: Switches) -> nn.Module:
+    """Memory format, attention kernel, checkpointing and regional compile, in place; returns `network`.
+
+    Call after moving the network to its device and before wrapping it in DDP.
+    """
+    if switches.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    for module in network.modules():
+        if isinstance(module, FullAttention):
+            module.use_sdpa = switches.sdpa
+    if switches.activation_checkpointing:
+        for block in repeated_blocks(network):
+            # bound to the block, so a deep copy (an EMA of G) rebinds it to the copy
+            block.forward = types.MethodType(_checkpointed_forward, block)
+    if switches.compile:
+        mode = "reduce-overhead" if switches.cuda_graphs else None
+        for region in compile_regions(network):
+            region.compile(mode=mode)
+    return network

@@ -1,0 +1,54 @@
+"""Ray Train's run folder (storage_path/run.name): what a killed training leaves in it.
+
+Ray Train keeps the list of a run's checkpoints in `checkpoint_manager_snapshot.json` in the
+run folder; a resumed run continues from the latest checkpoint listed there and deletes the
+ones beyond `num_to_keep` as it reports new ones. A training killed while a checkpoint was
+being written, or between Ray's update of that list and its deletion of the old checkpoints,
+leaves `checkpoint_*` folders the list does not name: no run ever reads or deletes them again.
+"""
+
+import json
+import logging
+
+import pyarrow.fs
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+_CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _listed_checkpoints(snapshot: dict) -> set[str]:
+    results = [*snapshot["checkpoint_results"], *snapshot.get("pending_training_results", [])]
+    if snapshot.get("latest_checkpoint_result"):
+        results.append(snapshot["latest_checkpoint_result"])
+    return {result["checkpoint_dir_name"] for result in results}
+
+
+def remove_unlisted_checkpoints(storage_path: str, run_name: str) -> list[str]:
+    """Delete the `checkpoint_*` folders of storage_path/run_name that Ray's checkpoint list does
+    not name; returns their names. storage_path: an absolute local folder or s3://bucket/prefix.
+
+    Nothing is deleted unless the list exists and reads as expected: without it, Ray starts the
+    run afresh and these folders are the only trace of the killed run, so they stay for a person
+    to look at.
+    """
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    folder = f"{root.rstrip('/')}/{run_name}"
+    try:
+        with filesystem.open_input_stream(f"{folder}/{SNAPSHOT_FILE}") as stream:
+            listed = _listed_checkpoints(json.loads(stream.read()))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("left the checkpoints in %s/%s as they are: cannot read Ray's %s (%s)",
+                       storage_path, run_name, SNAPSHOT_FILE, error)
+        return []
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    removed = []
+    for entry in entries:
+        if (entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(_CHECKPOINT_PREFIX)
+                and entry.base_name not in listed):
+            filesystem.delete_dir(entry.path)
+            removed.append(entry.base_name)
+    return sorted(removed)

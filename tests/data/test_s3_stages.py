@@ -1,0 +1,178 @@
+"""The stages on a data set that lives only on S3, and a damaged shard in training: one clear error, no retry.
+
+One local Ray instance serves the module; its workers reach the moto S3 server through
+AWS_ENDPOINT_URL, the way they would reach MinIO.
+"""
+
+import functools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from components.config.model import ModelParams
+from components.config.train import TrainParams
+from components.data.integrity import DataError, read_tar_samples
+from components.data.manifest import load_manifest
+from components.training.driver import run_training
+from components.training.job import TrainingJob
+from pipelines.cli import main as pairgan
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL = {
+    "method": {"name": "pix2pix", "generator": {"ngf": 8, "max_multiplier": 2, "norm": "instance"},
+               "discriminator": {"ndf": 8, "n_layers": 2, "norm": "instance"}},
+}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def shipped(name: str, overrides: dict) -> dict:
+    return merged(yaml.safe_load((REPO / "params" / name).read_text()), overrides)
+
+
+def loader_params():
+    from components.config.data import DataParams
+
+    return DataParams.model_validate(
+        shipped("data.yaml", {"source": {"kind": "builtin", "path": None},
+                              "loader": {"backend": "torch", "load_scale": 1.125, "num_threads": 1}})
+    ).loader
+
+
+def write_project_params(folder: Path, workers: int, checkpoints: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "data.yaml": shipped("data.yaml", {
+            "source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 8, "val_pairs": 0, "test_pairs": 3}},
+            "image_size": 32, "shard_max_count": 3,
+            "loader": {"load_scale": 1.125, "num_threads": 1}}),
+        "model.yaml": shipped("model.yaml", TINY_MODEL),
+        "train.yaml": shipped("train.yaml", {
+            "epochs": 1, "batch_size": 2,
+            "run": {"name": "s3-data", "storage_path": str(checkpoints), "max_failures": 2,
+                    "scaling": {"num_workers": workers, "use_gpu": False},
+                    "tracking": {"experiment": "tests", "sample_grid_every_epochs": 0, "sample_grid_pairs": 2,
+                                 "system_metrics": False}}}),
+        "evaluate.yaml": shipped("evaluate.yaml", {"latency": {"warmup": 0, "repeats": 1},
+                                                   "guidance_sweep": {"weights": [0.0]}}),
+        "register.yaml": shipped("register.yaml", {}),
+    }
+    for name, content in files.items():
+        (folder / name).write_text(yaml.safe_dump(content))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3_endpoint):
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the step hook below
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}})
+    yield
+    ray.shutdown()
+
+
+def test_prepare_train_evaluate_register_from_s3_only(ray_with_s3, s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="stages")
+    params = write_project_params(tmp_path / "params", workers=1, checkpoints=tmp_path / "checkpoints")
+    data = "s3://stages/prepared"
+    common = ["--params-dir", str(params), "--data", data, "--model", "models/generator.pt",
+              "--train-report", "reports/train.json"]
+
+    assert pairgan(["prepare", "--params-dir", str(params), "--out", data, "--no-progress"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["params", "reports"]  # nothing of the data set on this disk
+    manifest = load_manifest(data)
+
+    assert pairgan(["train", "--params-dir", str(params), "--data", data, "--model-out", "models/generator.pt",
+                    "--report", "reports/train.json"]) == 0
+    assert json.loads(Path("reports/train.json").read_text())["data_checksum"] == manifest.checksum
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "pairgan/shards/shards"
+    assert {s.sha256 for s in manifest.split("train").shards} <= {p.stem for p in cache.glob("*.tar")}
+
+    assert pairgan(["evaluate", *common, "--out", "reports/evaluate"]) == 0
+    metrics = json.loads(Path("reports/evaluate/metrics.json").read_text())
+    assert metrics["samples"] == 3 and metrics["data_manifest_checksum"] == manifest.checksum
+
+    assert pairgan(["register", *common, "--evaluation", "reports/evaluate", "--out", "reports/register.json"]) == 0
+    assert json.loads(Path("reports/register.json").read_text())["decision"] == "first_champion"
+
+
+def damage_jpeg(shard: Path, sample: int, keep_mtime: bool = False) -> None:
+    """Overwrite the start of a sample's source JPEG (its header): a decoder refuses it."""
+    jpeg = next(m for m in read_tar_samples(shard)[sample].members if m.suffix == "src.jpg")
+    stat = shard.stat()
+    with open(shard, "r+b") as handle:
+        handle.seek(jpeg.offset)
+        handle.write(b"\0" * 64)
+    if keep_mtime:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_damaged_shard_fails_training_once_with_shard_and_sample(
+    ray_with_s3, tmp_path, monkeypatch, prepared_builtin, capfd
+):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    data = shutil.copytree(prepared_builtin, tmp_path / "data")
+    damage_jpeg(data / "train/train-000002.tar", 1)  # sample 11: rank 1's share only (13 pairs, 2 workers)
+    params = write_project_params(tmp_path / "params", workers=2, checkpoints=tmp_path / "checkpoints")
+
+    assert pairgan(["train", "--params-dir", str(params), "--data", str(data), "--model-out",
+                    str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")]) == 1
+
+    output = capfd.readouterr()
+    assert (f"pairgan train: data error: {data / 'train/train-000002.tar'}, sample train/train-000011 (index 11): "
+            "JPEG train-000011.src.jpg does not decode") in output.err
+    printed = output.out + output.err
+    # one worker group, no restart (Ray's own log lines say so), and no traceback of the project's code
+    assert printed.count("Started training worker group") == 1 and "RETRY" not in printed
+    assert "components/" not in printed
+    (run,) = MlflowClient(tracking_uri=tracking_uri).search_runs(
+        [MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not (tmp_path / "generator.pt").exists()
+
+
+def damage_after_first_step(rank: int, step: int, *, shard: str) -> None:
+    if rank == 0 and step == 1:
+        damage_jpeg(Path(shard), 0, keep_mtime=True)  # read again in epoch 2
+
+
+def test_damage_met_mid_training_is_reported_not_retried(ray_with_s3, tmp_path, prepared_builtin):
+    data = shutil.copytree(prepared_builtin, tmp_path / "data")
+    manifest = load_manifest(data)
+    train = TrainParams.model_validate(shipped("train.yaml", {
+        "epochs": 2, "batch_size": 2,
+        "run": {"name": "mid", "storage_path": str(tmp_path / "checkpoints"), "max_failures": 2,
+                "scaling": {"num_workers": 1, "use_gpu": False},
+                "checkpoint": {"every_epochs": 5}}}))
+    job = TrainingJob(
+        model=ModelParams.model_validate(shipped("model.yaml", TINY_MODEL)),
+        train=train, loader=loader_params(), data_location=str(data), data_checksum=manifest.checksum,
+        dataset_size=manifest.split("train").count,
+        step_hook=functools.partial(damage_after_first_step, shard=str(data / "train/train-000000.tar")),
+    )
+    with pytest.raises(DataError, match=r"train-000000.tar, sample train/train-000000 \(index 0\): "):
+        run_training(job, train.run, str(tmp_path / "checkpoints"))
+

@@ -1,0 +1,112 @@
+"""The DDPM U-Net's optimised blocks compute what the straightforward formulations compute (fp32).
+
+The references below are the textbook forms (as in lucidrains' denoising-diffusion U-Net that
+ATME uses): einsum over (batch, heads, dim, positions) tensors, softmax in float32.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from components.networks.ddpm_unet import FullAttention, LinearAttention
+from components.networks.norms import GroupNorm
+from components.networks.pix2pix import UNetBlock, UNetGenerator
+from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    """b (3 h d) x y -> three b h d (x y)"""
+    batch, _, height, width = qkv.shape
+    return tuple(part.reshape(batch, heads, -1, height * width) for part in qkv.chunk(3, dim=1))
+
+
+def reference_linear_attention(block: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+    q, k, v = split_heads(block.qkv(block.norm(x)), block.heads)
+    q = q.softmax(dim=-2) * block.head_dim**-0.5
+    k = k.softmax(dim=-1)
+    context = torch.einsum("bhdn,bhen->bhde", k, v)
+    out = torch.einsum("bhde,bhdn->bhen", context, q)
+    return x + block.out(out.reshape(x.shape[0], -1, *x.shape[2:]))
+
+
+def reference_full_attention(block: FullAttention, x: torch.Tensor) -> torch.Tensor:
+    q, k, v = split_heads(block.qkv(block.norm(x)), block.heads)
+    weights = (torch.einsum("bhdi,bhdj->bhij", q, k) * block.head_dim**-0.5).softmax(dim=-1)
+    out = torch.einsum("bhij,bhdj->bhid", weights, v)
+    return x + block.out(out.transpose(2, 3).reshape(x.shape[0], -1, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_attention_equals_the_einsum_formulation(channels_last):
+    torch.manual_seed(0)
+    block = LinearAttention(16, heads=2, head_dim=8, groups=4)
+    x = torch.randn(2, 16, 12, 10)
+    expected = reference_linear_attention(block, x)
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_full_attention_equals_the_einsum_formulation_with_and_without_sdpa(use_sdpa):
+    torch.manual_seed(0)
+    block = FullAttention(16, heads=2, head_dim=8, groups=4)
+    block.use_sdpa = use_sdpa
+    x = torch.randn(2, 16, 6, 5)
+    assert torch.allclose(block(x), reference_full_attention(block, x), atol=1e-5)
+
+
+def test_group_norm_is_nn_group_norm_in_float32_and_keeps_bf16_activations_bf16():
+    torch.manual_seed(0)
+    ours, plain = GroupNorm(4, 16), nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 8, 8) * 0.01 + 3.0
+    assert torch.equal(ours(x), plain(x))
+    low = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(low)
+    # float32 statistics (CUDA's autocast would return this in float32), the input's dtype out
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.group_norm(low.float(), 4, ours.weight, ours.bias, ours.eps).bfloat16())
+
+
+def test_a_pix2pix_generator_saved_with_plain_sequential_levels_loads():
+    # checkpoints written before the levels became UNetBlocks (plain nn.Sequential) still load
+    torch.manual_seed(0)
+    generator = UNetGenerator(3, 3, 32, ngf=4)
+    old_style = UNetGenerator(3, 3, 32, ngf=4)
+    for levels in (old_style.downs, old_style.ups):
+        for number, level in enumerate(levels):
+            if isinstance(level, UNetBlock):
+                levels[number] = nn.Sequential(*level)
+    assert not any(isinstance(module, UNetBlock) for module in old_style.modules())
+    generator.load_state_dict(old_style.state_dict())
+    generator.eval(), old_style.eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(generator(x), old_style(x))
+
+
+@pytest.mark.cuda
+def test_linear_attention_under_cuda_bf16_stores_q_and_k_in_bf16():
+    # CUDA's autocast runs softmax in float32 and returns float32: at full resolution the
+    # backward pass would keep float32 copies of q and k. (The CPU's autocast keeps bf16.)
+    block = LinearAttention(16, heads=2, head_dim=8, groups=4).cuda()
+    x = torch.randn(2, 16, 32, 32, device="cuda").bfloat16().requires_grad_(True)
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append((tensor.dtype, tensor.numel()))
+        return tensor
+
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    full_resolution = 2 * 32 * 32 * 2 * 8  # batch x positions x heads x dim
+    large_float32 = [numel for dtype, numel in saved if dtype == torch.float32 and numel >= full_resolution]
+    # only the group norms' float32 inputs (their statistics) are float32 at this size
+    assert len(large_float32) <= 2, large_float32

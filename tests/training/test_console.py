@@ -1,0 +1,164 @@
+"""What a person reads while `pairgan train` runs: one line per epoch, progress in long epochs, no noise."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.console import EPOCH_LINE_FIELDS, EpochField, StepProgress, epoch_line, format_duration
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def shipped_params(name: str, overrides: dict) -> dict:
+    return deep_merge(yaml.safe_load((PROJECT / "params" / name).read_text()), overrides)
+
+
+# --- the epoch line and the progress lines -------------------------------------------
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0.4, "0:00"), (12.3, "0:12"), (754, "12:34"), (3723, "1:02:03"),
+                                                (float("inf"), "?"), (float("nan"), "?")])
+def test_durations_read_as_clock_times(seconds, shown):
+    assert format_duration(seconds) == shown
+
+
+def test_epoch_line_shows_rate_eta_and_each_named_field_it_has():
+    metrics = {"loss/G": 12.5, "loss/D": 0.5, "health/D_entropy": 0.69, "val/psnr": 21.234}
+    fields = [*EPOCH_LINE_FIELDS, EpochField("val PSNR", "val/psnr", ".2f")]
+    line = epoch_line(3, 10, 2.04, 81.55, 15.2, metrics, fields)
+    assert line == ("epoch 3/10 | 2.0 s | 81.5 images/s | ETA 0:15 | loss G 12.5000 | loss D 0.5000 | "
+                    "D entropy 0.6900 | val PSNR 21.23")
+    assert "nan" not in line and "V gap" not in line  # a statistic the epoch did not produce is left out
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_off_a_terminal_a_long_epoch_prints_step_rate_and_eta_every_interval(caplog):
+    clock = FakeClock()
+    progress = StepProgress(logging.getLogger("test.progress"), interval_s=30, clock=clock)
+    with caplog.at_level("INFO", logger="test.progress"):
+        progress.start("epoch 1/4", total=100)
+        for _ in range(100):
+            clock.now += 1.0  # one step a second: 100 s for the epoch
+            progress.advance()
+        progress.close()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "epoch 1/4: step 30/100, 1.00 steps/s, ETA 1:10",
+        "epoch 1/4: step 60/100, 1.00 steps/s, ETA 0:40",
+        "epoch 1/4: step 90/100, 1.00 steps/s, ETA 0:10",
+    ]
+
+
+def test_a_short_epoch_prints_no_progress_line(caplog):
+    clock = FakeClock()
+    progress = StepProgress(logging.getLogger("test.progress"), interval_s=30, clock=clock)
+    with caplog.at_level("INFO", logger="test.progress"):
+        progress.start("epoch 1/4", total=20)
+        for _ in range(20):
+            clock.now += 1.0
+            progress.advance()
+    assert caplog.records == []
+
+
+def test_on_a_terminal_the_steps_go_to_a_bar_that_is_closed_after_the_epoch(caplog):
+    bars = []
+
+    class Bar:
+        def __init__(self, description: str, total: int) -> None:
+            self.description, self.total, self.done, self.closed = description, total, 0, False
+            bars.append(self)
+
+        def update(self, n: int = 1) -> None:
+            self.done += n
+
+        def close(self) -> None:
+            self.closed = True
+
+    clock = FakeClock()
+    progress = StepProgress(logging.getLogger("test.progress"), interval_s=1, bar=Bar, clock=clock)
+    with caplog.at_level("INFO", logger="test.progress"):
+        for epoch in (1, 2):
+            progress.start(f"epoch {epoch}/2", total=5)
+            for _ in range(5):
+                clock.now += 10
+                progress.advance()
+            progress.close()
+    assert [(bar.description, bar.total, bar.done, bar.closed) for bar in bars] == [
+        ("epoch 1/2", 5, 5, True), ("epoch 2/2", 5, 5, True)]
+    assert caplog.records == []  # the bar replaces the periodic lines
+
+
+# --- a real `pairgan train`, its output a pipe as under CI or `dvc repro > log` -------
+
+RAY_INTERNALS = [
+    "TrainingReport(",  # Ray Train's echo of every ray.train.report
+    "Checkpoint successfully created",
+    "Failed to query Ray Train Controller",  # the placement group cleaner, without a dashboard
+    "core_worker.cc",
+    "Started a local Ray instance",
+    "Requesting resources",
+    "Setting up process group",
+    "Wrapping provided model",
+    "mlflow.system_metrics",
+    "Creating initial MLflow database tables",
+    "broadcast_buffers",
+    "(RayTrainWorker pid=",
+]
+
+
+@pytest.mark.slow
+def test_train_output_off_a_terminal_is_one_plain_line_per_epoch(tmp_path, prepared_builtin):
+    params = tmp_path / "params"
+    params.mkdir()
+    tiny = {"image_size": 32, "load_size": 36,
+            "method": {"generator": {"ngf": 8, "max_multiplier": 2}, "discriminator": {"ndf": 8, "n_layers": 2}}}
+    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
+    train = {"epochs": 2, "batch_size": 2,
+             "run": {"storage_path": str(tmp_path / "checkpoints"), "scaling": {"use_gpu": False},
+                     "tracking": {"sample_grid_every_epochs": 0, "system_metrics": True}}}
+    (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
+    data = {"loader": {"load_size": 36, "crop_size": 32, "num_threads": 1}}
+    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_LOGGING_LEVEL", "RAY_DISABLE_WORKER_LOG_PREFIX"):
+        env.pop(name, None)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--params-dir", str(params), "--data", str(prepared_builtin),
+         "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+
+    assert "\x1b[" not in output  # no colour codes in a file or a pipe
+    for internal in RAY_INTERNALS:
+        assert internal not in output, f"{internal!r} reached the console:\n{output}"
+    epoch_lines = [line for line in output.splitlines() if re.search(r"\bepoch \d+/2 \|", line)]
+    assert len(epoch_lines) == 2, output
+    for number, line in enumerate(epoch_lines, start=1):
+        assert re.search(rf"epoch {number}/2 \| [\d.]+ s \| [\d.]+ images/s \| ETA \d+:\d\d \| loss G ", line), line
+    # What is left is ours: the MLflow run, the Ray job, the epochs and the result.
+    assert re.search(r"MLflow: sqlite:.*, experiment 'pairgan', run 'pix2pix [0-9a-f]{8} #1'", output), output
+    assert "trained 2 epochs" in output

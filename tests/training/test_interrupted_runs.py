@@ -1,0 +1,293 @@
+"""A training killed without warning (SIGKILL, a lost machine): the next start closes its MLflow run
+as FAILED and removes the checkpoint folders Ray no longer tracks; runs are named after what they train."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from components.config.model import ModelParams
+from components.tracking import (
+    TAG_DRIVER,
+    TAG_FAILURE,
+    TAG_OUTCOME,
+    TAG_RUN_FOLDER,
+    close_interrupted_runs,
+    job_run_name,
+    method_label,
+    params_hash,
+)
+from components.training.run_folder import SNAPSHOT_FILE, remove_unlisted_checkpoints
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def shipped_params(name: str, overrides: dict) -> dict:
+    return deep_merge(yaml.safe_load((PROJECT / "params" / name).read_text()), overrides)
+
+
+@pytest.fixture
+def tracking(tmp_path) -> tuple[str, MlflowClient, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    return uri, client, client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
+
+
+def running_run(client: MlflowClient, experiment_id: str, folder: str, driver: str, name: str = "r") -> str:
+    return client.create_run(experiment_id, run_name=name, tags={TAG_RUN_FOLDER: folder, TAG_DRIVER: driver}).info.run_id
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# --- run names ------------------------------------------------------------------------
+
+
+def test_run_names_say_the_method_and_count_the_runs_of_one_experiment(tracking):
+    uri, client, experiment_id = tracking
+    assert job_run_name(uri, "pairgan", "pix2pix 0a1b2c3d") == "pix2pix 0a1b2c3d #1"
+    client.create_run(experiment_id, run_name="pix2pix 0a1b2c3d #1")
+    client.create_run(experiment_id, run_name="atme-dg fussy-bran #1")
+    assert job_run_name(uri, "pairgan", "pix2pix 0a1b2c3d") == "pix2pix 0a1b2c3d #2"
+    assert job_run_name(uri, "pairgan", "atme-dg fussy-bran") == "atme-dg fussy-bran #2"
+    assert job_run_name(uri, "pairgan", "pix2pix ffffffff") == "pix2pix ffffffff #1"
+    assert job_run_name(uri, "new-experiment", "pix2pix 0a1b2c3d") == "pix2pix 0a1b2c3d #1"
+
+
+def test_method_label_names_diffusion_gan_and_the_params_hash_follows_the_params():
+    diffusion_gan = {"t_min": 5, "t_max": 500, "beta_start": 1.0e-4, "beta_end": 2.0e-2, "sigma": 0.05,
+                     "t_distribution": "priority", "update_interval": 4, "ada_kimg": 100, "d_target": 0.6}
+    sizes = {"image_size": 32, "load_size": 36}
+    plain = shipped_params("model.yaml", {})
+    assert method_label(ModelParams.model_validate({**plain, **sizes})) == "pix2pix"
+    with_dg = shipped_params("model.yaml", {"method": {"diffusion_gan": diffusion_gan}})
+    assert method_label(ModelParams.model_validate({**with_dg, **sizes})) == "pix2pix-dg"
+    assert params_hash(plain) == params_hash(shipped_params("model.yaml", {}))
+    assert params_hash(plain) != params_hash(with_dg)
+    assert len(params_hash(plain)) == 8
+
+
+# --- closing runs a killed training left RUNNING --------------------------------------
+
+
+def test_a_run_whose_training_process_is_gone_is_closed_as_failed_with_the_reason(tracking):
+    uri, client, experiment_id = tracking
+    host = socket.gethostname()
+    killed = running_run(client, experiment_id, "/store/job", f"{host}:{dead_pid()}")
+    elsewhere = running_run(client, experiment_id, "/store/job", "other-host:4242")
+    other_folder = running_run(client, experiment_id, "/store/other-job", f"{host}:{dead_pid()}")
+    finished = running_run(client, experiment_id, "/store/job", f"{host}:{dead_pid()}")
+    client.set_terminated(finished, status="FINISHED")
+
+    unfinished = close_interrupted_runs(uri, "pairgan", "/store/job", "run 'pix2pix 0a1b2c3d #3'")
+
+    assert sorted(unfinished.closed) == sorted([killed, elsewhere]) and unfinished.live == []
+    for run_id in (killed, elsewhere):
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and run.info.end_time is not None
+        assert run.data.tags[TAG_OUTCOME] == "failed"
+        assert "interrupted" in run.data.tags[TAG_FAILURE] and "pix2pix 0a1b2c3d #3" in run.data.tags[TAG_FAILURE]
+    assert client.get_run(other_folder).info.status == "RUNNING"  # another job's folder: not ours to close
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert close_interrupted_runs(uri, "missing-experiment", "/store/job", "x").closed == []
+
+
+def test_a_run_whose_training_process_still_runs_here_is_left_alone(tracking):
+    uri, client, experiment_id = tracking
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        running = running_run(client, experiment_id, "/store/job", f"{host}:{live.pid}")
+        time.sleep(1.5)
+        # A process that started after the run did is a reused pid, not the run's training.
+        reused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            stale = client.create_run(experiment_id, run_name="r", start_time=int((time.time() - 10) * 1000),
+                                      tags={TAG_RUN_FOLDER: "/store/job", TAG_DRIVER: f"{host}:{reused.pid}"}).info.run_id
+            unfinished = close_interrupted_runs(uri, "pairgan", "/store/job", "run 'x'")
+        finally:
+            reused.kill()
+            reused.wait()
+    finally:
+        live.kill()
+        live.wait()
+    assert unfinished.live == [(running, f"{host}:{live.pid}")]
+    assert unfinished.closed == [stale]
+    assert client.get_run(running).info.status == "RUNNING"
+
+
+def test_train_refuses_a_run_folder_another_live_training_is_using(tmp_path, prepared_builtin, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params"
+    params.mkdir()
+    tiny = {"method": {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}}
+    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
+    train = {"run": {"name": "job", "storage_path": str(tmp_path / "checkpoints")}}
+    (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
+    data = {"image_size": 32}
+    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        other = running_run(client, experiment_id, str(tmp_path / "checkpoints" / "job"), f"{socket.gethostname()}:{live.pid}")
+        status = main(["train", "--params-dir", str(params), "--data", str(prepared_builtin),
+                       "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")])
+    finally:
+        live.kill()
+        live.wait()
+    assert status == 1
+    error = capsys.readouterr().err
+    assert f"run folder {tmp_path / 'checkpoints' / 'job'} is being trained right now" in error and str(live.pid) in error
+    assert client.get_run(other).info.status == "RUNNING"
+    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [other]  # no new run
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "train.json").exists()
+
+
+# --- checkpoint folders Ray no longer tracks ------------------------------------------
+
+
+def write_run_folder(folder: Path, listed: list[str], latest: str, orphans: list[str]) -> None:
+    folder.mkdir(parents=True)
+    for name in [*listed, *orphans]:
+        (folder / name).mkdir()
+        (folder / name / "state.pt").write_bytes(b"weights")
+    snapshot = {"ray_version": "2.60.0", "checkpoint_results": [{"checkpoint_dir_name": name, "metrics": {}} for name in listed],
+                "latest_checkpoint_result": {"checkpoint_dir_name": latest, "metrics": {}},
+                "pending_training_results": []}
+    (folder / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+
+
+def test_checkpoints_missing_from_rays_list_are_removed_and_listed_ones_kept(tmp_path):
+    folder = tmp_path / "checkpoints" / "job"
+    listed = ["checkpoint_2026-01-01_00-00-02.000000", "checkpoint_2026-01-01_00-00-03.000000"]
+    orphans = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-04.000000"]
+    write_run_folder(folder, listed, listed[-1], orphans)
+    (folder / "notes").mkdir()
+
+    assert remove_unlisted_checkpoints(str(tmp_path / "checkpoints"), "job") == orphans
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*listed, SNAPSHOT_FILE, "notes"])
+    assert remove_unlisted_checkpoints(str(tmp_path / "checkpoints"), "job") == []
+    assert remove_unlisted_checkpoints(str(tmp_path / "checkpoints"), "never-ran") == []
+
+
+@pytest.mark.parametrize("snapshot", [None, "{not json", '{"checkpoint_results": "?"}'],
+                         ids=["no-list", "unreadable", "unexpected"])
+def test_without_a_readable_list_nothing_is_deleted(tmp_path, caplog, snapshot):
+    folder = tmp_path / "job"
+    write_run_folder(folder, ["checkpoint_a"], "checkpoint_a", ["checkpoint_b"])
+    if snapshot is None:
+        (folder / SNAPSHOT_FILE).unlink()
+    else:
+        (folder / SNAPSHOT_FILE).write_text(snapshot)
+    assert remove_unlisted_checkpoints(str(tmp_path), "job") == []
+    assert {"checkpoint_a", "checkpoint_b"} <= {path.name for path in folder.iterdir()}
+    if snapshot is not None:
+        assert "cannot read Ray's checkpoint_manager_snapshot.json" in caplog.text
+
+
+def test_unlisted_checkpoints_are_removed_from_s3_storage(tmp_path, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # pyarrow's S3 reads it, as Ray's storage does
+    bucket = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket.create_bucket(Bucket="runs")
+    local = tmp_path / "job"
+    write_run_folder(local, ["checkpoint_a"], "checkpoint_a", ["checkpoint_b"])
+    for path in local.rglob("*"):
+        if path.is_file():
+            bucket.put_object(Bucket="runs", Key=f"prefix/job/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+
+    assert remove_unlisted_checkpoints("s3://runs/prefix", "job") == ["checkpoint_b"]
+    # (pyarrow leaves an empty "prefix/job/" marker object where it deleted inside a folder)
+    keys = sorted(item["Key"] for item in bucket.list_objects_v2(Bucket="runs")["Contents"] if not item["Key"].endswith("/"))
+    assert keys == ["prefix/job/checkpoint_a/state.pt", f"prefix/job/{SNAPSHOT_FILE}"]
+
+
+# --- the whole story with a real `pairgan train` and a real SIGKILL --------------------
+
+
+@pytest.mark.slow
+def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(tmp_path, prepared_builtin):
+    storage = tmp_path / "checkpoints"
+    params = tmp_path / "params"
+    params.mkdir()
+    tiny = {"image_size": 32, "load_size": 36,
+            "method": {"generator": {"ngf": 8, "max_multiplier": 2}, "discriminator": {"ndf": 8, "n_layers": 2}}}
+    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
+    data = {"loader": {"load_size": 36, "crop_size": 32, "num_threads": 1}}
+    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+
+    def write_train(epochs: int) -> None:
+        train = {"epochs": epochs, "batch_size": 2,
+                 "run": {"name": "job", "storage_path": str(storage), "scaling": {"use_gpu": False},
+                         "checkpoint": {"every_epochs": 1, "num_to_keep": 2},
+                         "tracking": {"sample_grid_every_epochs": 0, "system_metrics": False}}}
+        (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
+
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--params-dir", str(params), "--data",
+               str(prepared_builtin), "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")]
+
+    # Far more epochs than it will get: killed, with everything it started, once Ray lists a checkpoint.
+    write_train(epochs=1000)
+    log = (tmp_path / "killed.log").open("w")
+    killed = subprocess.Popen([*command[:3], "--verbose", *command[3:]], cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    snapshot = storage / "job" / SNAPSHOT_FILE
+    deadline = time.monotonic() + 300
+    while not (snapshot.exists() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
+        assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    log.close()
+    # --verbose shows what Ray Train says about itself.
+    assert "Setting up process group" in (tmp_path / "killed.log").read_text()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [interrupted] = client.search_runs(client.get_experiment_by_name("pairgan").experiment_id)
+    assert interrupted.info.status == "RUNNING" and interrupted.info.run_name.endswith(" #1")
+    # What a kill during an upload leaves: a checkpoint folder Ray's list does not name.
+    orphan = storage / "job" / "checkpoint_2000-01-01_00-00-00.000000"
+    orphan.mkdir()
+    (orphan / "state.pt").write_bytes(b"half-written")
+
+    # The next start (epochs lowered to 1: the checkpoint is past it, so it finishes at once).
+    write_train(epochs=1)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    closed = client.get_run(interrupted.info.run_id)
+    assert closed.info.status == "FAILED"
+    assert closed.data.tags[TAG_OUTCOME] == "failed" and "interrupted" in closed.data.tags[TAG_FAILURE]
+    assert not orphan.exists()
+    assert f"MLflow run {interrupted.info.run_id} of {storage / 'job'} was left RUNNING" in result.stderr
+    assert "resumed from" in result.stdout + result.stderr
+    [finished] = [run for run in client.search_runs([closed.info.experiment_id]) if run.info.run_id != closed.info.run_id]
+    assert finished.info.status == "FINISHED" and finished.info.run_name.startswith("pix2pix ")
+    assert json.loads((tmp_path / "train.json").read_text())["status"] == "finished"

@@ -1,0 +1,284 @@
+"""The performance switches: what `auto` resolves to, how each switch changes a network, and
+that a switched network computes what the plain one does. The `cuda` tests run on a GPU
+(bench/gpu_check.py): Inductor's compiled blocks, CUDA graphs and bf16 against eager fp32.
+"""
+
+import copy
+import dataclasses
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from components.config.loading import ParamsError, load_params
+from components.config.model import ModelParams
+from components.config.train import PerformanceParams, TrainParams
+from components.networks.atme_w import ATMEW
+from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
+from components.networks.pix2pix import PatchGAN, UNetGenerator
+from components.training import performance
+from components.training.loop import TrainingSession
+from components.training.performance import Switches, apply_switches, compile_regions, resolve_switches
+from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+PLAIN = Switches(autocast_dtype=None, channels_last=False, fused_adam=False, tf32=False, compile=False,
+                 cuda_graphs=False, sdpa=True, activation_checkpointing=False)
+
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "params" / name).read_text())
+
+
+LOSS = {"gan_loss": "vanilla", "label_smoothing": 0.0, "lambda_l1": 100.0, "r1_gamma": 0.0, "r1_interval": 16}
+SMALL_UNET = {"width": 16, "channel_multipliers": [1, 2, 2], "attention_levels": [0, 1, 2], "blocks_per_level": 1,
+              "groups": 4, "attention_heads": 2, "attention_head_dim": 8, "dropout": 0.0}
+SMALL_METHODS = {
+    "pix2pix": {**shipped("model.yaml")["method"], "generator": {**shipped("model.yaml")["method"]["generator"], "ngf": 16},
+                "discriminator": {"ndf": 16, "n_layers": 3, "norm": "batch"}},
+    "atme": {"name": "atme", "generator": SMALL_UNET, "discriminator": {"ndf": 16, "n_layers": 3, "norm": "batch"},
+             "w": {"channels": [8, 8, 8], "groups": 4}, "loss": LOSS, "test_map_logit": 0.0, "diffusion_gan": None},
+    "ddgan": {"name": "ddgan", "generator": {**SMALL_UNET, "attention_levels": [2]},
+              "discriminator": {"ndf": 16, "n_layers": 3, "norm": "none"},
+              "loss": {**LOSS, "lambda_l1": 0.0, "r1_gamma": 0.05, "r1_interval": 2}, "num_steps": 2, "beta_min": 0.1,
+              "beta_max": 20.0, "nz": 8, "ema_decay": 0.999, "guidance": None},
+}
+
+
+def session_for(method: str, switches: dict, device: torch.device, data: SyntheticPairs) -> TrainingSession:
+    """A small network of `method` at 32 px with the shipped params and these performance switches."""
+    model = ModelParams.model_validate({**shipped("model.yaml"), "image_size": 32, "load_size": 36,
+                                        "method": SMALL_METHODS[method]})
+    train = shipped("train.yaml")
+    train["performance"].update(switches)
+    return TrainingSession(model, TrainParams.model_validate(train), len(data), device)
+
+
+def performance_params(**overrides: object) -> PerformanceParams:
+    return PerformanceParams.model_validate({**shipped("train.yaml")["performance"], **overrides})
+
+
+def small_unet(**overrides: object) -> DDPMUNet:
+    settings = {"width": 8, "channel_multipliers": (1, 2), "attention_levels": (0, 1), "blocks_per_level": 1, "groups": 4,
+                "attention_heads": 2, "attention_head_dim": 8, **overrides}
+    return DDPMUNet(3, 3, **settings)
+
+
+def saved_bytes(run) -> int:
+    """Bytes autograd keeps for the backward pass while `run()` builds its graph."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return total
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: the regional wiring runs for real (dynamo traces
+    every block) without Inductor's C++ build; Inductor itself is checked by the cuda tests."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    yield
+    torch._dynamo.reset()
+
+
+def test_auto_follows_the_measured_defaults_on_cuda_and_is_off_on_the_cpu():
+    auto = performance_params(autocast="auto", channels_last="auto", fused_adam="auto", compile="auto",
+                              cuda_graphs="auto", sdpa="auto", activation_checkpointing="auto")
+    on_cpu = resolve_switches(auto, CPU)
+    assert on_cpu == Switches(None, False, False, False, False, False, True, False)
+    on_cuda = resolve_switches(auto, CUDA)
+    assert on_cuda.channels_last == performance.AUTO_CUDA_CHANNELS_LAST
+    assert on_cuda.compile == performance.AUTO_CUDA_COMPILE
+    assert on_cuda.fused_adam == performance.AUTO_CUDA_FUSED_ADAM
+    assert on_cuda.activation_checkpointing == performance.AUTO_CUDA_ACTIVATION_CHECKPOINTING
+    assert (on_cuda.autocast_dtype == torch.bfloat16) == performance.AUTO_CUDA_AUTOCAST_BF16
+    assert on_cuda.cuda_graphs == (performance.AUTO_CUDA_COMPILE and performance.AUTO_CUDA_CUDA_GRAPHS)
+    assert on_cuda.tf32
+
+
+def test_explicit_switches_hold_on_the_cpu_except_cuda_graphs(caplog):
+    every = performance_params(autocast="bf16", channels_last=True, fused_adam=True, compile=True, cuda_graphs=True,
+                               sdpa=False, activation_checkpointing=True)
+    switches = resolve_switches(every, CPU)
+    assert switches == Switches(torch.bfloat16, True, True, False, True, False, False, True)
+    assert "CUDA graphs need a CUDA device" in caplog.text
+    assert resolve_switches(every, CUDA).cuda_graphs
+
+
+def test_cuda_graphs_without_compile_is_refused_naming_the_file_and_key(tmp_path):
+    data = shipped("train.yaml")
+    data["performance"].update({"compile": False, "cuda_graphs": True})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=r"train\.yaml: performance.*cuda_graphs: true needs compile"):
+        load_params(path, TrainParams)
+    data["performance"]["compile"] = "auto"
+    path.write_text(yaml.safe_dump(data))
+    assert load_params(path, TrainParams).performance.cuda_graphs is True
+
+
+def test_compile_takes_the_repeated_blocks_and_leaves_patchgan_alone():
+    unet = small_unet()
+    regions = compile_regions(unet)
+    assert regions and all(isinstance(region, ResBlock | LinearAttention | FullAttention) for region in regions)
+    assert sum(isinstance(region, FullAttention) for region in regions) == 1
+    generator = UNetGenerator(3, 3, 32, ngf=4)
+    assert compile_regions(generator) == [*generator.downs[1:], *generator.ups]  # the first is one convolution
+    w = ATMEW(32, (8, 8, 8))
+    assert compile_regions(w) == [w]
+    assert compile_regions(PatchGAN(6, ndf=4)) == []
+
+
+@pytest.mark.parametrize("build", [small_unet, lambda: UNetGenerator(3, 3, 16, ngf=4), lambda: ATMEW(16, (8, 8, 8))],
+                         ids=["ddpm_unet", "pix2pix_unet", "atme_w"])
+def test_every_region_is_really_compiled(eager_compile, build):
+    # module.compile() of a torch container (nn.Sequential) compiles nothing: each region must
+    # have a forward of its own for dynamo to trace
+    network = build()
+    apply_switches(network, dataclasses.replace(PLAIN, compile=True))
+    regions = compile_regions(network)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    x = torch.rand(2, 1, 2, 2) if isinstance(network, ATMEW) else torch.randn(2, 3, 16, 16)
+    (network(x, torch.rand(2)) if isinstance(network, DDPMUNet) else network(x)).mean().backward()
+    traced = counters["stats"]["unique_graphs"]
+    assert traced >= len({type(region) for region in regions}), (traced, regions)
+    assert not counters["graph_break"]
+
+
+def test_switched_networks_keep_their_state_dict_keys_and_outputs(eager_compile):
+    torch.manual_seed(0)
+    plain = small_unet()
+    switched = copy.deepcopy(plain)
+    every = Switches(None, True, False, False, True, False, False, True)
+    apply_switches(switched, every)
+    assert list(switched.state_dict()) == list(plain.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in switched.parameters() if p.dim() == 4)
+    assert all(not module.use_sdpa for module in switched.modules() if isinstance(module, FullAttention))
+    assert all(block._compiled_call_impl is not None for block in compile_regions(switched))
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    expected, actual = plain(x, t), switched(x.to(memory_format=torch.channels_last), t)
+    assert torch.allclose(actual, expected, atol=1e-5)
+    expected.square().mean().backward()
+    actual.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), switched.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_a_deep_copy_of_a_switched_network_runs_its_own_weights(eager_compile):
+    # DDGAN's EMA deep-copies the prepared G: the copy must not call back into the original
+    network = apply_switches(small_unet(), Switches(None, False, False, False, True, False, True, True))
+    shadow = copy.deepcopy(network)
+    with torch.no_grad():
+        for parameter in shadow.parameters():
+            parameter.mul_(0.5)
+    plain = small_unet()
+    plain.load_state_dict(shadow.state_dict())
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    assert torch.allclose(shadow(x, t), plain(x, t), atol=1e-5)
+    assert not torch.allclose(network(x, t), shadow(x, t), atol=1e-3)
+
+
+def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = small_unet()
+    checkpointed = apply_switches(copy.deepcopy(plain), dataclasses.replace(PLAIN, activation_checkpointing=True))
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    outputs = {}
+    stored = {name: saved_bytes(lambda net=net, name=name: outputs.__setitem__(name, net(x, t)))
+              for name, net in (("plain", plain), ("checkpointed", checkpointed))}
+    assert stored["checkpointed"] < stored["plain"] / 2
+    for name in outputs:
+        outputs[name].square().mean().backward()
+    assert torch.equal(outputs["plain"], outputs["checkpointed"])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    with torch.no_grad():  # sampling: nothing to recompute, nothing stored
+        assert torch.equal(plain(x, t), checkpointed(x, t))
+
+
+def test_a_session_with_switches_trains_like_the_plain_one():
+    data = SyntheticPairs(8, 32, 2, load_size=36)
+    curves = {}
+    plain = {"autocast": "none", "channels_last": False, "fused_adam": False, "compile": False, "cuda_graphs": False,
+             "sdpa": True, "activation_checkpointing": False}
+    for name, overrides in (("plain", {}), ("switched", {"channels_last": True, "sdpa": False, "activation_checkpointing": True})):
+        session = session_for("atme", {**plain, **overrides}, CPU, data)
+        data.epoch = 0
+        curves[name] = []
+        for batch in data.steps(3):
+            session.train_step(batch)
+            curves[name].append({key: float(value) for key, value in session.stats.step_values.items()})
+    for plain_step, switched_step in zip(curves["plain"], curves["switched"]):
+        for key in ("loss/G", "loss/D", "loss/G_L1"):
+            assert switched_step[key] == pytest.approx(plain_step[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_blocks_equal_eager_blocks_on_cuda(dtype):
+    torch.manual_seed(0)
+    plain = small_unet(width=32, groups=8, attention_heads=4, attention_head_dim=32).to(CUDA)
+    compiled = apply_switches(copy.deepcopy(plain), Switches(None, True, False, False, True, False, True, False))
+    x, t = torch.randn(4, 3, 64, 64, device=CUDA), torch.rand(4, device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        expected = plain(x, t)
+        actual = compiled(x.to(memory_format=torch.channels_last), t)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (actual.float() - expected.float()).abs().max() <= tolerance
+    actual.float().square().mean().backward()
+    expected.float().square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
+        scale = a.grad.abs().max().clamp(min=1e-6)
+        assert ((a.grad - b.grad).abs().max() / scale) <= (1e-3 if dtype == torch.float32 else 0.1), name
+
+
+@pytest.mark.cuda
+def test_bf16_group_norm_keeps_float32_statistics_on_cuda():
+    from components.networks.norms import GroupNorm
+
+    norm = GroupNorm(8, 64).to(CUDA)
+    # a large offset: bf16 sums over 65,536 positions would lose the variance
+    x = (torch.randn(2, 64, 256, 256, device=CUDA) * 0.01 + 3.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    reference = torch.nn.functional.group_norm(x.bfloat16().float(), 8, norm.weight, norm.bias, norm.eps)
+    assert (out.float() - reference).abs().max() <= 0.05
+
+
+@pytest.mark.cuda
+def test_sdpa_and_written_out_attention_agree_on_cuda():
+    attention = FullAttention(256, 4, 32, 8).to(CUDA)
+    x = torch.randn(2, 256, 32, 32, device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = attention(x)
+        attention.use_sdpa = False
+        written_out = attention(x)
+    assert (fused.float() - written_out.float()).abs().max() <= 5e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["pix2pix", "atme"])
+def test_every_switch_at_once_trains_on_cuda(method):
+    # CUDA graphs over compiled blocks, bf16, channels_last, fused Adam, checkpointing together
+    # (bench/gpu_check.py's correctness section runs every method with each switch)
+    every = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "compile": True, "cuda_graphs": True,
+             "sdpa": True, "activation_checkpointing": True}
+    data = SyntheticPairs(16, 32, 4, load_size=36)
+    session = session_for(method, every, CUDA, data)
+    assert session.switches.cuda_graphs and session.switches.compile
+    for batch in data.steps(6):
+        session.train_step(batch)
+    metrics = session.end_epoch()
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values()), metrics
+    assert session.sample(batch["source"]).isfinite().all()
