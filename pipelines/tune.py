@@ -25,15 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from components.atomic_files import write_bytes_atomic, write_json_atomic
 from components.config import ParamsError, load_params, read_yaml_mapping, validate_params
-from components.config.data import READS_SHARDS_ONLY, DataParams
-from components.config.model import ModelParams
+from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
+from components.config.model import load_model_params, validate_model_params
 from components.config.train import TrainParams
 from components.config.tune import TuneParams
+from components.console import ConsoleOptions
 from components.data.manifest import ManifestError, load_manifest
+from components.object_store import is_s3_uri
+from components.redaction import redact_uri
 from components.tracking import (
     TAG_GIT_COMMIT,
     TAG_MANIFEST_CHECKSUM,
@@ -41,19 +42,18 @@ from components.tracking import (
     check_tracking_reachable,
     flatten_params,
     git_commit,
-    redact_uri,
 )
 from components.training.validation import VALIDATION_SPLIT
-from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command
+from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command, load_text
 from components.tuning.space import SweepSpace
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
-from pipelines.train import _check_sizes
+from pipelines.train import _ray_console, _storage_path
 
 logger = logging.getLogger("pairgan.tune")
 
 RESULTS_FILE, PLOT_FILE, SUMMARY_FILE, BEST_FILE = "results.csv", "metric_vs_params.png", "summary.json", "best_params.yaml"
-SCHEMAS = {"model.yaml": ModelParams, "train.yaml": TrainParams}
+ADOPTABLE = ("model.yaml", "train.yaml")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,31 +65,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _storage_path(storage: str) -> str:
-    # Trial drivers and workers change directory: a local storage path must be absolute.
-    return storage if storage.startswith("s3://") else str(Path(storage).resolve())
-
-
 def apply_best_params(best_file: Path, params_dir: Path) -> int:
     """Write each file's values of `best_file` into params_dir, all files or none."""
     document = read_yaml_mapping(best_file)
-    unknown = [name for name in document if name not in SCHEMAS]
+    unknown = [name for name in document if name not in ADOPTABLE]
     if unknown:
-        raise ParamsError(best_file, [(name, f"not a params file a sweep sets (expected {', '.join(SCHEMAS)})") for name in unknown])
+        raise ParamsError(best_file, [(name, f"not a params file a sweep sets (expected {', '.join(ADOPTABLE)})") for name in unknown])
+    data_path = params_dir / "data.yaml"
+    data = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)  # the model's image size
     edited, current = {}, {}
     for name, values in document.items():
         if not isinstance(values, dict):
             raise ParamsError(best_file, [(name, "must map dotted keys to values")])
         path = params_dir / name
         text = path.read_text(encoding="utf-8")
-        current[name] = yaml.safe_load(text) or {}
+        current[name] = load_text(text) or {}
         try:
             edited[path] = apply_values(text, values, str(path))
         except AdoptError as error:
             print(f"pairgan tune: {error}", file=sys.stderr)
             return ExitStatus.BAD_PARAMS
         # The edited file must still be valid params, before anything is written.
-        validate_params(yaml.safe_load(edited[path]), SCHEMAS[name], path)
+        content = load_text(edited[path])
+        if name == "model.yaml":
+            validate_model_params(content, data, path, data_path)
+        else:
+            validate_params(content, TrainParams, path)
     for path, text in edited.items():
         write_bytes_atomic(path, text.encode("utf-8"))
     for name, values in document.items():
@@ -107,12 +108,11 @@ def run(args: argparse.Namespace) -> int:
     tune_path, model_path = params_dir / "tune.yaml", params_dir / "model.yaml"
     train_path, data_path = params_dir / "train.yaml", params_dir / "data.yaml"
     tune = load_params(tune_path, TuneParams)
-    model = load_params(model_path, ModelParams)
-    load_params(train_path, TrainParams)
     data = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
-    _check_sizes(model, data, model_path, data_path)
-    space = SweepSpace(tune, read_yaml_mapping(model_path), read_yaml_mapping(train_path),
-                       str(tune_path), str(model_path), str(train_path))
+    load_model_params(model_path, data, data_path)  # the base files are valid on their own
+    load_params(train_path, TrainParams)
+    space = SweepSpace(tune, read_yaml_mapping(model_path), read_yaml_mapping(train_path), data,
+                       str(tune_path), str(model_path), str(train_path), str(data_path))
     space.check()
     _, trial_train = space.resolve(space.candidate_points()[0])
     if trial_train.validation.samples == 0:
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, KeyError, FileNotFoundError) as error:
         print(f"pairgan tune: {error}", file=sys.stderr)
         return ExitStatus.FAILED
+    check_prepared_size(data, manifest.image_size, data_path, args.data)
     validation_split = manifest.splits.get(VALIDATION_SPLIT)
     if validation_split is None or validation_split.count == 0:
         print(f"pairgan tune: {args.data} has no {VALIDATION_SPLIT!r} samples to score trials on: give prepare a val "
@@ -148,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest, train_count: int, tracking_uri: str) -> int:
+    console = ConsoleOptions(verbose=args.verbose, interactive=sys.stdout.isatty())
+    ray_address = environment.ray_address()
+    ray_workers_environment = _ray_console(console, ray_address)  # before ray is imported
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
 
@@ -171,12 +175,15 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     start_parent_run(tune.run.experiment, sweep_id, parent_params, tags)
 
     if not ray.is_initialized():
-        ray.init(address=environment.ray_address(), include_dashboard=False)
+        ray.init(address=ray_address, include_dashboard=False,
+                 logging_level=logging.INFO if console.verbose else logging.ERROR,
+                 runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
     cluster = ray.cluster_resources()
     use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
-    plan = TrialPlan(space=space, loader=data.loader, data_dir=str(Path(args.data).resolve()),
+    plan = TrialPlan(space=space, loader=data.loader,
+                     data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
                      data_checksum=manifest.checksum, dataset_size=train_count,
-                     train_storage=f"{storage}/{sweep_id}/{TRAIN_RUNS}", sweep_id=sweep_id)
+                     train_storage=f"{storage}/{sweep_id}/{TRAIN_RUNS}", sweep_id=sweep_id, console=console)
     tracker = SweepTracker(tune.run.experiment, sweep_id, space, tags, trial_count(tune))
     started = time.monotonic()
     experiment_path = run_sweep(tune, plan, storage, sweep_id, [tracker], concurrency(tune, use_gpu, cluster))

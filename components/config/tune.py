@@ -1,5 +1,7 @@
 """params/tune.yaml: a Ray Tune sweep over keys of params/model.yaml and params/train.yaml.
 
+Like every params model, no defaults: params/tune.yaml holds every value.
+
 Keys of the other two files are named with the file's prefix and the key's dotted path:
 `model.method.diffusion_gan.d_target`, `train.optimizer.lr_g`. `fixed` sets values every trial
 uses (adopted with the result), `space` draws them per trial, `trial` says how long and on
@@ -11,7 +13,7 @@ exists and belongs to the chosen method is checked by the model and train schema
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
 
 from components.config.loading import StrictModel
 from components.evaluation.held_out import HIGHER_IS_BETTER
@@ -25,8 +27,8 @@ PARAMS_PREFIXES = ("model", "train")
 _OWNED_ELSEWHERE = {
     "train.epochs": "set trial.epochs in params/tune.yaml (the epochs of every trial, the ASHA budget)",
     "train.run": "trials run with the sweep's trial: and run: settings in params/tune.yaml",
-    "model.image_size": "the model's image size must equal the prepared data's crop size: set it in params/model.yaml and params/data.yaml",
-    "model.load_size": "the model's load size must equal the loader's load_size: set it in params/model.yaml and params/data.yaml",
+    "model.image_size": "the image size is set once, in params/data.yaml (image_size), and the data is prepared at it",
+    "model.load_size": "the load size follows params/data.yaml (image_size x loader.load_scale)",
     "model.method.name": "a sweep trains one method: set method.name in params/model.yaml (one sweep per method)",
 }
 _DOTTED_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -49,7 +51,7 @@ class Choice(StrictModel):
 class Uniform(StrictModel):
     """A float drawn uniformly from [low, high]."""
 
-    uniform: tuple[float, float]
+    uniform: Annotated[tuple[float, float], Strict(False)]
 
     @field_validator("uniform")
     @classmethod
@@ -62,7 +64,7 @@ class Uniform(StrictModel):
 class LogUniform(StrictModel):
     """A positive float drawn uniformly in log scale from [low, high] (learning rates, R1 gamma)."""
 
-    loguniform: tuple[float, float]
+    loguniform: Annotated[tuple[float, float], Strict(False)]
 
     @field_validator("loguniform")
     @classmethod
@@ -75,7 +77,7 @@ class LogUniform(StrictModel):
 class IntRange(StrictModel):
     """An integer drawn uniformly from low to high, both included."""
 
-    int_range: tuple[int, int]
+    int_range: Annotated[tuple[int, int], Strict(False)]
 
     @field_validator("int_range")
     @classmethod
@@ -122,8 +124,8 @@ class SearchParams(StrictModel):
     """random: `num_samples` draws; grid: every combination of the choices, `num_samples` times each;
     optuna: Optuna's TPE, learning from finished trials (`pip install 'pairgan[optuna]'`)."""
 
-    algorithm: Literal["random", "grid", "optuna"] = "random"
-    seed: int = 0
+    algorithm: Literal["random", "grid", "optuna"]
+    seed: int
 
 
 class SchedulerParams(StrictModel):
@@ -131,30 +133,30 @@ class SchedulerParams(StrictModel):
     below the top 1/reduction_factor of the trials that reached that rung; `none` runs every
     trial to the end."""
 
-    kind: Literal["asha", "none"] = "asha"
-    grace_period: PositiveInt = 1
-    reduction_factor: float = Field(2.0, gt=1.0)
+    kind: Literal["asha", "none"]
+    grace_period: PositiveInt
+    reduction_factor: float = Field(gt=1.0)
 
 
 class TrialParams(StrictModel):
     """How each trial trains; the sweep's budget, never adopted into params/train.yaml."""
 
-    epochs: PositiveInt = 4
-    num_workers: int = Field(1, ge=1, le=1024)
-    use_gpu: Literal["auto", True, False] = "auto"
-    cpus_per_worker: int = Field(1, ge=1, le=256)
-    gpus_per_worker: int = Field(1, ge=1, le=16)
+    epochs: PositiveInt
+    num_workers: int = Field(ge=1, le=1024)
+    use_gpu: Literal["auto", True, False]
+    cpus_per_worker: int = Field(ge=1, le=256)
+    gpus_per_worker: int = Field(ge=1, le=16)
     # Worker crashes a trial survives (restarting its Train run from its latest checkpoint).
     # A trial that still fails is recorded as failed; divergence is never retried.
-    max_failures: int = Field(0, ge=0, le=100)
+    max_failures: int = Field(ge=0, le=100)
 
 
 class SweepRunParams(StrictModel):
     """Where the sweep keeps its state: storage_path/<name>-<fingerprint of the sweep's params>."""
 
-    name: str = "pairgan-tune"
-    storage_path: str = "checkpoints"
-    experiment: str = Field("pairgan-tune", min_length=1, max_length=200)  # MLflow experiment
+    name: str
+    storage_path: str
+    experiment: str = Field(min_length=1, max_length=200)  # MLflow experiment
 
     @field_validator("name")
     @classmethod
@@ -188,19 +190,19 @@ def _check_key(key: str) -> str | None:
 class TuneParams(StrictModel):
     """All of params/tune.yaml."""
 
-    metric: TuneMetric = "val/psnr"
-    mode: Literal["max", "min"] = "max"
+    metric: TuneMetric
+    mode: Literal["max", "min"]
     # last: a trial scores its last validated epoch (what training it for trial.epochs gives);
     # all: its best epoch.
-    scope: Literal["last", "all"] = "last"
-    num_samples: PositiveInt = 6
-    max_concurrent_trials: PositiveInt | Literal["auto"] = "auto"
-    search: SearchParams = SearchParams()
-    scheduler: SchedulerParams = SchedulerParams()
-    trial: TrialParams = TrialParams()
-    fixed: dict[str, Any] = Field(default_factory=dict)
+    scope: Literal["last", "all"]
+    num_samples: PositiveInt
+    max_concurrent_trials: PositiveInt | Literal["auto"]
+    search: SearchParams
+    scheduler: SchedulerParams
+    trial: TrialParams
+    fixed: dict[str, Any]
     space: dict[str, Distribution] = Field(min_length=1)
-    run: SweepRunParams = SweepRunParams()
+    run: SweepRunParams
 
     @field_validator("mode")
     @classmethod

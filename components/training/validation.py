@@ -58,23 +58,28 @@ class EpochValidation:
 
     @classmethod
     def from_split(
-        cls, params: ValidationParams, data_dir: Path | str, loader: LoaderParams, batch_size: int,
-        device: torch.device,
+        cls, params: ValidationParams, data: Path | str, loader: LoaderParams, batch_size: int,
+        device: torch.device, expected_checksum: str | None = None,
     ) -> "EpochValidation | None":
-        """Decode the subset once; None (with a warning) when validation is off or there is no val split."""
+        """Decode the subset once; None (with a warning) when validation is off or there is no val split.
+
+        data: the prepared data set, local or s3:// (as the training loader reads it);
+        expected_checksum: the manifest checksum the job started from.
+        """
         if params.samples == 0:
             return None
-        manifest = load_manifest(data_dir)
+        manifest = load_manifest(data)
         split = manifest.splits.get(VALIDATION_SPLIT)
         if split is None or split.count == 0:
             logger.warning(
                 "%s has no %r samples: no validation score (val/...) this run; prepare a val split "
                 "(params/data.yaml val_fraction) or set validation.samples: 0 in params/train.yaml",
-                manifest.root, VALIDATION_SPLIT,
+                manifest.location, VALIDATION_SPLIT,
             )
             return None
         wanted = min(params.samples, split.count)
-        held_out = make_loader(data_dir, VALIDATION_SPLIT, loader, min(batch_size, wanted), train=False, device=device)
+        held_out = make_loader(data, VALIDATION_SPLIT, loader, min(batch_size, wanted), train=False, device=device,
+                               expected_checksum=expected_checksum)
         batches, kept = [], 0
         for batch in held_out:
             take = min(wanted - kept, len(batch["index"]))
@@ -97,7 +102,7 @@ class EpochValidation:
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                yield Translator(sampler, session.model.method.name)
+                yield Translator(sampler, session.model.method.name, session.model.image_size)
         finally:
             sampler.train(was_training)
 

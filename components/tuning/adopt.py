@@ -19,7 +19,13 @@ from typing import Any
 
 import yaml
 
+from components.config.loading import ParamsYAMLLoader
 from components.tuning.space import set_dotted
+
+
+def load_text(text: str) -> Any:
+    """YAML text read as the params loader reads it (1e-4 is a float, as for every stage)."""
+    return yaml.load(text, Loader=ParamsYAMLLoader)
 
 
 class AdoptError(ValueError):
@@ -73,7 +79,7 @@ def _replace(text: str, node: yaml.Node, replacement: str) -> str:
 
 def set_value(text: str, key: str, value: Any, file: str) -> str:
     """`text` with the value at dotted `key` replaced by `value`, everything else byte for byte."""
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = yaml.compose(text, Loader=ParamsYAMLLoader)
     if root is None:
         return text + f"{key.split('.')[0]}: {flow(_nested(key.split('.')[1:], value))}\n"
     parts = key.split(".")
@@ -84,7 +90,7 @@ def set_value(text: str, key: str, value: Any, file: str) -> str:
             raise AdoptError(f"{file}: {key}: {'.'.join(parts[:depth])} holds a value, not a mapping of keys")
         if node.flow_style:
             # {a: 1, b: 2} on one line: rewrite that mapping as a whole.
-            content = yaml.safe_load(text[node.start_mark.index : node.end_mark.index]) or {}
+            content = load_text(text[node.start_mark.index : node.end_mark.index]) or {}
             set_dotted(content, ".".join(parts[depth:]), value)
             return _replace(text, node, flow(content))
         found = _find(node, part)
@@ -113,14 +119,14 @@ def set_value(text: str, key: str, value: Any, file: str) -> str:
 
 def apply_values(text: str, values: Mapping[str, Any], file: str) -> str:
     """Set every dotted key of `values` in the YAML `text`, checking the result parses to exactly that."""
-    expected = copy.deepcopy(yaml.safe_load(text) or {})
+    expected = copy.deepcopy(load_text(text) or {})
     for key, value in values.items():
         try:
             set_dotted(expected, key, value)
         except KeyError as error:
             raise AdoptError(f"{file}: {key}: cannot be set: {error.args[0]}") from None
         text = set_value(text, key, value, file)
-    if yaml.safe_load(text) != expected:
+    if load_text(text) != expected:
         raise AdoptError(f"{file}: the edited file does not read back as the requested values; nothing was written")
     return text
 

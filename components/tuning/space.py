@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from components.config import ParamsError, validate_params
-from components.config.model import ModelParams
+from components.config.data import DataParams
+from components.config.model import ModelParams, validate_model_params
 from components.config.train import TrainParams
 from components.config.tune import Choice, IntRange, LogUniform, TuneParams, Uniform
 
@@ -30,6 +31,9 @@ from components.config.tune import Choice, IntRange, LogUniform, TuneParams, Uni
 # validated up front (pydantic validates a point in well under a millisecond).
 MAX_CORNERS = 512
 RANDOM_POINTS = 64
+# How the params loader words a key that does not exist, or belongs to another method: such an
+# error is the key's, whatever value was drawn, so the message names no point.
+KEY_ERRORS = ("unknown key", "belongs to")
 
 
 def set_dotted(nested: dict, key: str, value: Any) -> None:
@@ -102,15 +106,18 @@ def _describe(point: Mapping[str, Any]) -> str:
 class SweepSpace:
     """params/model.yaml and params/train.yaml as read, and the sweep of params/tune.yaml over them.
 
-    Paths are only used in error messages.
+    `data` (params/data.yaml) gives the model its image size, as for the train stage. Paths are
+    only used in error messages.
     """
 
     tune: TuneParams
     base_model: dict
     base_train: dict
+    data: DataParams
     tune_path: str
     model_path: str
     train_path: str
+    data_path: str
 
     @property
     def keys(self) -> list[str]:
@@ -147,7 +154,7 @@ class SweepSpace:
         """A trial's validated params; ParamsError names params/model.yaml or params/train.yaml and the key."""
         model, train = self._params_dicts(values)
         return (
-            validate_params(model, ModelParams, self.model_path),
+            validate_model_params(model, self.data, self.model_path, self.data_path),
             validate_params(train, TrainParams, self.train_path),
         )
 
@@ -193,7 +200,7 @@ class SweepSpace:
                     problems.setdefault(f"{'space' if key in self.tune.space else 'fixed'}.{key}", reason)
                     continue
                 detail = f"{reason} ({file}: {key.split('.', 1)[1] if '.' in key else 'the whole file'})"
-                if not reason.startswith("unknown key"):
+                if not reason.startswith(KEY_ERRORS):
                     detail += f" at {_describe(point)}"  # the draw it fails at: the error depends on the values
                 blamed = _blamed(key, fixed, swept)
                 if len(blamed) > 1 and passing is not None:

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from components.config.data import LoaderParams
+from components.console import ConsoleOptions
 from components.data.loaders import batches_per_epoch
 from components.tuning.space import SweepSpace
 
@@ -35,13 +36,14 @@ class TrialPlan:
 
     space: SweepSpace
     loader: LoaderParams
-    data_dir: str
+    data_location: str  # an absolute path every node sees, or s3://bucket/prefix
     data_checksum: str
     dataset_size: int
     # Where each trial's training run keeps its checkpoints: <train_storage>/<trial id>/.
     train_storage: str
     # The sweep's id: its scheduler's stop requests are found by it.
     sweep_id: str
+    console: ConsoleOptions  # what the trials' workers print
 
 
 def run_trial(config: dict, plan: TrialPlan) -> None:
@@ -60,8 +62,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     steps_per_epoch = batches_per_epoch(plan.dataset_size, train.batch_size, True, 0, train.run.scaling.num_workers)
     stop_check = StopCheck(plan.sweep_id, trial_id, every=max(1, min(train.health.check_interval, steps_per_epoch)))
     job = TrainingJob(
-        model=model, train=train, loader=plan.loader, data_dir=plan.data_dir, data_checksum=plan.data_checksum,
-        dataset_size=plan.dataset_size, step_hook=stop_check,
+        model=model, train=train, loader=plan.loader, data_location=plan.data_location,
+        data_checksum=plan.data_checksum, dataset_size=plan.dataset_size, step_hook=stop_check, console=plan.console,
     )
     run = train.run.model_copy(update={"name": trial_id})
     outcome = run_training(job, run, plan.train_storage, callbacks=[TuneReportCallback()])

@@ -5,53 +5,40 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from components.config.data import DataParams, LoaderParams
 from components.config.model import ModelParams
-from components.config.train import TrainParams, ValidationParams
+from components.config.train import ValidationParams
 from components.data.sources import open_source
 from components.data.writer import prepare_dataset
 from components.evaluation.held_out import score_held_out
 from components.methods.translator import export_translator, translator_from_export
 from components.training.loop import TrainingSession, run_epochs
 from components.training.validation import EpochValidation, guidance_metric_key
+from support.params import shipped
 from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-PROJECT = Path(__file__).resolve().parents[2]
-LOADER = LoaderParams(backend="torch", load_size=36, crop_size=32, num_threads=1)
+LOADER = shipped("data", loader={"backend": "torch", "load_scale": 1.125, "num_threads": 1}).loader
 SMALL_UNET = {"width": 8, "channel_multipliers": [1, 2], "attention_levels": [], "blocks_per_level": 1,
               "groups": 4, "attention_heads": 1, "attention_head_dim": 8}
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    result = dict(base)
-    for key, value in overrides.items():
-        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
-    return result
-
-
-def shipped(name: str, overrides: dict) -> dict:
-    return merged(yaml.safe_load((PROJECT / "params" / f"{name}.yaml").read_text()), overrides)
-
-
 def tiny_model(method: dict | None = None) -> ModelParams:
     pix2pix = {"generator": {"ngf": 8, "max_multiplier": 2}, "discriminator": {"ndf": 8, "n_layers": 2}}
-    overrides = {"image_size": 32, "load_size": 36, "method": method if method is not None else pix2pix}
-    model = shipped("model", overrides)
-    if method is not None:
-        model["method"] = method
-    return ModelParams.model_validate(model)
+    return shipped("model", image_size=32, load_size=36, method=method if method is not None else pix2pix)
+
+
+def validation_params(**overrides) -> ValidationParams:
+    return shipped("train", validation=overrides).validation
 
 
 def session_for(model: ModelParams, epochs: int = 2) -> TrainingSession:
-    return TrainingSession(model, TrainParams.model_validate(shipped("train", {"epochs": epochs})), 8, torch.device("cpu"))
+    return TrainingSession(model, shipped("train", epochs=epochs), 8, torch.device("cpu"))
 
 
 def validation_for(prepared: Path, **params) -> EpochValidation:
-    validation = EpochValidation.from_split(ValidationParams(**params), prepared, LOADER, 8, torch.device("cpu"))
+    validation = EpochValidation.from_split(validation_params(**params), prepared, LOADER, 8, torch.device("cpu"))
     assert validation is not None
     return validation
 
@@ -96,17 +83,18 @@ def test_ddgan_with_guidance_scores_every_weight_after_the_last_epoch(prepared_b
 
 
 def test_no_validation_when_off_or_without_a_val_split(tmp_path, prepared_builtin, caplog):
-    assert EpochValidation.from_split(ValidationParams(samples=0), prepared_builtin, LOADER, 8, torch.device("cpu")) is None
-    params = DataParams.model_validate({"source": {"kind": "builtin", "builtin": {"train_pairs": 4, "val_pairs": 0, "test_pairs": 1}},
-                                        "image_size": 32, "val_fraction": 0.0})
+    assert EpochValidation.from_split(validation_params(samples=0), prepared_builtin, LOADER, 8, torch.device("cpu")) is None
+    params = shipped("data", source={"kind": "builtin", "path": None,
+                                     "builtin": {"train_pairs": 4, "val_pairs": 0, "test_pairs": 1}},
+                     image_size=32, val_fraction=0.0)
     prepare_dataset(params, open_source(params, Path.cwd()), tmp_path / "data", progress=False)
     with caplog.at_level(logging.WARNING, logger="components.training.validation"):
-        assert EpochValidation.from_split(ValidationParams(), tmp_path / "data", LOADER, 8, torch.device("cpu")) is None
+        assert EpochValidation.from_split(validation_params(), tmp_path / "data", LOADER, 8, torch.device("cpu")) is None
     assert "no 'val' samples" in caplog.text and "validation.samples: 0" in caplog.text
 
 
 def test_validation_params_are_checked():
     with pytest.raises(ValueError, match="must not repeat"):
-        ValidationParams(guidance_weights=[0.5, 0.5])
+        validation_params(guidance_weights=[0.5, 0.5])
     with pytest.raises(ValueError):
-        ValidationParams(every_epochs=0)
+        validation_params(every_epochs=0)

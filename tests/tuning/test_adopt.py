@@ -82,9 +82,12 @@ def write_best(path: Path, document: dict) -> Path:
 def test_apply_writes_the_best_params_into_the_shipped_files_keeping_every_comment(tmp_path, capsys):
     params = copy_params(tmp_path / "params")
     before = {name: (params / name).read_text() for name in ("model.yaml", "train.yaml")}
+    # A sweep's best params: the whole Diffusion-GAN block of params/tune.yaml's fixed, as leaves.
+    diffusion_gan = {**yaml.safe_load((PROJECT / "params/tune.yaml").read_text())["fixed"]["model.method.diffusion_gan"],
+                     "t_max": 250, "d_target": 0.62}
     best = write_best(tmp_path / "best_params.yaml", {
-        "model.yaml": {"method.diffusion_gan.t_min": 5, "method.diffusion_gan.t_max": 250,
-                       "method.diffusion_gan.d_target": 0.62, "method.generator.ngf": 32},
+        "model.yaml": {**{f"method.diffusion_gan.{key}": value for key, value in diffusion_gan.items()},
+                       "method.generator.ngf": 32},
         "train.yaml": {"optimizer.lr_g": 0.0001},
     })
     assert pairgan(["tune", "--apply", str(best), "--params-dir", str(params)]) == 0
@@ -93,11 +96,14 @@ def test_apply_writes_the_best_params_into_the_shipped_files_keeping_every_comme
     model_changes = changed_lines(before["model.yaml"], model)
     assert len(model_changes) == 4, model_changes  # two lines, each - and +
     assert all("#" in line for line in model_changes)  # their comments kept
-    assert yaml.safe_load(model)["method"]["diffusion_gan"] == {"t_min": 5, "t_max": 250, "d_target": 0.62}
+    assert yaml.safe_load(model)["method"]["diffusion_gan"] == diffusion_gan
     assert yaml.safe_load(model)["method"]["generator"]["ngf"] == 32
     comments = [line for line in before["model.yaml"].splitlines() if line.lstrip().startswith("#")]
     assert comments == [line for line in model.splitlines() if line.lstrip().startswith("#")]
-    assert changed_lines(before["train.yaml"], train) == ["-   lr_g: 2.0e-4", "+   lr_g: 0.0001"]
+    removed, added = changed_lines(before["train.yaml"], train)
+    assert removed.startswith("-   lr_g: ") and added.startswith("+   lr_g: 0.0001")
+    assert removed.partition("#")[1:] == added.partition("#")[1:]  # the same comment
+    assert yaml.safe_load(train)["optimizer"]["lr_g"] == 0.0001
 
     out = capsys.readouterr().out
     assert "dvc exp run" in out
@@ -109,15 +115,15 @@ def test_apply_writes_the_best_params_into_the_shipped_files_keeping_every_comme
     ({"model.yaml": {"method.generator.ngf": -1}}, "model.yaml: method.generator.ngf"),
     ({"model.yaml": {"method.generator.ngf": 32}, "train.yaml": {"optimizer.lr_gen": 0.1}}, "train.yaml: optimizer.lr_gen"),
     ({"data.yaml": {"image_size": 32}}, "data.yaml: not a params file a sweep sets"),
-    ({"model.yaml": {"image_size.deeper": 1}}, "image_size holds the value"),
+    ({"model.yaml": {"method.name.deeper": 1}}, "method.name holds the value"),
 ])
 def test_a_bad_best_params_file_writes_nothing(tmp_path, capsys, document, message):
     params = copy_params(tmp_path / "params")
-    before = {path.name: path.read_bytes() for path in params.iterdir()}
+    before = {path: path.read_bytes() for path in params.rglob("*.yaml")}
     best = write_best(tmp_path / "best_params.yaml", document)
     assert pairgan(["tune", "--apply", str(best), "--params-dir", str(params)]) == 2
     assert message in capsys.readouterr().err
-    assert {path.name: path.read_bytes() for path in params.iterdir()} == before
+    assert {path: path.read_bytes() for path in params.rglob("*.yaml")} == before
 
 
 def test_the_dvc_line_adds_only_keys_the_file_lacks():

@@ -42,6 +42,9 @@ def test_the_sweep_stage_depends_on_everything_it_runs():
     missing = sorted(
         path for path in modules_the_sweep_runs()
         if path.startswith("components/") and path != "components/__init__.py"  # the package docstring
+        # pipelines/environment.py turns pickle loading off through the registry's loader: a
+        # safety switch, not something that shapes a sweep's results (nor the train stage's)
+        and not path.startswith("components/registry/")
         and not any(path == dep or path.startswith(dep + "/") for dep in deps)
     )
     assert not missing, f"sweeps/dvc.yaml's tune stage runs but does not depend on: {missing}"

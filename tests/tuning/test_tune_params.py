@@ -10,29 +10,20 @@ import pytest
 import yaml
 
 from components.config import ParamsError, load_params, read_yaml_mapping
-from components.config.data import LoaderParams
+from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.tune import TuneParams
 from components.training.outcome import StopRequested
 from components.tuning.space import SweepSpace
 from components.tuning.stopping import StopCheck, stop_requests_name
 from components.tuning.sweep import concurrency, fingerprint, param_space, scheduler, search_algorithm, trial_count
+from support.params import shipped as shipped_params
+from support.params import shipped_yaml
 
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` merged in, mapping by mapping (a None value in overrides replaces)."""
-    result = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merged(result[key], value)
-        else:
-            result[key] = value
-    return result
-
-
 def shipped(name: str, **overrides) -> dict:
-    return merged(yaml.safe_load((PROJECT / "params" / f"{name}.yaml").read_text()), overrides)
+    return shipped_yaml(name, **overrides)
 
 
 def params_folder(folder: Path, tune: dict | None = None, model: dict | None = None, train: dict | None = None) -> Path:
@@ -46,8 +37,10 @@ def params_folder(folder: Path, tune: dict | None = None, model: dict | None = N
 
 def sweep_space(folder: Path) -> SweepSpace:
     tune = load_params(folder / "tune.yaml", TuneParams)
-    return SweepSpace(tune, read_yaml_mapping(folder / "model.yaml"), read_yaml_mapping(folder / "train.yaml"),
-                      str(folder / "tune.yaml"), str(folder / "model.yaml"), str(folder / "train.yaml"))
+    data = load_params(folder / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
+    return SweepSpace(tune, read_yaml_mapping(folder / "model.yaml"), read_yaml_mapping(folder / "train.yaml"), data,
+                      str(folder / "tune.yaml"), str(folder / "model.yaml"), str(folder / "train.yaml"),
+                      str(folder / "data.yaml"))
 
 
 def check(folder: Path) -> None:
@@ -79,7 +72,8 @@ def test_the_shipped_sweep_is_valid_against_the_shipped_params(tmp_path):
     ({"model.method.diffusion_gan.d_taget": {"uniform": [0.45, 0.8]}},
      "space.model.method.diffusion_gan.d_taget", "unknown key"),
     # pix2pix's generator has no `width` (the DDPM U-Net's key): a key of another method
-    ({"model.method.generator.width": {"choice": [32, 64]}}, "space.model.method.generator.width", "unknown key"),
+    ({"model.method.generator.width": {"choice": [32, 64]}}, "space.model.method.generator.width",
+     "belongs to atme's generator"),
     ({"train.optimizer.lr_gen": {"loguniform": [1.0e-5, 1.0e-3]}}, "space.train.optimizer.lr_gen", "unknown key"),
     # an integer key drawn from a float range: random draws are not integers
     ({"model.method.diffusion_gan.t_max": {"uniform": [350.0, 500.0]}}, "space.model.method.diffusion_gan.t_max",
@@ -108,7 +102,7 @@ def test_a_fixed_key_of_the_wrong_method_is_named(tmp_path):
     folder = params_folder(tmp_path / "params", tune=tune)
     with pytest.raises(ParamsError) as error:
         check(folder)
-    assert "unknown key" in problems_of(error)["fixed.model.method.num_steps"]
+    assert "belongs to ddgan" in problems_of(error)["fixed.model.method.num_steps"]
 
 
 @pytest.mark.parametrize(("change", "key", "reason"), [
@@ -124,7 +118,7 @@ def test_a_fixed_key_of_the_wrong_method_is_named(tmp_path):
     ({"scheduler": {"grace_period": 9}}, "", "exceeds trial.epochs"),
 ])
 def test_tune_yaml_itself_is_validated(tmp_path, change, key, reason):
-    tune = merged(shipped("tune"), {k: v for k, v in change.items() if k != "space"})
+    tune = shipped("tune", **{k: v for k, v in change.items() if k != "space"})
     if "space" in change:
         tune["space"] = change["space"]
     folder = params_folder(tmp_path / "params", tune=tune)
@@ -207,7 +201,7 @@ def test_grid_runs_every_combination_num_samples_times():
 def test_the_sweep_folder_changes_with_what_shapes_results_only():
     tune = TuneParams.model_validate(shipped("tune"))
     model, train = shipped("model"), shipped("train")
-    loader = LoaderParams()
+    loader = shipped_params("data").loader
     base = fingerprint(tune, model, train, loader, "abc")
     same = [
         TuneParams.model_validate(shipped("tune", max_concurrent_trials=3)),
