@@ -229,5 +229,9 @@ def train_worker(config: dict) -> None:
             epoch_logger.close()
     if session.epoch == first_epoch:
         # Nothing to train (the checkpoint is already at `epochs` or past it): report the state
-        # once more, with the exported generator, so the job ends with a final checkpoint.
-        save_and_report({"epoch": session.epoch, "step": session.step}, final=True)
+        # once more, with the exported generator, so the job ends with a final checkpoint; with
+        # its validation score, which the report that was lost (a killed sweep) carried.
+        metrics = {"epoch": session.epoch, "step": session.step}
+        if validation is not None:
+            metrics.update(validation.score(session, final=True))
+        save_and_report(metrics, final=True)
