@@ -6,7 +6,7 @@ components/config/run.py.
 
 from typing import Annotated, Literal
 
-from pydantic import Field, Strict, model_validator
+from pydantic import Field, Strict, field_validator, model_validator
 
 from components.config.loading import StrictModel
 from components.config.run import RunParams
@@ -52,6 +52,26 @@ class HealthParams(StrictModel):
     patience_steps: PositiveInt
 
 
+class ValidationParams(StrictModel):
+    """A fixed subset of the val split scored every few epochs (L1, PSNR, SSIM as `val/...` metrics).
+
+    The subset is the split's first `samples` samples in index order, the same every epoch and
+    every run, scored by worker rank 0 with the sampler the exported generator uses.
+    """
+
+    samples: int = Field(ge=0)  # 0: no validation
+    every_epochs: PositiveInt  # and always after the last epoch
+    # DDGAN trained with guidance: after the last epoch, the subset is scored at each weight w.
+    guidance_weights: list[Annotated[float, Field(ge=0.0)]]
+
+    @field_validator("guidance_weights")
+    @classmethod
+    def _distinct(cls, weights: list[float]) -> list[float]:
+        if len(set(weights)) != len(weights):
+            raise ValueError("guidance weights must not repeat")
+        return weights
+
+
 class PerformanceParams(StrictModel):
     """Speed and memory switches (components/training/performance.py applies them).
 
@@ -93,6 +113,7 @@ class TrainParams(StrictModel):
     lr_schedule: LRScheduleParams
     health: HealthParams
     performance: PerformanceParams
+    validation: ValidationParams
     run: RunParams
 
     @model_validator(mode="after")

@@ -50,9 +50,10 @@ def job_record(job: TrainingJob) -> dict[str, str]:
     """What makes two trainings the same job, flattened to JSON strings.
 
     Left out: `epochs` (raising it continues a job), `run` (where and how it runs),
-    `performance` and `health` (speed switches and the detector's thresholds).
+    `performance` and `health` (speed switches and the detector's thresholds), `validation`
+    (what is measured, with its own RNG state: it never changes the weights).
     """
-    trajectory = job.train.model_dump(mode="json", exclude={"epochs", "run", "performance", "health"})
+    trajectory = job.train.model_dump(mode="json", exclude={"epochs", "run", "performance", "health", "validation"})
     record = {f"model.{key}": json.dumps(value) for key, value in flatten(job.model.model_dump(mode="json")).items()}
     record.update({f"train.{key}": json.dumps(value) for key, value in flatten(trajectory).items()})
     record["data.checksum"] = json.dumps(job.data_checksum)

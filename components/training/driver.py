@@ -2,6 +2,7 @@
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 from components.config.run import RunParams
@@ -22,13 +23,13 @@ def _use_gpu(setting: bool | Literal["auto"]) -> bool:
     return setting
 
 
-def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> TrainingOutcome:
+def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks: Sequence = ()) -> TrainingOutcome:
     """Fit the job on the connected Ray cluster (call `ray.init` first).
 
     storage_path: absolute local folder or s3://; with `run.name` it identifies the run, so a
-    second call with the same pair resumes. Raises CheckpointIncompatible, DataError (a
-    damaged shard, never retried), or Ray's TrainingFailedError once `run.max_failures`
-    restarts are used up.
+    second call with the same pair resumes. callbacks: Ray Train callbacks (a sweep's trial
+    passes Tune's report callback). Raises CheckpointIncompatible, DataError (a damaged shard,
+    never retried), or Ray's TrainingFailedError once `run.max_failures` restarts are used up.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -50,6 +51,7 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str) -> Trainin
             # Ray Train's own progress (resources, worker group, every report and checkpoint)
             # is for debugging; a failure still reaches the driver as an exception.
             logging_config=LoggingConfig(log_level="INFO" if job.console.verbose else "ERROR"),
+            callbacks=list(callbacks),
         ),
     )
     logger.info(

@@ -1,4 +1,5 @@
-"""How the workers tell the driver that a job ended without a trained epoch (diverged, incompatible checkpoint, bad data).
+"""How the workers tell the driver that a job ended without a trained epoch (diverged, incompatible checkpoint, bad data),
+and how a job is asked to end before its last epoch (`StopRequested`).
 
 Ray's Result carries the metrics of the latest *checkpoint* only, so a report without one
 would never reach the driver: rank 0 leaves the outcome in a small actor (`OutcomeBox`) that
@@ -12,6 +13,12 @@ error recorded stop at once (`data_error_recorded`), whatever Ray's failure poli
 import torch
 
 DATA_ERROR = "data_error"
+
+
+class StopRequested(Exception):
+    """Raised by a step hook on every worker at the same step when whoever runs the job (a
+    sweep's scheduler) asks it to end early; the workers return normally, so Ray Train shuts the
+    job down cleanly (its workers and their reserved resources are released)."""
 
 
 class OutcomeBox:

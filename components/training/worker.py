@@ -1,7 +1,7 @@
 """Ray Train's per-worker function: one process per replica, G, D (and W) each under DDP.
 
     resume or start  -> the rank's loader -> per epoch: a train_step per batch, end_epoch
-    (statistics reduced over all workers), MLflow logging on rank 0, and every
+    (statistics reduced over all workers), the validation score and MLflow logging on rank 0, and every
     `checkpoint.every_epochs` and at the end a checkpoint (the method's per-worker state
     gathered from all ranks, rank 0 writes) with `ray.train.report`, a barrier every rank reaches.
 
@@ -36,12 +36,14 @@ from components.training.compatibility import decide_resume, job_record
 from components.training.health import TrainingDiverged
 from components.training.job import StepHook, TrainingJob
 from components.training.outcome import (
+    StopRequested,
     data_error_recorded,
     end_early,
     record_data_error,
     report,
     stop_on_data_error,
 )
+from components.training.validation import EpochValidation
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,12 @@ def train_worker(config: dict) -> None:
     if stop_on_data_error(config["outcome"], data_error, session.device):
         return
     loader = ObservedLoader(rank_loader, rank, job.step_hook, session)
+    # The validation subset is decoded once, by rank 0 only, which scores it alone: the other
+    # ranks go on to the epoch's report (a barrier), so every rank still reports once per epoch.
+    validation = None
+    if rank == 0:
+        validation = EpochValidation.from_split(job.train.validation, job.data_location, job.loader,
+                                                job.train.batch_size, session.device, job.data_checksum)
     epoch_logger = None
     if rank == 0 and job.tracking_uri and job.mlflow_run_id:
         epoch_logger = EpochLogger(job.tracking_uri, job.mlflow_run_id, run.tracking.system_metrics,
@@ -182,6 +190,8 @@ def train_worker(config: dict) -> None:
         epoch = session.epoch
         metrics = {**metrics, "throughput/images_per_s_all_workers": metrics["throughput/images_per_s"] * world_size,
                    "epoch": epoch, "step": session.step}
+        if validation is not None and validation.due(epoch, epochs):
+            metrics.update(validation.score(session, final=epoch >= epochs))
         if epoch_logger is not None:
             epoch_logger.log_epoch(epoch, metrics)
             if (grid_every and epoch % grid_every == 0) or epoch == epochs:
@@ -204,6 +214,11 @@ def train_worker(config: dict) -> None:
         end_early(config["outcome"], rank, {"diverged": 1, "divergence_reason": diverged.reason,
                                             "epoch": session.epoch, "step": session.step})
         return
+    except StopRequested:
+        # Every rank stops at the same step, after the same reports: nothing more to report.
+        if rank == 0:
+            logger.info("stopped early at epoch %d, step %d, as asked (a sweep's scheduler)", session.epoch, session.step)
+        return
     except DataError as error:
         # Mid-epoch the other ranks may be waiting in a collective: record it, then fail; the
         # workers Ray restarts find it recorded and stop at once instead of training again.
@@ -214,5 +229,9 @@ def train_worker(config: dict) -> None:
             epoch_logger.close()
     if session.epoch == first_epoch:
         # Nothing to train (the checkpoint is already at `epochs` or past it): report the state
-        # once more, with the exported generator, so the job ends with a final checkpoint.
-        save_and_report({"epoch": session.epoch, "step": session.step}, final=True)
+        # once more, with the exported generator, so the job ends with a final checkpoint; with
+        # its validation score, which the report that was lost (a killed sweep) carried.
+        metrics = {"epoch": session.epoch, "step": session.step}
+        if validation is not None:
+            metrics.update(validation.score(session, final=True))
+        save_and_report(metrics, final=True)
