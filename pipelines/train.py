@@ -192,9 +192,11 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console,
     )
     if not ray.is_initialized():
+        # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the
+        # runtime_env; credentials come from each node's own environment (docs/training.md).
         ray.init(address=ray_address, include_dashboard=False,
                  logging_level=logging.INFO if console.verbose else logging.ERROR,
-                 runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
+                 runtime_env=environment.ray_runtime_env(ray_workers_environment))
     try:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:
