@@ -5,6 +5,8 @@ RAY_ADDRESS: the Ray cluster to join (default: start a local Ray).
 DVC_EXP_NAME: set by `dvc exp run` to the experiment's name; training runs are named after it.
 PAIRGAN_DVC_REMOTE_URL: where `pairgan retrain` keeps its state (the DVC remote's URL), in place
 of the one .dvc/config names.
+PAIRGAN_START_WEIGHTS: a start-weights file (a path or s3://) that `pairgan train` starts the
+networks from instead of random weights; set by `pairgan retrain` (start_from: champion).
 
 `configure_process` sets what every `pairgan` command needs from MLflow, whatever the shell says:
 MLflow prints no "View run ... at <tracking URI>" lines (the URI may hold a password), never
@@ -45,6 +47,7 @@ PROCESS_SETTINGS = {
     "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
 }
 DVC_REMOTE_URL = "PAIRGAN_DVC_REMOTE_URL"
+START_WEIGHTS = "PAIRGAN_START_WEIGHTS"
 # Set by Ray in the driver of a submitted job: the job's own runtime_env, which ray.init merges with ours.
 _SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -73,6 +76,10 @@ def ray_runtime_env(extra: dict[str, str] | None = None) -> dict:
 
 def dvc_remote_url() -> str | None:
     return os.environ.get(DVC_REMOTE_URL) or None
+
+
+def start_weights() -> str | None:
+    return os.environ.get(START_WEIGHTS) or None
 
 
 def configure_process() -> None:

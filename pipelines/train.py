@@ -52,10 +52,13 @@ from components.tracking import (
     start_job_run,
 )
 from components.training.report import TrainReport, compared_metrics, write_train_report
+from components.training.warm_start import read_start_weights, start_weights_mismatch
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
 logger = logging.getLogger("pairgan.train")
+# the start-weights file a run started from (PAIRGAN_START_WEIGHTS), on its MLflow run
+TAG_START_WEIGHTS = "pairgan.start_weights"
 
 
 
@@ -128,6 +131,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
     check_prepared_size(data, manifest.image_size, data_path, args.data)
+    start_weights = environment.start_weights()
+    if start_weights is not None:
+        # Checked here, before Ray starts: a worker failing on it would only be retried.
+        try:
+            mismatch = start_weights_mismatch(read_start_weights(start_weights), model)
+        except (OSError, ValueError, RuntimeError) as error:
+            print(f"pairgan train: {environment.START_WEIGHTS}: {error}", file=sys.stderr)
+            return ExitStatus.FAILED
+        if mismatch:
+            print(f"pairgan train: {environment.START_WEIGHTS}={start_weights} holds networks of other model params "
+                  f"({', '.join(mismatch)} differ from {model_path})", file=sys.stderr)
+            return ExitStatus.BAD_PARAMS
 
     tracking_uri = environment.tracking_uri()
     tracking = train.run.tracking
@@ -179,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
             TAG_PARAMS_HASH: trained_hash, TAG_RUN_FOLDER: run_folder, TAG_DRIVER: driver_identity()}
     if dvc_experiment:
         tags[TAG_DVC_EXPERIMENT] = dvc_experiment
+    if start_weights is not None:
+        tags[TAG_START_WEIGHTS] = start_weights
     commit = git_commit(Path.cwd())
     if commit:
         tags[TAG_GIT_COMMIT] = commit
@@ -189,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         model=model, train=train, loader=data.loader,
         data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
         data_checksum=manifest.checksum, dataset_size=dataset_size,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console, start_weights=start_weights,
     )
     if not ray.is_initialized():
         # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the

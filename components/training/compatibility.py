@@ -50,13 +50,16 @@ def job_record(job: TrainingJob) -> dict[str, str]:
     """What makes two trainings the same job, flattened to JSON strings.
 
     Left out: `epochs` (raising it continues a job), `run` (where and how it runs),
-    `performance` and `health` (speed switches and the detector's thresholds).
+    `performance` and `health` (speed switches and the detector's thresholds). A job that
+    starts from earlier weights has them in its record.
     """
     trajectory = job.train.model_dump(mode="json", exclude={"epochs", "run", "performance", "health"})
     record = {f"model.{key}": json.dumps(value) for key, value in flatten(job.model.model_dump(mode="json")).items()}
     record.update({f"train.{key}": json.dumps(value) for key, value in flatten(trajectory).items()})
     record["data.checksum"] = json.dumps(job.data_checksum)
     record["data.train_samples"] = str(job.dataset_size)
+    if job.start_weights is not None:  # absent for a job from random weights, so their records stay as they were
+        record["start_weights"] = json.dumps(job.start_weights)
     return record
 
 
