@@ -27,7 +27,7 @@ from components.console import StepProgress
 from components.locks import LockError
 from components.object_store import ObjectStoreError, is_s3_uri
 from components.redaction import redact_text
-from components.retraining.cycle import RetrainFailed, RetrainSetup, retrain, tag_training_run, write_summary
+from components.retraining.cycle import RetrainSetup, retrain, tag_training_run, write_summary
 from components.retraining.dvc_commands import DvcFailed
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
     except LockError as error:
         print(f"pairgan retrain: another retrain is running: {redact_text(str(error))}", file=sys.stderr)
         return ExitStatus.FAILED
-    except (RetrainFailed, DvcFailed, ObjectStoreError) as error:
-        print(f"pairgan retrain: {redact_text(str(error))}; the stored state is unchanged", file=sys.stderr)
+    except (DvcFailed, ObjectStoreError) as error:
+        print(f"pairgan retrain: the state's location: {redact_text(str(error))}", file=sys.stderr)
         return ExitStatus.FAILED
     write_summary(args.summary, result.summary)
     if result.outcome in {"done", "diverged", "failed"}:
-        tag_training_run(setup.tracking_uri, result.summary)
+        tag_training_run(setup.tracking_uri, result.summary)  # the run this cycle trained, if it got that far
     summary = result.summary
     if result.outcome == "nothing_new":
         log.info("nothing new in %s; nothing was run. Summary: %s",

@@ -3,7 +3,10 @@
 Reads params/model.yaml, params/train.yaml (its `run:` section: Ray workers, checkpoints,
 tracking) and from params/data.yaml the image size (the networks are built for it) and the
 `loader:` section. Ray starts locally unless
-RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
+RAY_ADDRESS is set; then the workers get the S3 endpoint and region and MLflow's settings
+through the job's runtime_env (credentials come from each node), and a --data folder is copied
+under an s3:// run.storage_path for them (once per data set). MLflow logs to
+MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
 Running the stage again with the same run.storage_path and run.name resumes from the latest
 checkpoint; an MLflow run that a killed training of that folder left RUNNING is closed as
 FAILED first. One line per epoch on the console; -v/--verbose adds Ray's and MLflow's own
@@ -26,7 +29,7 @@ from components.config.train import TrainParams
 from components.console import ConsoleOptions
 from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
-from components.object_store import is_s3_uri
+from components.object_store import ObjectStoreError, is_s3_uri
 from components.redaction import redact_text, redact_uri
 from components.tracking import (
     TAG_DIVERGED,
@@ -163,11 +166,23 @@ def run(args: argparse.Namespace) -> int:
     from components.training.driver import run_training
     from components.training.job import TrainingJob
     from components.training.run_folder import remove_unlisted_checkpoints
+    from components.training.shared_data import share_prepared, shared_location
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "data": {"image_size": data.image_size, "loader": data.loader.model_dump(mode="json")}}
     storage = _storage_path(train.run.storage_path)
     run_folder = f"{storage.rstrip('/')}/{train.run.name}"
+    data_location = args.data if is_s3_uri(args.data) else str(Path(args.data).resolve())
+    if not is_s3_uri(args.data) and ray_address != "local" and is_s3_uri(storage):
+        # Workers on other nodes cannot read this machine's folder: they read a copy of the data
+        # set under the job's shared storage, made once per data set.
+        data_location = shared_location(storage, manifest)
+        try:
+            share_prepared(manifest, data_location, progress=console.interactive)
+        except ObjectStoreError as error:
+            print(f"pairgan train: the data set could not be copied for the workers: {error}", file=sys.stderr)
+            return ExitStatus.FAILED
+        logger.info("the workers read the data set from %s (a copy of %s)", data_location, args.data)
     # Equal hashes, equal training: train.yaml's run section says where and how, not what is trained.
     trained = {**config, "train": {key: value for key, value in config["train"].items() if key != "run"}}
     trained_hash = params_hash(trained)
@@ -204,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
     job = TrainingJob(
         model=model, train=train, loader=data.loader,
-        data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
+        data_location=data_location,
         data_checksum=manifest.checksum, dataset_size=dataset_size,
         tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console, start_weights=start_weights,
     )

@@ -39,10 +39,12 @@ from components.config.retrain import RetrainParams
 from components.console import StepProgress
 from components.data.manifest import ManifestError, load_manifest
 from components.data.sources import SourceError
-from components.locks import exclusive_lock
-from components.object_store import download_file, is_s3_uri, join_s3_uri, s3_client
+from components.locks import LockLost, exclusive_lock
+from components.object_store import ObjectStoreError, download_file, is_s3_uri, join_s3_uri, s3_client
+from components.redaction import redact_text
 from components.retraining.dvc_commands import (
     LOCK_FILE,
+    DvcFailed,
     checked,
     dvc,
     locked_stages,
@@ -304,7 +306,11 @@ class _Cycle:
 
 
 def retrain(setup: RetrainSetup) -> RetrainResult:
-    """Run one cycle under the state's lock. Raises LockHeld (another cycle runs), RetrainFailed or DvcFailed."""
+    """Run one cycle under the state's lock; a cycle that fails returns outcome "failed" with the reason.
+
+    Raises LockHeld when another cycle holds the lock (nothing was done), DvcFailed or
+    ObjectStoreError when the remote cannot be named or reached (before the lock).
+    """
     project = setup.project
     if setup.remote_url:
         use_remote_url(project, setup.params.remote or "store", setup.remote_url)
@@ -314,8 +320,12 @@ def retrain(setup: RetrainSetup) -> RetrainResult:
     with exclusive_lock(store.location, PURPOSE, ttl_s=setup.params.lock_ttl_s) as lock:
         cycle = _Cycle(setup, store)
         cycle.summary.update(remote=name, versions=_versions(project))
-        result = cycle.run()
-        lock.check()
+        try:
+            result = cycle.run()
+            lock.check()
+        except (RetrainFailed, DvcFailed, LockLost, ObjectStoreError) as error:
+            cycle.summary.update(outcome="failed", reason=redact_text(str(error)))
+            result = RetrainResult("failed", cycle.summary)
     result.summary["seconds"] = round(time.perf_counter() - started, 1)
     return result
 

@@ -187,6 +187,29 @@ def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_regi
     assert json.loads((tmp_path / "reports/register.json").read_text())["decision"] == "first_champion"
 
 
+def test_a_data_set_in_a_local_folder_is_shared_with_the_other_node(two_nodes, s3_endpoint, tmp_path, monkeypatch):
+    # What `dvc repro` does on a cluster: --data is the driver's data/prepared folder, which the
+    # other node cannot read; the driver copies it under the job's S3 storage for the workers.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="shared")
+    params = write_params(tmp_path / "params", checkpoints="s3://shared/checkpoints")
+    assert pairgan(["prepare", "--params-dir", str(params), "--out", "data/prepared", "--no-progress"]) == 0
+    manifest = load_manifest(tmp_path / "data/prepared")
+    trained = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--params-dir", str(params), "--data", "data/prepared",
+         "--model-out", "models/generator.pt", "--report", "reports/train.json"],
+        env={**os.environ, "RAY_ADDRESS": two_nodes.address, "RAY_AUTH_MODE": "disabled",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))},
+        cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
+    shared = f"s3://shared/checkpoints/data/{manifest.checksum[:16]}"
+    assert f"the workers read the data set from {shared}" in trained.stdout + trained.stderr
+    assert load_manifest(shared).checksum == manifest.checksum
+    assert json.loads((tmp_path / "reports/train_info.json").read_text())["data_checksum"] == manifest.checksum
+
+
 PROBE = '''
 import json, os, ray
 from pipelines import environment
