@@ -13,7 +13,7 @@ from types import ModuleType
 
 from components.config import ParamsError
 from components.console import LOG_DATE_FORMAT, LOG_FORMAT
-from pipelines import builtin_data, environment, evaluate, predict, prepare, register, rollback, train, tune
+from pipelines import builtin_data, environment, evaluate, predict, prepare, register, retrain, rollback, train, tune
 from pipelines.exit_status import ExitStatus
 
 # name -> module with `add_arguments(parser)` and `run(args) -> int`, listed explicitly so a
@@ -26,6 +26,7 @@ STAGES: dict[str, ModuleType] = {
     "evaluate": evaluate,
     "register": register,
     "rollback": rollback,
+    "retrain": retrain,
     "predict": predict,
 }
 

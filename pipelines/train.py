@@ -3,7 +3,10 @@
 Reads params/model.yaml, params/train.yaml (its `run:` section: Ray workers, checkpoints,
 tracking) and from params/data.yaml the image size (the networks are built for it) and the
 `loader:` section. Ray starts locally unless
-RAY_ADDRESS is set; MLflow logs to MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
+RAY_ADDRESS is set; then the workers get the S3 endpoint and region and MLflow's settings
+through the job's runtime_env (credentials come from each node), and a --data folder is copied
+under an s3:// run.storage_path for them (once per data set). MLflow logs to
+MLFLOW_TRACKING_URI, else to sqlite:///<cwd>/mlflow.db.
 Running the stage again with the same run.storage_path and run.name resumes from the latest
 checkpoint; an MLflow run that a killed training of that folder left RUNNING is closed as
 FAILED first. One line per epoch on the console; -v/--verbose adds Ray's and MLflow's own
@@ -26,7 +29,7 @@ from components.config.train import TrainParams
 from components.console import ConsoleOptions
 from components.data.integrity import DataError
 from components.data.manifest import ManifestError, load_manifest
-from components.object_store import is_s3_uri
+from components.object_store import ObjectStoreError, is_s3_uri
 from components.redaction import redact_text, redact_uri
 from components.tracking import (
     TAG_DIVERGED,
@@ -52,10 +55,13 @@ from components.tracking import (
     start_job_run,
 )
 from components.training.report import TrainReport, compared_metrics, write_train_report
+from components.training.warm_start import read_start_weights, start_weights_mismatch
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
 logger = logging.getLogger("pairgan.train")
+# the start-weights file a run started from (PAIRGAN_START_WEIGHTS), on its MLflow run
+TAG_START_WEIGHTS = "pairgan.start_weights"
 
 
 
@@ -128,6 +134,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
     check_prepared_size(data, manifest.image_size, data_path, args.data)
+    start_weights = environment.start_weights()
+    if start_weights is not None:
+        # Checked here, before Ray starts: a worker failing on it would only be retried.
+        try:
+            mismatch = start_weights_mismatch(read_start_weights(start_weights), model)
+        except (OSError, ValueError, RuntimeError) as error:
+            print(f"pairgan train: {environment.START_WEIGHTS}: {error}", file=sys.stderr)
+            return ExitStatus.FAILED
+        if mismatch:
+            print(f"pairgan train: {environment.START_WEIGHTS}={start_weights} holds networks of other model params "
+                  f"({', '.join(mismatch)} differ from {model_path})", file=sys.stderr)
+            return ExitStatus.BAD_PARAMS
 
     tracking_uri = environment.tracking_uri()
     tracking = train.run.tracking
@@ -148,11 +166,23 @@ def run(args: argparse.Namespace) -> int:
     from components.training.driver import run_training
     from components.training.job import TrainingJob
     from components.training.run_folder import remove_unlisted_checkpoints
+    from components.training.shared_data import share_prepared, shared_location
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "data": {"image_size": data.image_size, "loader": data.loader.model_dump(mode="json")}}
     storage = _storage_path(train.run.storage_path)
     run_folder = f"{storage.rstrip('/')}/{train.run.name}"
+    data_location = args.data if is_s3_uri(args.data) else str(Path(args.data).resolve())
+    if not is_s3_uri(args.data) and ray_address != "local" and is_s3_uri(storage):
+        # Workers on other nodes cannot read this machine's folder: they read a copy of the data
+        # set under the job's shared storage, made once per data set.
+        data_location = shared_location(storage, manifest)
+        try:
+            share_prepared(manifest, data_location, progress=console.interactive)
+        except ObjectStoreError as error:
+            print(f"pairgan train: the data set could not be copied for the workers: {error}", file=sys.stderr)
+            return ExitStatus.FAILED
+        logger.info("the workers read the data set from %s (a copy of %s)", data_location, args.data)
     # Equal hashes, equal training: train.yaml's run section says where and how, not what is trained.
     trained = {**config, "train": {key: value for key, value in config["train"].items() if key != "run"}}
     trained_hash = params_hash(trained)
@@ -179,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
             TAG_PARAMS_HASH: trained_hash, TAG_RUN_FOLDER: run_folder, TAG_DRIVER: driver_identity()}
     if dvc_experiment:
         tags[TAG_DVC_EXPERIMENT] = dvc_experiment
+    if start_weights is not None:
+        tags[TAG_START_WEIGHTS] = start_weights
     commit = git_commit(Path.cwd())
     if commit:
         tags[TAG_GIT_COMMIT] = commit
@@ -187,14 +219,16 @@ def run(args: argparse.Namespace) -> int:
 
     job = TrainingJob(
         model=model, train=train, loader=data.loader,
-        data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
+        data_location=data_location,
         data_checksum=manifest.checksum, dataset_size=dataset_size,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console, start_weights=start_weights,
     )
     if not ray.is_initialized():
+        # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the
+        # runtime_env; credentials come from each node's own environment (docs/training.md).
         ray.init(address=ray_address, include_dashboard=False,
                  logging_level=logging.INFO if console.verbose else logging.ERROR,
-                 runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
+                 runtime_env=environment.ray_runtime_env(ray_workers_environment))
     try:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:

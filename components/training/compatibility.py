@@ -51,13 +51,16 @@ def job_record(job: TrainingJob) -> dict[str, str]:
 
     Left out: `epochs` (raising it continues a job), `run` (where and how it runs),
     `performance` and `health` (speed switches and the detector's thresholds), `validation`
-    (what is measured, with its own RNG state: it never changes the weights).
+    (what is measured, with its own RNG state: it never changes the weights). A job that
+    starts from earlier weights has them in its record.
     """
     trajectory = job.train.model_dump(mode="json", exclude={"epochs", "run", "performance", "health", "validation"})
     record = {f"model.{key}": json.dumps(value) for key, value in flatten(job.model.model_dump(mode="json")).items()}
     record.update({f"train.{key}": json.dumps(value) for key, value in flatten(trajectory).items()})
     record["data.checksum"] = json.dumps(job.data_checksum)
     record["data.train_samples"] = str(job.dataset_size)
+    if job.start_weights is not None:  # absent for a job from random weights, so their records stay as they were
+        record["start_weights"] = json.dumps(job.start_weights)
     return record
 
 

@@ -33,6 +33,9 @@ class TrainingJob:
     tracking_uri: str | None = field(default=None, repr=False)
     mlflow_run_id: str | None = None
     step_hook: StepHook | None = None
+    # A start-weights file (components/training/warm_start.py; a path every node sees, or s3://)
+    # the networks start from when the job does not resume a checkpoint of its own.
+    start_weights: str | None = None
     console: ConsoleOptions = ConsoleOptions()  # what the workers print, decided by the command
 
 

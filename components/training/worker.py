@@ -44,6 +44,7 @@ from components.training.outcome import (
     stop_on_data_error,
 )
 from components.training.validation import EpochValidation
+from components.training.warm_start import load_start_weights, read_start_weights
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def train_worker(config: dict) -> None:
             session.load_state_dict(state)
         if rank == 0:
             logger.info("%s", decision.message)
+    if job.start_weights is not None and session.step == 0:  # not resuming: start from the given networks
+        load_start_weights(session, read_start_weights(job.start_weights))
 
     # Each worker reads its own share from where the job says the data is (a path every node
     # sees, or s3://), verified against the manifest the driver started from.

@@ -10,6 +10,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 PROJECT = Path(__file__).resolve().parents[2]
 INFRA = PROJECT / "infra"
+# the image the Dockerfile builds, as every cluster definition names it (a placeholder registry)
+PROJECT_IMAGE = "ghcr.io/example/pairgan:0.1.0"
 
 
 def cluster_config() -> dict:
@@ -23,12 +25,13 @@ def manifests(name: str) -> list[dict]:
 def test_ray_cluster_file_passes_the_autoscaler_schema():
     prepared = prepare_config(copy.deepcopy(cluster_config()))
     validate_config(prepared)
-    # The autoscaler's defaults install a nightly Ray on an old image; ours must not.
+    # The autoscaler's defaults install a nightly Ray on an old image; ours installs nothing:
+    # every node runs the project's image.
     commands = prepared["setup_commands"] + prepared["head_setup_commands"] + prepared["worker_setup_commands"]
-    assert not any("ray-wheels" in command or "nightly" in command for command in commands)
-    assert any("pip install -e /home/ubuntu/pairgan" in command for command in prepared["setup_commands"])
-    assert any("torch==" in command for command in prepared["setup_commands"])
-    assert prepared["file_mounts"]["/home/ubuntu/pairgan"] == "."
+    assert commands == []
+    assert prepared["docker"]["image"] == PROJECT_IMAGE
+    assert "--gpus all" in prepared["docker"]["worker_run_options"]
+    assert not prepared["file_mounts"]  # no code copied onto the nodes beside the image's
 
 
 def test_every_node_type_pins_its_image_and_gpu_workers_have_their_own_role():
@@ -55,10 +58,18 @@ def test_the_schema_check_rejects_fractional_resources_and_unknown_keys():
         validate_config(prepare_config(unknown))
 
 
+def volumes_of(spec: dict) -> list[dict]:
+    return spec["template"]["spec"].get("volumes", [])
+
+
 def test_kuberay_job_runs_pairgan_train_on_gpu_workers_with_the_installed_ray():
     (job,) = manifests("rayjob-train.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    assert job["spec"]["entrypoint"].split()[:2] == ["pairgan", "train"]
+    entrypoint = job["spec"]["entrypoint"].split()
+    assert entrypoint[:2] == ["pairgan", "train"]
+    assert entrypoint[entrypoint.index("--data") + 1].startswith("s3://")  # no volume shared between pods
+    groups = [job["spec"]["rayClusterSpec"]["headGroupSpec"], *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    assert not [volume for group in groups for volume in volumes_of(group) if "persistentVolumeClaim" in volume]
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
     # Ray Train retries worker failures itself; a RayJob retry would start a second driver.
     assert job["spec"]["backoffLimit"] == 0
@@ -73,17 +84,26 @@ def test_raycluster_autoscales_gpu_workers_from_zero():
     assert cluster["spec"]["rayVersion"] == ray.__version__
     (workers,) = cluster["spec"]["workerGroupSpecs"]
     assert workers["minReplicas"] == 0 and workers["maxReplicas"] >= 1
+    groups = [cluster["spec"]["headGroupSpec"], workers]
+    assert not [volume for group in groups for volume in volumes_of(group) if "persistentVolumeClaim" in volume]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {port["containerPort"] for port in head["ports"]} >= {8265}  # job submission
+    remote = {item["name"]: item.get("value") for item in head["env"]}["PAIRGAN_DVC_REMOTE_URL"]
+    assert remote.startswith("s3://")  # the retrain state outlives the head pod
 
 
-def test_scheduled_retraining_runs_dvc_repro_one_at_a_time():
+def test_scheduled_retraining_submits_pairgan_retrain_to_the_cluster_head_one_at_a_time():
     (cron,) = manifests("retrain-cronjob.yaml")
     assert cron["kind"] == "CronJob" and len(cron["spec"]["schedule"].split()) == 5
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert "dvc repro" in " ".join(container["command"] + container["args"])
+    command = container["command"] + container["args"]
+    assert command[:3] == ["ray", "job", "submit"]
+    entrypoint = " ".join(command[command.index("--") + 1:])
+    assert entrypoint.endswith("pairgan retrain") and "dvc " not in entrypoint
     (cluster,) = manifests("raycluster.yaml")
-    ray_address = {item["name"]: item.get("value") for item in container["env"]}["RAY_ADDRESS"]
-    assert f"{cluster['metadata']['name']}-head-svc" in ray_address
+    address = next(part for part in command if part.startswith("--address="))
+    assert address == f"--address=http://{cluster['metadata']['name']}-head-svc:8265"
 
 
 def test_mlflow_server_uses_a_sql_backend_and_s3_artifacts_without_inline_secrets():
@@ -95,6 +115,27 @@ def test_mlflow_server_uses_a_sql_backend_and_s3_artifacts_without_inline_secret
     backend = {item["name"]: item for item in container["env"]}["MLFLOW_BACKEND_STORE_URI"]
     assert "secretKeyRef" in backend["valueFrom"], "the database URL (with its password) must come from a Secret"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert any(arg.startswith("--allowed-hosts=") for arg in args)  # else in-cluster clients get 403
+
+
+def images_in(node) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["image"]] if isinstance(node.get("image"), str) else []
+        return found + [image for value in node.values() for image in images_in(value)]
+    if isinstance(node, list):
+        return [image for value in node for image in images_in(value)]
+    return []
+
+
+def test_every_definition_runs_the_one_project_image_of_this_version():
+    import tomllib
+
+    version = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["version"]
+    assert PROJECT_IMAGE.endswith(f":{version}")
+    found = images_in(cluster_config())
+    for name in ("rayjob-train.yaml", "raycluster.yaml", "retrain-cronjob.yaml", "mlflow-server.yaml"):
+        found += [image for document in manifests(name) for image in images_in(document)]
+    assert found and set(found) == {PROJECT_IMAGE}
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "raycluster.yaml", "retrain-cronjob.yaml", "mlflow-server.yaml"])
@@ -116,37 +157,3 @@ def test_no_manifest_holds_a_literal_credential(name):
 
     assert not [key for document in yaml.safe_load_all(text) for key in literal_secrets(document)]
     assert "AKIA" not in text  # an AWS access key id
-
-
-def _rsync_excludes(pattern: str, path: str) -> bool:
-    """rsync's --exclude matching for `path` (relative to the transfer root, '/'-separated):
-    '**' spans folders, '*' and '?' do not; a leading '/' anchors at the root, otherwise the
-    pattern matches the end of the path (any trailing run of whole components)."""
-    import re
-
-    anchored = pattern.startswith("/")
-    body = pattern.strip("/")
-    regex = "".join(
-        ".*" if token == "**" else "[^/]*" if token == "*" else "[^/]" if token == "?" else re.escape(token)
-        for token in re.split(r"(\*\*|\*|\?)", body)
-        if token
-    )
-    return re.fullmatch(regex if anchored else f"(?:.*/)?{regex}", path) is not None
-
-
-def test_rsync_excludes_leave_every_source_file_on_the_nodes():
-    # file_mounts copies the project to every node and setup_commands `pip install -e` it there:
-    # an exclude pattern that also matches a source folder (e.g. '**/data' and components/data)
-    # gives nodes a project that fails at import.
-    patterns = cluster_config()["rsync_exclude"]
-    sources = [PROJECT / "pyproject.toml", *sorted((PROJECT / "components").rglob("*.py")),
-               *sorted((PROJECT / "pipelines").rglob("*.py")), *sorted((PROJECT / "params").glob("*.yaml"))]
-    dropped = []
-    for source in sources:
-        parts = source.relative_to(PROJECT).parts
-        prefixes = ["/".join(parts[: end]) for end in range(1, len(parts) + 1)]
-        dropped += [f"{prefix} (by {pattern!r})" for pattern in patterns for prefix in prefixes if _rsync_excludes(pattern, prefix)]
-    assert not dropped, f"ray_cluster.yaml rsync_exclude drops project files: {sorted(set(dropped))}"
-    # the checker itself tells the two kinds of pattern apart
-    assert _rsync_excludes("**/data", "components/data") and not _rsync_excludes("/data", "components/data")
-    assert _rsync_excludes("/data", "data")

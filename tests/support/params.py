@@ -26,12 +26,14 @@ from components.config.data import DataParams
 from components.config.evaluate import EvaluateParams
 from components.config.model import ModelParams
 from components.config.register import RegisterParams
+from components.config.retrain import RetrainParams
 from components.config.train import TrainParams
 
 PARAMS = Path(__file__).resolve().parents[2] / "params"
 EXAMPLES = PARAMS / "examples"
 SCHEMAS: dict[str, type[BaseModel]] = {
     "data": DataParams, "model": ModelParams, "train": TrainParams, "evaluate": EvaluateParams, "register": RegisterParams,
+    "retrain": RetrainParams,
 }
 METHOD_PRESETS = {"atme": "atme-reference", "ddgan": "ddgan-reference"}
 SECTION_PRESETS = {"diffusion_gan": "diffusion-gan-reference", "guidance": "ddgan-guided-small"}
