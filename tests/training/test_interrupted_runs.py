@@ -12,7 +12,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from components.config.model import ModelParams
@@ -26,20 +25,11 @@ from components.tracking import (
     method_label,
     params_hash,
 )
+from components.training.report import read_train_report
 from components.training.run_folder import SNAPSHOT_FILE, remove_unlisted_checkpoints
+from support.params import shipped_yaml, write_shipped
 
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def shipped_params(name: str, overrides: dict) -> dict:
-    return deep_merge(yaml.safe_load((PROJECT / "params" / name).read_text()), overrides)
 
 
 @pytest.fixture
@@ -77,11 +67,11 @@ def test_method_label_names_diffusion_gan_and_the_params_hash_follows_the_params
     diffusion_gan = {"t_min": 5, "t_max": 500, "beta_start": 1.0e-4, "beta_end": 2.0e-2, "sigma": 0.05,
                      "t_distribution": "priority", "update_interval": 4, "ada_kimg": 100, "d_target": 0.6}
     sizes = {"image_size": 32, "load_size": 36}
-    plain = shipped_params("model.yaml", {})
+    plain = shipped_yaml("model")
     assert method_label(ModelParams.model_validate({**plain, **sizes})) == "pix2pix"
-    with_dg = shipped_params("model.yaml", {"method": {"diffusion_gan": diffusion_gan}})
+    with_dg = shipped_yaml("model", method={"diffusion_gan": diffusion_gan})
     assert method_label(ModelParams.model_validate({**with_dg, **sizes})) == "pix2pix-dg"
-    assert params_hash(plain) == params_hash(shipped_params("model.yaml", {}))
+    assert params_hash(plain) == params_hash(shipped_yaml("model"))
     assert params_hash(plain) != params_hash(with_dg)
     assert len(params_hash(plain)) == 8
 
@@ -141,13 +131,9 @@ def test_train_refuses_a_run_folder_another_live_training_is_using(tmp_path, pre
 
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params"
-    params.mkdir()
-    tiny = {"method": {"generator": {"ngf": 8}, "discriminator": {"ndf": 8}}}
-    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
-    train = {"run": {"name": "job", "storage_path": str(tmp_path / "checkpoints")}}
-    (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
-    data = {"image_size": 32}
-    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+    write_shipped(params, "model", method={"generator": {"ngf": 8}, "discriminator": {"ndf": 8}})
+    write_shipped(params, "train", run={"name": "job", "storage_path": str(tmp_path / "checkpoints")})
+    write_shipped(params, "data", image_size=32)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -233,18 +219,15 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     storage = tmp_path / "checkpoints"
     params = tmp_path / "params"
     params.mkdir()
-    tiny = {"image_size": 32, "load_size": 36,
-            "method": {"generator": {"ngf": 8, "max_multiplier": 2}, "discriminator": {"ndf": 8, "n_layers": 2}}}
-    (params / "model.yaml").write_text(yaml.safe_dump(shipped_params("model.yaml", tiny)))
-    data = {"loader": {"load_size": 36, "crop_size": 32, "num_threads": 1}}
-    (params / "data.yaml").write_text(yaml.safe_dump(shipped_params("data.yaml", data)))
+    write_shipped(params, "model", method={"generator": {"ngf": 8, "max_multiplier": 2},
+                                           "discriminator": {"ndf": 8, "n_layers": 2}})
+    write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})
 
     def write_train(epochs: int) -> None:
-        train = {"epochs": epochs, "batch_size": 2,
-                 "run": {"name": "job", "storage_path": str(storage), "scaling": {"use_gpu": False},
-                         "checkpoint": {"every_epochs": 1, "num_to_keep": 2},
-                         "tracking": {"sample_grid_every_epochs": 0, "system_metrics": False}}}
-        (params / "train.yaml").write_text(yaml.safe_dump(shipped_params("train.yaml", train)))
+        write_shipped(params, "train", epochs=epochs, batch_size=2,
+                      run={"name": "job", "storage_path": str(storage), "scaling": {"use_gpu": False},
+                           "checkpoint": {"every_epochs": 1, "num_to_keep": 2},
+                           "tracking": {"sample_grid_every_epochs": 0, "system_metrics": False}})
 
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
@@ -277,8 +260,11 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     orphan.mkdir()
     (orphan / "state.pt").write_bytes(b"half-written")
 
-    # The next start (epochs lowered to 1: the checkpoint is past it, so it finishes at once).
-    write_train(epochs=1)
+    # The next start, with epochs set to those of the newest checkpoint Ray lists, so that it
+    # resumes there and finishes at once (an unfinished run may not be cut below what it trained).
+    listed = json.loads(snapshot.read_text())["checkpoint_results"]
+    write_train(epochs=max(json.loads((storage / "job" / result["checkpoint_dir_name"] / "checkpoint.json").read_text())["epoch"]
+                           for result in listed))
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -290,4 +276,4 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     assert "resumed from" in result.stdout + result.stderr
     [finished] = [run for run in client.search_runs([closed.info.experiment_id]) if run.info.run_id != closed.info.run_id]
     assert finished.info.status == "FINISHED" and finished.info.run_name.startswith("pix2pix ")
-    assert json.loads((tmp_path / "train.json").read_text())["status"] == "finished"
+    assert read_train_report(tmp_path / "train.json").status == "finished"
