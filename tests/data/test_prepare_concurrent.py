@@ -9,9 +9,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-import yaml
 
+from components.config import with_overrides
 from components.data.manifest import load_manifest
+from support.params import write_shipped
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,19 +39,10 @@ prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False, on
 """
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def write_data_params(folder: Path, **overrides) -> None:
-    shipped = yaml.safe_load((REPO / "params/data.yaml").read_text())
     small = {"source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 12, "val_pairs": 3, "test_pairs": 3}},
              "image_size": 32, "shard_max_count": 5}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "data.yaml").write_text(yaml.safe_dump(merged(merged(shipped, small), overrides)))
+    write_shipped(folder, "data", **with_overrides(small, overrides))
 
 
 def shard_bytes(out: str, relative: str, client) -> bytes:

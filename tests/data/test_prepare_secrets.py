@@ -4,27 +4,18 @@ import socket
 from pathlib import Path
 
 import pytest
-import yaml
 
+from components.config import with_overrides
 from pipelines.cli import main
+from support.params import write_shipped
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET = "SECRET-7f3a"
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def write_data_params(folder: Path, **overrides) -> None:
-    shipped = yaml.safe_load((REPO / "params/data.yaml").read_text())
     small = {"source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 4, "val_pairs": 1, "test_pairs": 1}},
              "image_size": 32}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "data.yaml").write_text(yaml.safe_dump(merged(merged(shipped, small), overrides)))
+    write_shipped(folder, "data", **with_overrides(small, overrides))
 
 
 def closed_port() -> int:

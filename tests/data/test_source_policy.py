@@ -8,27 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
+from components.config import with_overrides
 from components.data.manifest import load_manifest
 from pipelines.cli import main
+from support.params import write_shipped
 
-REPO = Path(__file__).resolve().parents[2]
 OUTSIDE = "symbolic link to a location outside the source folder; refused"
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def write_data_params(folder: Path, **overrides) -> None:
-    shipped = yaml.safe_load((REPO / "params/data.yaml").read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "data.yaml").write_text(yaml.safe_dump(merged(shipped, {"image_size": 32, "val_fraction": 0.0, **overrides})))
+    write_shipped(folder, "data", **with_overrides({"image_size": 32, "val_fraction": 0.0}, overrides))
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:

@@ -24,6 +24,7 @@ from components.registry.gate import (
 )
 from components.registry.loading import load_registered
 from components.registry.model_card import Provenance
+from support.scaled_translators import Scale
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -41,17 +42,6 @@ def _isolated_mlflow(monkeypatch, tmp_path):
 def register_params(**overrides) -> RegisterParams:
     shipped = yaml.safe_load((PROJECT / "params/register.yaml").read_text())
     return RegisterParams.model_validate({**shipped, "model_name": "facades", **overrides})
-
-
-class Scale(nn.Module):
-    """Stand-in translator: output = source * factor. The held-out targets are source * 0.5."""
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = nn.Parameter(torch.tensor(factor))
-
-    def forward(self, source):
-        return (source * self.factor).clamp(-1, 1)
 
 
 class Noisy(nn.Module):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from components.registry.loading import UnsafeModelArtifact, check_model_folder
 from pipelines.cli import main as pairgan
-from support.evaluation_fixtures import make_project, write_generator, write_train_report
+from support.evaluation_fixtures import evaluated_project
 
 MODEL = "pairgan-generator"
 
@@ -50,13 +50,7 @@ def replace_with_pickle_flavour(folder: Path, marker: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("project"))
-    write_generator(root / "models/generator.pt")
-    write_train_report(root / "reports/train.json")
-    args = ["--params-dir", str(root / "params"), "--data", str(root / "data/prepared"),
-            "--model", str(root / "models/generator.pt"), "--train-report", str(root / "reports/train.json")]
-    assert pairgan(["evaluate", *args, "--out", str(root / "reports/evaluate")]) == 0
-    return root
+    return evaluated_project(tmp_path_factory.mktemp("project"))
 
 
 def register(project, out):

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from pipelines.cli import main as pairgan
-from support.evaluation_fixtures import make_project, write_generator, write_train_report
+from support.evaluation_fixtures import evaluated_project, write_generator, write_train_report
 from support.params import write_shipped
 
 
@@ -21,13 +21,7 @@ def _isolated_mlflow(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("project"))
-    write_generator(root / "models/generator.pt")
-    write_train_report(root / "reports/train.json")
-    args = ["--params-dir", str(root / "params"), "--data", str(root / "data/prepared"),
-            "--model", str(root / "models/generator.pt"), "--train-report", str(root / "reports/train.json")]
-    assert pairgan(["evaluate", *args, "--out", str(root / "reports/evaluate")]) == 0
-    return root
+    return evaluated_project(tmp_path_factory.mktemp("project"))
 
 
 def register(project, store, monkeypatch, train_report="reports/train.json", out="reports/register.json", model="models/generator.pt"):

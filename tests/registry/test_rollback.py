@@ -1,6 +1,7 @@
 """`pairgan rollback --to VERSION --reason ...` on a throwaway SQLite store."""
 
 import json
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -8,16 +9,16 @@ import mlflow
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from components.config.register import RegisterParams
-from components.evaluation.held_out import score_held_out
 from components.registry.flavor import TranslatorCard
 from components.registry.gate import register_with_gate
 from components.registry.model_card import Provenance
 from components.tracking import TAG_OUTCOME
 from pipelines.cli import main as pairgan
 from support.params import shipped
+from support.scaled_translators import Scale
+from support.scaled_translators import score as scaled_score
 
 PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
@@ -26,18 +27,7 @@ CARD = TranslatorCard(nfe=1, supports_guidance=False, guidance_weight=None, chan
 PROVENANCE = Provenance("pix2pix", {"method.name": "pix2pix"}, "abc123", "f" * 64, None)
 
 
-class Scale(nn.Module):
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = nn.Parameter(torch.tensor(factor))
-
-    def forward(self, source):
-        return (source * self.factor).clamp(-1, 1)
-
-
-def score(module):
-    source = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return score_held_out(module, [{"source": source, "target": source * 0.5, "index": torch.arange(8)}], torch.device("cpu"))
+score = partial(scaled_score, size=SIZE, pairs=8)
 
 
 @pytest.fixture

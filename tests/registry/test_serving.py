@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,32 +16,21 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from components.evaluation.held_out import score_held_out
 from components.registry.flavor import TranslatorCard
 from components.registry.gate import register_with_gate
 from components.registry.loading import UnsafeModelArtifact
 from components.registry.model_card import Provenance
 from support.params import shipped
+from support.scaled_translators import Scale
+from support.scaled_translators import score as scaled_score
 
 PROJECT = Path(__file__).resolve().parents[2]
 SIZE = 16
 CARD = TranslatorCard(nfe=1, supports_guidance=False, guidance_weight=None, channels=3, image_size=SIZE)
 
 
-class Scale(nn.Module):
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = nn.Parameter(torch.tensor(factor))
-
-    def forward(self, source):
-        return (source * self.factor).clamp(-1, 1)
-
-
-def score(module):
-    source = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return score_held_out(module, [{"source": source, "target": source * 0.5, "index": torch.arange(4)}], torch.device("cpu"))
+score = partial(scaled_score, size=SIZE, pairs=4)
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,15 @@ def write_train_report(path: Path, status: str = "finished", **extra) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_train_report_files(path, report, history=[{"epoch": 1, "loss/G": 2.5, "loss/D": 0.7}])
     return path
+
+
+def evaluated_project(root: Path) -> Path:
+    """A project folder at `root` with a tiny prepared data set, a pix2pix generator, its train
+    report and `pairgan evaluate`'s report: what `pairgan register` reads."""
+    make_project(root)
+    write_generator(root / "models/generator.pt")
+    write_train_report(root / "reports/train.json")
+    args = ["--params-dir", str(root / "params"), "--data", str(root / "data/prepared"),
+            "--model", str(root / "models/generator.pt"), "--train-report", str(root / "reports/train.json")]
+    assert pairgan(["evaluate", *args, "--out", str(root / "reports/evaluate")]) == 0
+    return root
