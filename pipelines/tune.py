@@ -152,6 +152,11 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     console = ConsoleOptions(verbose=args.verbose, interactive=sys.stdout.isatty())
     ray_address = environment.ray_address()
     ray_workers_environment = _ray_console(console, ray_address)  # before ray is imported
+    if not console.verbose:
+        # Tune's newer console output prints its configuration box and result paths even at
+        # verbose=0; its classic reporter at verbose=0 prints nothing: the sweep's own lines
+        # (trial epochs, outcomes, ETA) say what happens.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
 

@@ -156,6 +156,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     second = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
 
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # a console a person reads: the sweep's own lines, not Tune's configuration box or paths
+    assert "resuming the sweep" in second.stdout + second.stderr
+    assert "Configuration for experiment" not in second.stdout + second.stderr
+    assert "tensorboard" not in (second.stdout + second.stderr).lower()
     # The finished trial was not run again: no new result, no new checkpoint.
     assert (sweep / finished / "result.json").read_bytes() == finished_results
     assert sorted(path.name for path in (sweep / "train_runs" / finished).iterdir()) == finished_checkpoints
