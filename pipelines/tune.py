@@ -18,14 +18,13 @@ trial diverged.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from components.atomic_files import write_bytes_atomic, write_json_atomic
+from components.atomic_files import write_bytes_atomic
 from components.config import ParamsError, load_params, read_yaml_mapping, validate_params
 from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
 from components.config.model import load_model_params, validate_model_params
@@ -52,7 +51,6 @@ from pipelines.train import _ray_console, _storage_path
 
 logger = logging.getLogger("pairgan.tune")
 
-RESULTS_FILE, PLOT_FILE, SUMMARY_FILE, BEST_FILE = "results.csv", "metric_vs_params.png", "summary.json", "best_params.yaml"
 ADOPTABLE = ("model.yaml", "train.yaml")
 
 
@@ -160,8 +158,8 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
 
-    from components.tuning.outcomes import best_trial, count_outcomes, summarise
-    from components.tuning.report import best_params, best_params_yaml, plot_png, results_csv, results_rows
+    from components.tuning.outcomes import count_outcomes, summarise
+    from components.tuning.report import BEST_FILE, RESULTS_FILE, sweep_files
     from components.tuning.sweep import TRAIN_RUNS, concurrency, fingerprint, run_sweep, trial_count, trial_records
     from components.tuning.tracking import SweepTracker, finish_runs, start_parent_run
     from components.tuning.trial import TrialPlan
@@ -196,42 +194,22 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
 
     summaries = [summarise(record, tune.metric, tune.mode, tune.scope, tune.trial.epochs)
                  for record in trial_records(experiment_path)]
-    counts = count_outcomes(summaries)
-    best = best_trial(summaries, tune.mode)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = results_csv(results_rows(summaries, space.keys, tune.metric)).encode()
-    plot = plot_png(summaries, space.keys, tune.metric, f"{sweep_id}: {tune.metric} ({tune.mode}, scope {tune.scope})")
-    summary = {
-        "sweep": sweep_id, "metric": tune.metric, "mode": tune.mode, "scope": tune.scope, "trials": len(summaries),
-        **counts, "command_wall_time_s": round(wall, 1), "storage": experiment_path,
-        "best": None if best is None else {
-            "trial": best.trial_id, "score": best.score, "epoch": best.best_epoch, "guidance_weight": best.guidance_weight,
-            "values": best.record.values,
-        },
-    }
-    artifacts = {RESULTS_FILE: table, PLOT_FILE: plot}
-    write_bytes_atomic(out / RESULTS_FILE, table)
-    write_bytes_atomic(out / PLOT_FILE, plot)
     best_file = out / BEST_FILE
-    if best is not None:
-        document = best_params(space.configuration(best.record.values), best)
-        header = [
-            f"Best trial {best.trial_id} of sweep {sweep_id}: {tune.metric} {best.score:.6g} ({tune.mode}, scope {tune.scope}).",
-            f"Apply it to {args.params_dir}/ (keeps the files' comments): pairgan tune --apply {best_file}",
-        ]
-        artifacts[BEST_FILE] = best_params_yaml(document, header).encode()
-        write_bytes_atomic(best_file, artifacts[BEST_FILE])
-    elif best_file.exists():
+    files, best = sweep_files(summaries, space, tune, sweep_id, experiment_path, wall,
+                              f"pairgan tune --apply {best_file} --params-dir {args.params_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        write_bytes_atomic(out / name, content)
+    if best is None and best_file.exists():
         best_file.unlink()  # a stale best from another sweep must not be applied by mistake
-    artifacts[SUMMARY_FILE] = json.dumps(summary, indent=2, default=str).encode()
-    write_json_atomic(out / SUMMARY_FILE, json.loads(artifacts[SUMMARY_FILE]))
+    counts = count_outcomes(summaries)
 
     parent_metrics = {f"trials_{outcome}": count for outcome, count in counts.items()}
     if best is not None:
         parent_metrics[f"best_{tune.metric}"] = best.score
     parent_tags = {"pairgan.best_trial": best.trial_id if best else "", "pairgan.sweep_path": experiment_path}
-    finish_runs(tracker, summaries, parent_metrics, parent_tags, artifacts, finished=counts["unfinished"] == 0)
+    finish_runs(tracker, summaries, parent_metrics, parent_tags, files, finished=counts["unfinished"] == 0)
 
     logger.info("sweep %s: %d trials in %.0f s: %s", sweep_id, len(summaries), wall,
                 ", ".join(f"{count} {outcome}" for outcome, count in counts.items()))

@@ -8,11 +8,14 @@
   param's value, marked by outcome;
 - best params (YAML): the best trial's configuration (the sweep's `fixed` values and its drawn
   values, with the best guidance weight) as dotted keys per params file, which
-  `pairgan tune --apply` writes into the params files.
+  `pairgan tune --apply` writes into the params files;
+- summary (JSON): the sweep's id, metric, mode and scope, the trial count per outcome, the
+  command's wall time, where the sweep's state is, the best trial.
 """
 
 import csv
 import io
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +23,9 @@ from typing import Any
 import yaml
 
 from components.config.flatten import flatten
-from components.tuning.outcomes import OUTCOMES, TrialSummary
+from components.config.tune import TuneParams
+from components.tuning.outcomes import OUTCOMES, TrialSummary, best_trial, count_outcomes
+from components.tuning.space import SweepSpace
 
 GUIDANCE_WEIGHT_KEY = "model.method.guidance.weight"
 # params file (in the params folder) of each key prefix
@@ -132,3 +137,39 @@ def best_params(configuration: Mapping[str, Any], best: TrialSummary) -> dict[st
 def best_params_yaml(document: Mapping[str, Mapping[str, Any]], header: Sequence[str]) -> str:
     comments = "".join(f"# {line}\n" for line in header)
     return comments + yaml.safe_dump(dict(document), sort_keys=False, width=10_000)
+
+
+RESULTS_FILE, PLOT_FILE, SUMMARY_FILE, BEST_FILE = "results.csv", "metric_vs_params.png", "summary.json", "best_params.yaml"
+
+
+def sweep_files(
+    summaries: Sequence[TrialSummary], space: SweepSpace, tune: TuneParams, sweep_id: str, experiment_path: str,
+    wall_s: float, apply_command: str,
+) -> tuple[dict[str, bytes], TrialSummary | None]:
+    """The files a sweep leaves (name -> content) and its best trial (None when no trial has a score).
+
+    `best_params.yaml` is among the files only when there is a best trial; its header says how to
+    apply it (`apply_command`).
+    """
+    counts = count_outcomes(summaries)
+    best = best_trial(summaries, tune.mode)
+    summary = {
+        "sweep": sweep_id, "metric": tune.metric, "mode": tune.mode, "scope": tune.scope, "trials": len(summaries),
+        **counts, "command_wall_time_s": round(wall_s, 1), "storage": experiment_path,
+        "best": None if best is None else {
+            "trial": best.trial_id, "score": best.score, "epoch": best.best_epoch, "guidance_weight": best.guidance_weight,
+            "values": best.record.values,
+        },
+    }
+    files = {
+        RESULTS_FILE: results_csv(results_rows(summaries, space.keys, tune.metric)).encode(),
+        PLOT_FILE: plot_png(summaries, space.keys, tune.metric, f"{sweep_id}: {tune.metric} ({tune.mode}, scope {tune.scope})"),
+    }
+    if best is not None:
+        header = [
+            f"Best trial {best.trial_id} of sweep {sweep_id}: {tune.metric} {best.score:.6g} ({tune.mode}, scope {tune.scope}).",
+            f"Apply it (keeps the files' comments): {apply_command}",
+        ]
+        files[BEST_FILE] = best_params_yaml(best_params(space.configuration(best.record.values), best), header).encode()
+    files[SUMMARY_FILE] = (json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n").encode()
+    return files, best

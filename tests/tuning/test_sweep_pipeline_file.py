@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.tune import BEST_FILE, PLOT_FILE, RESULTS_FILE, SUMMARY_FILE
+from components.tuning.report import BEST_FILE, PLOT_FILE, RESULTS_FILE, SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 
