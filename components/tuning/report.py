@@ -27,6 +27,7 @@ from components.config.tune import TuneParams
 from components.tuning.outcomes import OUTCOMES, TrialSummary, best_trial, count_outcomes
 from components.tuning.space import SweepSpace
 
+RESULTS_FILE, PLOT_FILE, SUMMARY_FILE, BEST_FILE = "results.csv", "metric_vs_params.png", "summary.json", "best_params.yaml"
 GUIDANCE_WEIGHT_KEY = "model.method.guidance.weight"
 # params file (in the params folder) of each key prefix
 PARAMS_FILES = {"model": "model.yaml", "train": "train.yaml"}
@@ -137,9 +138,6 @@ def best_params(configuration: Mapping[str, Any], best: TrialSummary) -> dict[st
 def best_params_yaml(document: Mapping[str, Mapping[str, Any]], header: Sequence[str]) -> str:
     comments = "".join(f"# {line}\n" for line in header)
     return comments + yaml.safe_dump(dict(document), sort_keys=False, width=10_000)
-
-
-RESULTS_FILE, PLOT_FILE, SUMMARY_FILE, BEST_FILE = "results.csv", "metric_vs_params.png", "summary.json", "best_params.yaml"
 
 
 def sweep_files(
