@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from components.atomic_files import write_bytes_atomic
-from components.config import ParamsError, load_params, read_yaml_mapping, validate_params
+from components.config import ParamsError, load_params, parse_yaml_mapping, read_yaml_mapping, validate_params
 from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
 from components.config.model import load_model_params, validate_model_params
 from components.config.train import TrainParams
@@ -43,7 +43,7 @@ from components.tracking import (
     git_commit,
 )
 from components.training.validation import VALIDATION_SPLIT
-from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command, load_text
+from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command
 from components.tuning.space import SweepSpace
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
@@ -76,15 +76,15 @@ def apply_best_params(best_file: Path, params_dir: Path) -> int:
         if not isinstance(values, dict):
             raise ParamsError(best_file, [(name, "must map dotted keys to values")])
         path = params_dir / name
+        current[name] = read_yaml_mapping(path)  # a missing, empty or duplicated-key file is refused here
         text = path.read_text(encoding="utf-8")
-        current[name] = load_text(text) or {}
         try:
             edited[path] = apply_values(text, values, str(path))
         except AdoptError as error:
             print(f"pairgan tune: {error}", file=sys.stderr)
             return ExitStatus.BAD_PARAMS
         # The edited file must still be valid params, before anything is written.
-        content = load_text(edited[path])
+        content = parse_yaml_mapping(edited[path], path)
         if name == "model.yaml":
             validate_model_params(content, data, path, data_path)
         else:

@@ -14,9 +14,10 @@ from components.config.loading import (
     ParamsError,
     StrictModel,
     load_params,
+    parse_yaml_mapping,
     read_yaml_mapping,
     validate_params,
     with_overrides,
 )
 
-__all__ = ["ParamsError", "StrictModel", "load_params", "read_yaml_mapping", "validate_params", "with_overrides"]
+__all__ = ["ParamsError", "StrictModel", "load_params", "parse_yaml_mapping", "read_yaml_mapping", "validate_params", "with_overrides"]

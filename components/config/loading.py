@@ -171,6 +171,12 @@ def read_yaml_mapping(path: Path | str) -> dict:
         raise ParamsError(path, [("", "file not found")]) from None
     except OSError as error:
         raise ParamsError(path, [("", f"cannot be read: {error.strerror}")]) from None
+    return parse_yaml_mapping(text, path)
+
+
+def parse_yaml_mapping(text: str, path: Path | str) -> dict:
+    """Safe-load YAML text that must hold a non-empty mapping without duplicated keys (the
+    content of the params file `path`); errors are `ParamsError`s naming it."""
     loader = ParamsYAMLLoader(text)
     try:
         node = loader.get_single_node()

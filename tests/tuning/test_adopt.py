@@ -126,6 +126,20 @@ def test_a_bad_best_params_file_writes_nothing(tmp_path, capsys, document, messa
     assert {path: path.read_bytes() for path in params.rglob("*.yaml")} == before
 
 
+def test_a_params_file_with_a_duplicated_key_is_refused_and_nothing_is_written(tmp_path, capsys):
+    # Editing one of two `epochs:` spans would leave the other one deciding what trains.
+    params = copy_params(tmp_path / "params")
+    train = params / "train.yaml"
+    train.write_text(train.read_text() + "epochs: 3\n")
+    before = {path: path.read_bytes() for path in params.rglob("*.yaml")}
+    best = write_best(tmp_path / "best_params.yaml", {"model.yaml": {"method.generator.ngf": 32},
+                                                      "train.yaml": {"epochs": 7}})
+    assert pairgan(["tune", "--apply", str(best), "--params-dir", str(params)]) == 2
+    error = capsys.readouterr().err
+    assert str(train) in error and "epochs" in error
+    assert {path: path.read_bytes() for path in params.rglob("*.yaml")} == before
+
+
 def test_the_dvc_line_adds_only_keys_the_file_lacks():
     line = dvc_exp_command({"model.yaml": {"method.diffusion_gan.d_target": 0.7, "method.generator.ngf": 32},
                             "train.yaml": {"validation.guidance_weights": [0.0, 1.0]}},
