@@ -11,13 +11,15 @@ networks from instead of random weights; set by `pairgan retrain` (start_from: c
 `configure_process` sets what every `pairgan` command needs from MLflow, whatever the shell says:
 MLflow prints no "View run ... at <tracking URI>" lines (the URI may hold a password), never
 unpickles a model (a pickled artifact runs code when loaded; pairgan writes pt2 only), and
-draws no per-file download bars.
+draws no per-file download bars. `ray_console` decides, before ray is imported, what of Ray's
+output reaches the console of `pairgan train` and `pairgan tune`.
 """
 
 import json
 import os
 from pathlib import Path
 
+from components.console import ConsoleOptions
 from components.tracking import default_tracking_uri
 
 
@@ -88,3 +90,36 @@ def configure_process() -> None:
 
 def dvc_experiment_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
+
+
+def absolute_storage_path(storage: str) -> str:
+    """`run.storage_path` as Ray must get it: workers change directory, so a local path is made absolute."""
+    return storage if storage.startswith("s3://") else str(Path(storage).resolve())
+
+
+def ray_console(console: ConsoleOptions, address: str) -> dict[str, str]:
+    """Decide what of Ray's output reaches the console; call it before ray is imported.
+
+    Unless --verbose, nothing of Ray's internals: only what our workers log (the epoch lines)
+    and errors. Returns the environment variables the workers need for that.
+    """
+    if not console.interactive:
+        # Ray colours the prefix of the lines it forwards from workers even into a file or pipe.
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+    if console.verbose:
+        return {}
+    # Read when ray is imported: no "(RayTrainWorker pid=...)" before each epoch line.
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    # Tune's newer console output prints its configuration box and result paths even at
+    # verbose=0; its classic reporter at verbose=0 prints nothing (a sweep's own lines say
+    # what happens). Read when a Tuner runs; `pairgan train` runs none.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Read by the workers when they start: Ray's own loggers at ERROR (Train's placement group
+    # cleaner warns every few seconds that the state API, served by the dashboard we do not
+    # start, does not answer), MLflow's info lines off.
+    workers = {"RAY_LOGGER_LEVEL": "error", "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
+    if address == "local":
+        # Ray Train's preemption watcher follows node drains, which a one-machine Ray never
+        # has, and Ray's core worker logs an error each time the watcher is created.
+        workers["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return workers

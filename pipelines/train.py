@@ -17,7 +17,6 @@ diverged (not retried).
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -90,35 +89,6 @@ def _epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
         return []
 
 
-def _storage_path(storage: str) -> str:
-    # Workers change directory: a local storage path must be absolute before it reaches Ray.
-    return storage if storage.startswith("s3://") else str(Path(storage).resolve())
-
-
-def _ray_console(console: ConsoleOptions, address: str) -> dict[str, str]:
-    """Decide what of Ray's output reaches the console; call it before ray is imported.
-
-    Unless --verbose, nothing of Ray's internals: only what our workers log (the epoch lines)
-    and errors. Returns the environment variables the workers need for that.
-    """
-    if not console.interactive:
-        # Ray colours the prefix of the lines it forwards from workers even into a file or pipe.
-        os.environ["RAY_COLOR_PREFIX"] = "0"
-    if console.verbose:
-        return {}
-    # Read when ray is imported: no "(RayTrainWorker pid=...)" before each epoch line.
-    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
-    # Read by the workers when they start: Ray's own loggers at ERROR (Train's placement group
-    # cleaner warns every few seconds that the state API, served by the dashboard we do not
-    # start, does not answer), MLflow's info lines off.
-    workers = {"RAY_LOGGER_LEVEL": "error", "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
-    if address == "local":
-        # Ray Train's preemption watcher follows node drains, which a one-machine Ray never
-        # has, and Ray's core worker logs an error each time the watcher is created.
-        workers["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    return workers
-
-
 def run(args: argparse.Namespace) -> int:
     params_dir = Path(args.params_dir)
     model_path, train_path, data_path = params_dir / "model.yaml", params_dir / "train.yaml", params_dir / "data.yaml"
@@ -156,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         return ExitStatus.FAILED
 
     ray_address = environment.ray_address()
-    ray_workers_environment = _ray_console(console, ray_address)
+    ray_workers_environment = environment.ray_console(console, ray_address)
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
     from ray.train import TrainingFailedError
@@ -170,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "data": {"image_size": data.image_size, "loader": data.loader.model_dump(mode="json")}}
-    storage = _storage_path(train.run.storage_path)
+    storage = environment.absolute_storage_path(train.run.storage_path)
     run_folder = f"{storage.rstrip('/')}/{train.run.name}"
     data_location = args.data if is_s3_uri(args.data) else str(Path(args.data).resolve())
     if not is_s3_uri(args.data) and ray_address != "local" and is_s3_uri(storage):

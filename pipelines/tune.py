@@ -47,7 +47,6 @@ from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command
 from components.tuning.space import SweepSpace
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
-from pipelines.train import _ray_console, _storage_path
 
 logger = logging.getLogger("pairgan.tune")
 
@@ -149,12 +148,7 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest, train_count: int, tracking_uri: str) -> int:
     console = ConsoleOptions(verbose=args.verbose, interactive=sys.stdout.isatty())
     ray_address = environment.ray_address()
-    ray_workers_environment = _ray_console(console, ray_address)  # before ray is imported
-    if not console.verbose:
-        # Tune's newer console output prints its configuration box and result paths even at
-        # verbose=0; its classic reporter at verbose=0 prints nothing: the sweep's own lines
-        # (trial epochs, outcomes, ETA) say what happens.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray_workers_environment = environment.ray_console(console, ray_address)  # before ray is imported
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
     import ray
 
@@ -169,7 +163,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     SweepTracker.connect(tracking_uri)
     sweep_id = f"{tune.run.name}-{fingerprint(tune, space.base_model, space.base_train, data.loader, manifest.checksum)}"
-    storage = _storage_path(tune.run.storage_path)
+    storage = environment.absolute_storage_path(tune.run.storage_path)
     tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": space.resolve(space.candidate_points()[0])[0].method.name}
     commit = git_commit(Path.cwd())
     if commit:
