@@ -72,9 +72,13 @@ def one_cpu_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+EPOCHS = 6
+
+
 def test_asha_stops_a_weak_trial_on_the_cluster_and_frees_its_resources(tmp_path, one_cpu_cluster):
-    # 3 epochs of 12 steps: a stop asked for after epoch 1 reaches the workers before the end.
-    write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "trial": {"epochs": 3},
+    # 6 epochs of 12 steps: a stop asked for after epoch 1 reaches the workers well before the
+    # end, also on a busy machine (with 3, a late stop could find the trial finished).
+    write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "trial": {"epochs": EPOCHS},
                              "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2.0},
                              "space": {LR: {"choice": [2.0e-4, 1.0e-9, 1.0e-4]}}}, train_pairs=24)
     environment = {**os.environ, "RAY_ADDRESS": one_cpu_cluster, "RAY_AUTH_MODE": "disabled",
@@ -88,8 +92,8 @@ def test_asha_stops_a_weak_trial_on_the_cluster_and_frees_its_resources(tmp_path
     assert "at most 1 at once" in result.stdout + result.stderr  # the cluster's one CPU, one trial at a time
     with (tmp_path / "reports/tune/results.csv").open() as table:
         rows = {float(row[LR]): row for row in csv.DictReader(table)}
-    assert rows[2.0e-4]["outcome"] == "finished" and rows[2.0e-4]["epochs"] == "3"
-    assert rows[1.0e-9]["outcome"] == "stopped" and int(rows[1.0e-9]["epochs"]) < 3
+    assert rows[2.0e-4]["outcome"] == "finished" and rows[2.0e-4]["epochs"] == str(EPOCHS)
+    assert rows[1.0e-9]["outcome"] == "stopped" and int(rows[1.0e-9]["epochs"]) < EPOCHS
     assert rows[1.0e-4]["outcome"] in ("finished", "stopped")  # it got the CPU after the stopped one
     summary = json.loads((tmp_path / "reports/tune/summary.json").read_text())
     assert summary["stopped"] >= 1 and summary["best"]["values"] == {LR: 2.0e-4}
