@@ -83,6 +83,8 @@ class PerformanceParams(StrictModel):
     channels_last: bool | Literal["auto"]
     fused_adam: bool | Literal["auto"]
     tf32: bool
+    # cuDNN times its convolution algorithms on the first step of each shape and keeps the fastest.
+    cudnn_benchmark: bool | Literal["auto"]
     # Regional torch.compile of the networks' repeated blocks; a block that fails to compile
     # runs eagerly with a warning.
     compile: bool | Literal["auto"]

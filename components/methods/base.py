@@ -63,6 +63,13 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+def gaussian_like(tensor: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise of `tensor`'s shape, dtype and device, drawn in logical (NCHW) order:
+    the same noise whatever the tensor's memory format (`randn_like` fills a channels_last
+    tensor in memory order), so the channels_last switch does not change a run's draws."""
+    return torch.randn(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What every method is built from.

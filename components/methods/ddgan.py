@@ -18,7 +18,17 @@ from torch import nn
 from components.config.model import DDGANParams, ModelParams
 from components.data.batch import Batch
 from components.methods.atme import build_ddpm_generator
-from components.methods.base import Method, MethodContext, OptimizerStep, Player, Reduce, Sampler, eager, unwrap
+from components.methods.base import (
+    Method,
+    MethodContext,
+    OptimizerStep,
+    Player,
+    Reduce,
+    Sampler,
+    eager,
+    gaussian_like,
+    unwrap,
+)
 from components.methods.ema import EMA
 from components.methods.losses import GANLoss, r1_penalty
 from components.methods.pix2pix import build_discriminator
@@ -145,13 +155,13 @@ class DDGAN(Method):
 
     def diffuse_pair(self, y0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(y_t, y_{t+1}) from clean y0 for integer t in 0..T-1."""
-        y_t = self._coefficient("a_cum", t) * y0 + self._coefficient("sigma_cum", t) * torch.randn_like(y0)
-        y_next = self._coefficient("a", t + 1) * y_t + self._coefficient("sigma", t + 1) * torch.randn_like(y0)
+        y_t = self._coefficient("a_cum", t) * y0 + self._coefficient("sigma_cum", t) * gaussian_like(y0)
+        y_next = self._coefficient("a", t + 1) * y_t + self._coefficient("sigma", t + 1) * gaussian_like(y0)
         return y_t, y_next
 
     def posterior_sample(self, y0: torch.Tensor, y_next: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         mean = self._coefficient("coef1", t) * y0 + self._coefficient("coef2", t) * y_next
-        noise = torch.randn_like(y0) * (t > 0).to(y0.dtype)[:, None, None, None]
+        noise = gaussian_like(y0) * (t > 0).to(y0.dtype)[:, None, None, None]
         return mean + torch.exp(0.5 * self._coefficient("log_var", t)) * noise
 
     def _condition(self, source: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from components.config.model import DiffusionGANParams
+from components.methods.base import gaussian_like
 
 
 class DiffusionAugment:
@@ -62,7 +63,7 @@ class DiffusionAugment:
 
     def diffuse(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = self.alpha_bar(t).to(y.dtype)[:, None, None, None]
-        return abar.sqrt() * y + (1 - abar).sqrt() * self.params.sigma * torch.randn_like(y)
+        return abar.sqrt() * y + (1 - abar).sqrt() * self.params.sigma * gaussian_like(y)
 
     def observe_real_logits(self, real_logits: torch.Tensor) -> None:
         self._sign_sum += real_logits.detach().sign().double().sum()

@@ -48,8 +48,10 @@ class ResBlock(nn.Module):
 class LinearAttention(nn.Module):
     """Pre-norm linear attention (softmax over features for q, over positions for k), residual.
 
-    Works on position-major views (batch, positions, heads, dim): free for channels_last
-    activations, the layout used on CUDA, so no copy of the full-resolution q, k, v is made.
+    Works channel-major, (batch, heads, dim, positions), the layout of an NCHW activation:
+    q, k and v come from one 1x1 convolution each (slices of one `qkv` weight, so each is a
+    contiguous view), both products are batched matmuls on those views, and the result is
+    already NCHW for the output convolution: no copy of a full-resolution tensor is made.
     """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
@@ -61,20 +63,23 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(batch, height * width, 3, self.heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # batch x positions x heads x dim
+        normed = self.norm(x)
+        shape = (batch, self.heads, self.head_dim, height * width)
+        q_weight, k_weight, v_weight = self.qkv.weight.chunk(3)
+        q = F.conv2d(normed, q_weight).reshape(shape)
+        k = F.conv2d(normed, k_weight).reshape(shape)
+        v = F.conv2d(normed, v_weight).reshape(shape)
         # Softmax in the activations' dtype: under bf16 autocast it would return, and keep for
         # the backward pass, float32 copies of q and k at full resolution (the kernel
         # accumulates in float32 either way).
         with torch.autocast(x.device.type, enabled=False):
-            q = q.softmax(dim=-1)
-            k = k.softmax(dim=1)
+            q = q.softmax(dim=-2)
+            k = k.softmax(dim=-1)
         # heads x dim x dim context: the cost is linear in the number of positions. The 1/sqrt(d)
         # of q is applied to this small matrix instead of to q.
-        context = torch.matmul(k.permute(0, 2, 3, 1), v.transpose(1, 2)) * self.head_dim**-0.5
-        attended = torch.matmul(q.transpose(1, 2), context)  # batch x heads x positions x dim
-        attended = attended.transpose(1, 2).reshape(batch, height, width, self.heads * self.head_dim)
-        return x + self.out(attended.permute(0, 3, 1, 2))
+        context = torch.matmul(k, v.transpose(-2, -1)) * self.head_dim**-0.5
+        attended = torch.matmul(context.transpose(-2, -1), q)  # batch x heads x dim x positions
+        return x + self.out(attended.reshape(batch, self.heads * self.head_dim, height, width))
 
 
 class FullAttention(nn.Module):

@@ -3,6 +3,9 @@
 `resolve_switches` turns the params (true, false or auto) into what runs on this device;
 `apply_switches` applies them to one network before the caller wraps it (DDP):
 
+- cudnn_benchmark: cuDNN times the convolution algorithms it has for each new shape on
+  its first use and keeps the fastest, instead of its heuristic's pick; the shapes of a
+  training run are fixed, so the search is paid once, in the first step.
 - channels_last: NHWC weights (the batch is converted by the loop), what cuDNN's bf16
   convolutions prefer.
 - sdpa: the DDPM U-Net's full attention through F.scaled_dot_product_attention (off: the
@@ -10,11 +13,12 @@
 - compile: regional torch.compile. A network made of repeated blocks (the DDPM U-Net's
   ResBlocks and attention blocks, the pix2pix U-Net's UNetBlocks) has each block compiled
   in place, not the whole network: blocks of one class share their compiled code
-  (after a second size, one dynamic-shape graph serves every resolution), so compiling takes
-  seconds, and Inductor fuses each block's norm, activation, FiLM and residual into a few
-  kernels. ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not
-  compiled: the R1 penalty (the D-reg phase) differentiates twice through D, which compiled
-  code does not support. A block that fails to compile runs eagerly, with dynamo's warning.
+  (after a second size, one dynamic-shape graph serves every resolution), and Inductor fuses
+  each block's norm, activation, FiLM and residual into a few kernels. Compiling is still
+  minutes for ATME's U-Net at 256 px (about 160 s on an H200, forward and backward of every
+  block shape), hence off by default. ATME's W, small and without repeated blocks, is
+  compiled whole. PatchGAN is not compiled: the R1 penalty (the D-reg phase) differentiates
+  twice through D, which compiled code does not support. A block that fails to compile runs eagerly, with dynamo's warning.
 - cuda_graphs: the compiled regions run as CUDA graphs (torch.compile's "reduce-overhead"
   mode, CUDA graph trees), which removes the kernel-launch cost. The whole training step is
   not captured as one graph: it re-seeds the RNG from the host every step, sets gradients to
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 AUTO_CUDA_AUTOCAST_BF16 = True
 AUTO_CUDA_CHANNELS_LAST = False
 AUTO_CUDA_FUSED_ADAM = True
+AUTO_CUDA_CUDNN_BENCHMARK = False
 AUTO_CUDA_COMPILE = False
 AUTO_CUDA_CUDA_GRAPHS = False
 AUTO_CUDA_ACTIVATION_CHECKPOINTING = False
@@ -68,6 +73,7 @@ class Switches:
     channels_last: bool
     fused_adam: bool
     tf32: bool
+    cudnn_benchmark: bool
     compile: bool
     cuda_graphs: bool
     sdpa: bool
@@ -80,6 +86,7 @@ class Switches:
             "channels_last": self.channels_last,
             "fused_adam": self.fused_adam,
             "tf32": self.tf32,
+            "cudnn_benchmark": self.cudnn_benchmark,
             "compile": self.compile,
             "cuda_graphs": self.cuda_graphs,
             "sdpa": self.sdpa,
@@ -102,6 +109,7 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
         channels_last=_resolve(params.channels_last, cuda and AUTO_CUDA_CHANNELS_LAST),
         fused_adam=_resolve(params.fused_adam, cuda and AUTO_CUDA_FUSED_ADAM),
         tf32=cuda and params.tf32,
+        cudnn_benchmark=cuda and _resolve(params.cudnn_benchmark, AUTO_CUDA_CUDNN_BENCHMARK),
         compile=compile_,
         # CUDA graphs are a mode of the compiled regions: without compile there is nothing to capture.
         cuda_graphs=cuda and compile_ and _resolve(params.cuda_graphs, AUTO_CUDA_CUDA_GRAPHS),
@@ -113,10 +121,13 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
 
 
 def configure_backends(switches: Switches) -> None:
-    """Process-wide settings the switches need (TF32 matmuls and convolutions, dynamo's limits)."""
+    """Process-wide settings the switches need (TF32 matmuls and convolutions, cuDNN's algorithm
+    search, dynamo's limits)."""
     if switches.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Set either way: the switch of the last session made in this process holds.
+    torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     if switches.compile:
         torch._dynamo.config.suppress_errors = True
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -35,19 +35,21 @@ sys.meta_path.insert(0, Blocker())
 '''
 
 
-def check_command(tmp_path: Path, *arguments: str, blocked: tuple[str, ...] = NOT_ON_THE_GPU_MACHINE):
-    """The command and environment of a --cpu check in which `blocked` modules cannot be imported."""
+def check_command(tmp_path: Path, *arguments: str, blocked: tuple[str, ...] = NOT_ON_THE_GPU_MACHINE,
+                  sabotage: str = ""):
+    """The command and environment of a --cpu check in which `blocked` modules cannot be imported
+    (and `sabotage`, code run at every interpreter start of the check, has run)."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=blocked))
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=blocked) + sabotage)
     path = [str(site), str(REPOSITORY), *filter(None, [os.environ.get("PYTHONPATH")])]
     # TMPDIR: a killed run's scratch folder stays inside the test's folder
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     return [sys.executable, str(CHECK), "--cpu", "--out", str(tmp_path / "out"), *arguments], environment
 
 
-def run_check(tmp_path: Path, *arguments: str, blocked: tuple[str, ...] = NOT_ON_THE_GPU_MACHINE):
-    command, environment = check_command(tmp_path, *arguments, blocked=blocked)
+def run_check(tmp_path: Path, *arguments: str, blocked: tuple[str, ...] = NOT_ON_THE_GPU_MACHINE, sabotage: str = ""):
+    command, environment = check_command(tmp_path, *arguments, blocked=blocked, sabotage=sabotage)
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
     report_path = tmp_path / "out" / "gpu_check.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
@@ -92,6 +94,7 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
         for variant in ("bf16", "channels_last", "all on", "shipped defaults (auto)"):
             compared = correctness[f"{method} {variant}"]
             assert compared["status"] == "ok" and max(compared["max_relative_deviation"].values()) <= compared["tolerance"]
+            assert compared["generator_output_deviation"] <= compared["tolerance"]
     assert correctness["atme sdpa off"]["status"] == correctness["ddgan sdpa off"]["status"] == "ok"
     assert "pix2pix sdpa off" not in correctness  # no attention to switch
 
@@ -178,6 +181,38 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
     assert report["sections"]["environment"]["status"] == "ok"
     assert report["sections"]["environment"]["items"][0]["status"] == "ok"
     assert "== throughput_pix2pix: failed" in completed.stdout
+
+
+GROUP_NORM_WRONG_UNDER_BF16 = '''
+import torch
+from torch.nn import functional as F
+
+from components.networks import norms
+
+
+def one_group_under_bf16(self, x):
+    groups = self.num_groups if x.dtype == torch.float32 else 1
+    with torch.autocast(x.device.type, enabled=False):
+        return F.group_norm(x, groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+norms.GroupNorm.forward = one_group_under_bf16
+'''
+
+
+@pytest.mark.slow
+def test_a_switch_that_computes_something_else_fails_the_correctness_check(tmp_path):
+    # The DDPM U-Net's group norms wrong on the bf16 path only. The losses of the first steps
+    # hardly see it (the generator's output is near 0, its L1 loss near |target|); the output does.
+    completed, report = run_check(tmp_path, "--sections", "correctness", sabotage=GROUP_NORM_WRONG_UNDER_BF16)
+    assert completed.returncode == 1
+    correctness = items(report, "correctness")
+    for method in ("atme", "ddgan"):
+        wrong = correctness[f"{method} bf16"]
+        assert wrong["status"] == "failed" and wrong["generator_output_deviation"] > wrong["tolerance"], wrong
+        assert correctness[f"{method} channels_last"]["status"] == "ok"  # the float32 path is untouched
+    assert correctness["pix2pix bf16"]["status"] == "ok"  # no group norm in pix2pix
+    assert "failed   atme bf16" in completed.stdout
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-PLAIN = Switches(autocast_dtype=None, channels_last=False, fused_adam=False, tf32=False, compile=False,
-                 cuda_graphs=False, sdpa=True, activation_checkpointing=False)
+PLAIN = Switches(autocast_dtype=None, channels_last=False, fused_adam=False, tf32=False, cudnn_benchmark=False,
+                 compile=False, cuda_graphs=False, sdpa=True, activation_checkpointing=False)
 
 
 def shipped(name: str) -> dict:
@@ -91,12 +91,13 @@ def eager_compile(monkeypatch):
 
 
 def test_auto_follows_the_measured_defaults_on_cuda_and_is_off_on_the_cpu():
-    auto = performance_params(autocast="auto", channels_last="auto", fused_adam="auto", compile="auto",
-                              cuda_graphs="auto", sdpa="auto", activation_checkpointing="auto")
+    auto = performance_params(autocast="auto", channels_last="auto", fused_adam="auto", cudnn_benchmark="auto",
+                              compile="auto", cuda_graphs="auto", sdpa="auto", activation_checkpointing="auto")
     on_cpu = resolve_switches(auto, CPU)
-    assert on_cpu == Switches(None, False, False, False, False, False, True, False)
+    assert on_cpu == Switches(None, False, False, False, False, False, False, True, False)
     on_cuda = resolve_switches(auto, CUDA)
     assert on_cuda.channels_last == performance.AUTO_CUDA_CHANNELS_LAST
+    assert on_cuda.cudnn_benchmark == performance.AUTO_CUDA_CUDNN_BENCHMARK
     assert on_cuda.compile == performance.AUTO_CUDA_COMPILE
     assert on_cuda.fused_adam == performance.AUTO_CUDA_FUSED_ADAM
     assert on_cuda.activation_checkpointing == performance.AUTO_CUDA_ACTIVATION_CHECKPOINTING
@@ -106,12 +107,21 @@ def test_auto_follows_the_measured_defaults_on_cuda_and_is_off_on_the_cpu():
 
 
 def test_explicit_switches_hold_on_the_cpu_except_cuda_graphs(caplog):
-    every = performance_params(autocast="bf16", channels_last=True, fused_adam=True, compile=True, cuda_graphs=True,
-                               sdpa=False, activation_checkpointing=True)
+    every = performance_params(autocast="bf16", channels_last=True, fused_adam=True, cudnn_benchmark=True, compile=True,
+                               cuda_graphs=True, sdpa=False, activation_checkpointing=True)
     switches = resolve_switches(every, CPU)
-    assert switches == Switches(torch.bfloat16, True, True, False, True, False, False, True)
+    # TF32 and cuDNN's algorithm search are CUDA settings: off on the CPU whatever the params say
+    assert switches == Switches(torch.bfloat16, True, True, False, False, True, False, False, True)
     assert "CUDA graphs need a CUDA device" in caplog.text
     assert resolve_switches(every, CUDA).cuda_graphs
+
+
+def test_cudnn_benchmark_follows_the_switch_of_the_last_session(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    performance.configure_backends(dataclasses.replace(PLAIN, cudnn_benchmark=True))
+    assert torch.backends.cudnn.benchmark
+    performance.configure_backends(PLAIN)
+    assert not torch.backends.cudnn.benchmark
 
 
 def test_cuda_graphs_without_compile_is_refused_naming_the_file_and_key(tmp_path):
@@ -159,7 +169,7 @@ def test_switched_networks_keep_their_state_dict_keys_and_outputs(eager_compile)
     torch.manual_seed(0)
     plain = small_unet()
     switched = copy.deepcopy(plain)
-    every = Switches(None, True, False, False, True, False, False, True)
+    every = dataclasses.replace(PLAIN, channels_last=True, compile=True, sdpa=False, activation_checkpointing=True)
     apply_switches(switched, every)
     assert list(switched.state_dict()) == list(plain.state_dict())
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in switched.parameters() if p.dim() == 4)
@@ -176,7 +186,7 @@ def test_switched_networks_keep_their_state_dict_keys_and_outputs(eager_compile)
 
 def test_a_deep_copy_of_a_switched_network_runs_its_own_weights(eager_compile):
     # DDGAN's EMA deep-copies the prepared G: the copy must not call back into the original
-    network = apply_switches(small_unet(), Switches(None, False, False, False, True, False, True, True))
+    network = apply_switches(small_unet(), dataclasses.replace(PLAIN, compile=True, activation_checkpointing=True))
     shadow = copy.deepcopy(network)
     with torch.no_grad():
         for parameter in shadow.parameters():
@@ -206,13 +216,15 @@ def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
         assert torch.equal(plain(x, t), checkpointed(x, t))
 
 
-def test_a_session_with_switches_trains_like_the_plain_one():
+@pytest.mark.parametrize("method", ["atme", "ddgan"])
+def test_a_session_with_switches_trains_like_the_plain_one(method):
+    # DDGAN draws diffusion noise for channels_last tensors: the same draws either way
     data = SyntheticPairs(8, 32, 2, load_size=36)
     curves = {}
     plain = {"autocast": "none", "channels_last": False, "fused_adam": False, "compile": False, "cuda_graphs": False,
              "sdpa": True, "activation_checkpointing": False}
     for name, overrides in (("plain", {}), ("switched", {"channels_last": True, "sdpa": False, "activation_checkpointing": True})):
-        session = session_for("atme", {**plain, **overrides}, CPU, data)
+        session = session_for(method, {**plain, **overrides}, CPU, data)
         data.epoch = 0
         curves[name] = []
         for batch in data.steps(3):
@@ -229,7 +241,7 @@ def test_a_session_with_switches_trains_like_the_plain_one():
 def test_inductor_blocks_equal_eager_blocks_on_cuda(dtype):
     torch.manual_seed(0)
     plain = small_unet(width=32, groups=8, attention_heads=4, attention_head_dim=32).to(CUDA)
-    compiled = apply_switches(copy.deepcopy(plain), Switches(None, True, False, False, True, False, True, False))
+    compiled = apply_switches(copy.deepcopy(plain), dataclasses.replace(PLAIN, channels_last=True, compile=True))
     x, t = torch.randn(4, 3, 64, 64, device=CUDA), torch.rand(4, device=CUDA)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         expected = plain(x, t)

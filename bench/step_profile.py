@@ -1,0 +1,163 @@
+"""Where one method's training step spends its time: images/s and peak memory per switch set,
+and the step's heaviest CUDA kernels.
+
+    python bench/step_profile.py --method atme --batch-size 32 --out OUT \
+        --variant shipped '{}' --variant compiled '{"compile": true}' --kernels 30
+
+Each `--variant NAME JSON` is measured in turn in this process: the JSON overrides keys of
+params/train.yaml `performance:` (`{}`: the shipped switches, auto). The step is the product's
+(`TrainingSession.train_step`, every phase) at the method's reference architecture
+(bench/workloads.py), on one batch of random images kept on the device. `--kernels N` runs
+the first variant's step under torch.profiler and prints its N kernels with the most device
+time, and the device time by kind of kernel (convolution, matrix product, norm, layout copy,
+elementwise, compiled). Results go to OUT/step_profile.json and OUT/kernels_<variant>.txt.
+Runs on the GPU image of bench/gpu_check.py (no Ray, MLflow, DALI, WebDataset or boto3).
+"""
+
+import argparse
+import gc
+import itertools
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import workloads
+
+from components.training.loop import TrainingSession
+
+# Kernel name patterns -> kind, first match wins (the names are cuDNN's, cuBLAS's, ATen's and Inductor's).
+KERNEL_KINDS = (
+    ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute|copy_kernel|CatArrayBatchedCopy"),
+    ("convolution", r"conv|implicit_?gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|cudnn|wgrad|dgrad|fprop"),
+    ("matrix product", r"gemm|sm90_xmma|cutlass|ampere_|Kernel2|flash|fmha|attention"),
+    ("norm", r"norm|welford|moments|Moments"),
+    ("softmax", r"softmax|SoftMax"),
+    ("compiled (Inductor)", r"^triton_"),
+    ("optimizer", r"adam|Adam|multi_tensor"),
+    ("reduction", r"reduce|Reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled|Elementwise"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), "other")
+
+
+def random_batch(batch_size: int, image_size: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "source": torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1,
+        "target": torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1,
+        "index": torch.arange(batch_size),
+        "flip": torch.zeros(batch_size, dtype=torch.bool),
+        "crop": torch.zeros(batch_size, 2, dtype=torch.int64),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -> tuple[str, dict[str, float]]:
+    """The `rows` kernels with the most device time over `steps` steps, and device ms per step by
+    kind (on the CPU: the operators with the most self time)."""
+    cuda = session.device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profiler:
+        for _ in range(steps):
+            session.train_step(batch)
+        workloads.synchronize(session.device)
+    wanted = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [event for event in profiler.key_averages() if event.device_type == wanted]
+
+    def ms_per_step(event) -> float:
+        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1000 / steps
+
+    by_kind: dict[str, float] = {}
+    for event in events:
+        kind = kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms_per_step(event)
+    events.sort(key=ms_per_step, reverse=True)
+    total = sum(by_kind.values()) or 1.0
+    lines = [f"{'ms/step':>8} {'share':>6} {'calls':>6}  {'kind':<20} kernel"]
+    for event in events[:rows]:
+        ms = ms_per_step(event)
+        lines.append(f"{ms:8.2f} {ms / total:6.1%} {event.count // steps:6d}  {kernel_kind(event.key):<20} {event.key[:110]}")
+    lines.append(f"device time by kind, ms per step (total {total:.1f}):")
+    lines += [f"  {kind:<20} {ms:8.2f} {ms / total:6.1%}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines), {kind: round(ms, 2) for kind, ms in by_kind.items()}
+
+
+def measure(name: str, overrides: dict, args: argparse.Namespace, batch: dict, kernels: int) -> dict:
+    device = torch.device(args.device)
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()  # each variant's warm-up includes its own compilation
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = workloads.model_params(args.method, args.image_size)
+    session = TrainingSession(model, workloads.train_params(args.batch_size, overrides), args.batch_size, device)
+    started = time.perf_counter()
+    warmup_s, _ = workloads.time_steps(session, itertools.repeat(batch), args.warmup, device)
+    seconds, images = workloads.time_steps(session, itertools.repeat(batch), args.steps, device)
+    peak = workloads.peak_memory_gib(device)
+    finite = all(bool(torch.isfinite(value)) for value in session.stats.step_values.values())
+    result = {
+        "variant": name, "overrides": overrides, "switches": session.switches.summary(), "method": args.method,
+        "batch_size": args.batch_size, "image_size": args.image_size, "images_per_s": round(images / seconds, 1),
+        "step_ms": round(1000 * seconds / args.steps, 1), "warmup_s": round(warmup_s, 1),
+        "peak_memory_gib": round(peak, 2), "gib_per_image": round(peak / args.batch_size, 3), "losses_finite": finite,
+    }
+    if kernels:
+        text, by_kind = kernel_table(session, batch, 2, kernels)
+        result["device_ms_by_kind"] = by_kind
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        (args.out / f"kernels_{safe}.txt").write_text(text + "\n")
+        print(f"--- {name}: heaviest kernels\n{text}", flush=True)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    del session
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="atme", choices=list(workloads.REFERENCE_PRESETS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN's search, compilation)")
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True,
+                        help="a name and the performance switches it overrides, as JSON ({} for the shipped ones)")
+    parser.add_argument("--kernels", type=int, default=0, help="profile these many heaviest kernels of --profile-variants")
+    parser.add_argument("--profile-variants", nargs="*", default=None, help="variants to profile (default: the first)")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants that start after this many seconds")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [(name, json.loads(text)) for name, text in args.variant]
+    profiled = set(args.profile_variants) if args.profile_variants is not None else {variants[0][0]}
+    batch = random_batch(args.batch_size, args.image_size, torch.device(args.device))
+    started, results = time.monotonic(), []
+    for name, overrides in variants:
+        if time.monotonic() - started > args.budget_s:
+            results.append({"variant": name, "status": "skipped", "reason": "time budget"})
+            continue
+        try:
+            results.append({"status": "ok", **measure(name, overrides, args, batch, args.kernels if name in profiled else 0)})
+        except Exception as error:  # one variant's failure (out of memory, a compiler error) is a row, not the end
+            results.append({"variant": name, "status": "error", "error": f"{type(error).__name__}: {error}"[:1500]})
+        print(json.dumps(results[-1]), flush=True)
+        (args.out / "step_profile.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{'variant':<34} {'img/s':>8} {'step ms':>8} {'GiB/img':>8} {'warm-up s':>9}")
+    for row in results:
+        if row["status"] == "ok":
+            print(f"{row['variant']:<34} {row['images_per_s']:8.1f} {row['step_ms']:8.1f} {row['gib_per_image']:8.3f} {row['warmup_s']:9.1f}")
+        else:
+            reason = row.get("error", row.get("reason", "")).replace("\n", " ")
+            print(f"{row['variant']:<34} {row['status']}: {reason[:100]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""bench/step_profile.py on the CPU: each variant measured with the switches it asked for, the
+profiled one's heaviest operators written out, a bad variant a row of its own."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_path):
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), str(REPOSITORY / "bench")])}
+    command = [sys.executable, str(REPOSITORY / "bench" / "step_profile.py"), "--method", "pix2pix", "--batch-size", "2",
+               "--image-size", "32", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--kernels", "5",
+               "--variant", "shipped", "{}", "--variant", "misspelt", '{"channel_last": true}',
+               "--variant", "bf16", '{"autocast": "bf16"}']
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "step_profile.json").read_text())}
+    assert list(rows) == ["shipped", "misspelt", "bf16"]
+    assert rows["shipped"]["status"] == "ok" and rows["shipped"]["images_per_s"] > 0
+    assert rows["shipped"]["switches"]["autocast"] == "none"  # auto is off on the CPU
+    assert rows["bf16"]["status"] == "ok" and rows["bf16"]["switches"]["autocast"] == "bf16"
+    assert rows["misspelt"]["status"] == "error" and "performance.channel_last: unknown key" in rows["misspelt"]["error"]
+    # only the first variant is profiled unless --profile-variants names others
+    kernels = (tmp_path / "kernels_shipped.txt").read_text()
+    assert "convolution" in kernels and "time by kind" in kernels
+    assert sum(rows["shipped"]["device_ms_by_kind"].values()) > 0 and "device_ms_by_kind" not in rows["bf16"]
+    assert not (tmp_path / "kernels_bf16.txt").exists()
+    assert "misspelt" in completed.stdout.splitlines()[-2]
