@@ -55,7 +55,6 @@ are used, and the report says so. Nothing here needs Ray, MLflow, DALI, WebDatas
 
 import argparse
 import gc
-import io
 import itertools
 import json
 import math
@@ -714,7 +713,7 @@ class CorrectnessRun:
     session: object  # TrainingSession, imported in the section's process only
     curve: dict[str, list[float]] = field(default_factory=dict)
     outputs: list = field(default_factory=list)
-    states: list[bytes] = field(default_factory=list)
+    states: list[dict] = field(default_factory=list)
 
 
 def relative_difference(actual, expected) -> float:
@@ -722,21 +721,22 @@ def relative_difference(actual, expected) -> float:
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-12))
 
 
-def serialized(state: dict) -> bytes:
-    """A training state as bytes in host memory (the states before every step of a run are kept,
-    off the device). Each load deserialises a fresh copy: a loaded optimiser keeps the tensors it
-    is given when they are already on its device, and its steps would then change the kept state."""
+def host_copy(state):
+    """A copy of a training state (nested dicts, lists, tensors, numbers) in host memory.
+
+    The states before every step of a run are kept off the device. Each load takes a fresh
+    copy too: a loaded optimiser keeps the tensors it is given where they already sit on the
+    right device (Adam's step counts stay on the host), and its steps would then change the
+    kept state."""
     import torch
 
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def deserialized(data: bytes) -> dict:
-    import torch
-
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: host_copy(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(host_copy(value) for value in state)
+    return state
 
 
 def curve_deviation(curve: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, float]:
@@ -787,9 +787,9 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
         hook = generator.register_forward_hook(lambda module, inputs, output: last_output.append(output.detach()))
         for step, batch in enumerate(batches):
             if reference is None:
-                run.states.append(serialized(session.state_dict()))
+                run.states.append(host_copy(session.state_dict()))
             else:
-                session.load_state_dict(deserialized(reference.states[step]))
+                session.load_state_dict(host_copy(reference.states[step]))
             last_output.clear()
             session.train_step(batch)
             run.outputs.append(last_output[-1].float().cpu())
