@@ -1,7 +1,7 @@
 """The GPU path, proven and measured in one unattended command.
 
     python bench/gpu_check.py --out OUT [--facades DIR]                           # full: 420 s on one GPU
-    python bench/gpu_check.py --out OUT --profile short --budget-s 140 [--facades DIR]  # what matters most
+    python bench/gpu_check.py --out OUT --profile short --budget-s 180 [--facades DIR]  # what matters most
     python bench/gpu_check.py --cpu --out OUT [--profile short]                   # the same code, small, on the CPU
 
 Each section runs in a process of its own (a crash, a hang or a poisoned CUDA context in one
@@ -23,7 +23,7 @@ Profile `full` (default budget 420 s):
                        the registry's pt2 graph), saved, loaded and run on the device, against
                        the eager one
 
-Profile `short` (default budget 140 s), in the order of what matters most:
+Profile `short` (default budget 180 s), in the order of what matters most:
   environment
   throughput_atme      256 px, batch 32: the shipped (auto) switches, then every switch on but
                        compile (and CUDA graphs, which need it)
@@ -218,7 +218,7 @@ FULL = Profile(
     correctness_steps=(20, 3), export_every_method=True, decode_every_batch=True, cuda_test_marks="cuda",
 )
 SHORT = Profile(
-    name="short", budget_s=140.0,
+    name="short", budget_s=180.0,
     sections=(
         Section("environment", "environment", (10, 20)),
         Section("throughput_atme", "throughput", (45, 30), "atme",
@@ -1215,12 +1215,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help=f"folder for {REPORT_NAME}")
     parser.add_argument("--cpu", action="store_true", help="the same code, small, on the CPU (CI)")
     parser.add_argument("--profile", choices=list(PROFILES), default=FULL.name,
-                        help="full: every section and switch; short: what matters most, in order, in 140 s")
+                        help="full: every section and switch; short: what matters most, in order, in 180 s")
     parser.add_argument("--facades", type=Path, default=None,
                         help="facades JPEGs (photo | labels, 512x256): DIR/*.jpg or DIR/train/*.jpg; default: synthetic")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total seconds; sections and items that would not fit are skipped "
-                             "(default: the profile's, 420 full, 140 short; --cpu 240)")
+                             "(default: the profile's, 420 full, 180 short; --cpu 240)")
     parser.add_argument("--sections", nargs="+", default=None,
                         help="run only these of the profile's sections (default: all of them)")
     # internal: one section in a child process
