@@ -77,13 +77,14 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
 
     for method in ("pix2pix", "atme"):
         rows = items(report, f"throughput_{method}")
-        for name in ("fp32 eager", "all on", "shipped defaults (auto)"):
+        for name in ("fp32 eager", "bf16 eager", "bf16 eager + channels_last", "shipped defaults (auto)"):
             row = rows[f"{method} resident {name}"]
             assert row["status"] == "ok" and row["images_per_s"] > 0 and row["losses_finite"], row
         assert rows[f"{method} resident fp32 eager"]["train_gflop_per_image"] > 0
-        assert rows[f"{method} resident all on"]["switches"]["autocast"] == "bf16"
-        assert rows[f"{method} resident all on + activation checkpointing"]["switches"]["activation_checkpointing"]
-    loader_row = items(report, "throughput_pix2pix")["pix2pix loader all on"]
+        assert rows[f"{method} resident bf16 eager"]["switches"]["autocast"] == "bf16"
+        assert rows[f"{method} resident bf16 eager + channels_last"]["switches"]["channels_last"]
+        assert rows[f"{method} resident bf16 eager + activation checkpointing"]["switches"]["activation_checkpointing"]
+    loader_row = items(report, "throughput_pix2pix")["pix2pix loader bf16 eager"]
     assert loader_row["mode"] == "loader" and 0 < loader_row["fraction_of_resident"]
 
     correctness = items(report, "correctness")
@@ -107,7 +108,9 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
     assert pytest_item["skipped"] == pytest_item["tests"]  # no CUDA here
 
     assert "== targets" in completed.stdout and "ATME >= 340 img/s" in report["table"]
-    assert "atme resident all on" in completed.stdout  # progress lines as it goes
+    # what each switch buys: each row against the same row without its switch, the switch named
+    assert "atme     bf16 eager + channels_last vs bf16 eager (channels_last=True): speed x" in report["table"]
+    assert "atme resident bf16 eager" in completed.stdout  # progress lines as it goes
 
 
 @pytest.mark.slow
@@ -121,13 +124,13 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
     assert report["elapsed_s"] <= report["budget_s"]
 
     atme = items(report, "throughput_atme")
-    assert list(atme) == ["atme resident shipped defaults (auto)", "atme resident all on but compile"]
+    assert list(atme) == ["atme resident shipped defaults (auto)", "atme resident bf16 eager + activation checkpointing"]
     for row in atme.values():
         assert row["images_per_s"] > 0 and row["train_gflop_per_image"] > 0 and row["gib_per_image"] > 0
         assert row["losses_finite"]
-    every = atme["atme resident all on but compile"]["switches"]
-    assert every["autocast"] == "bf16" and every["channels_last"] and every["fused_adam"] and every["sdpa"]
-    assert every["activation_checkpointing"] and not every["compile"] and not every["cuda_graphs"]
+    leanest = atme["atme resident bf16 eager + activation checkpointing"]["switches"]
+    assert leanest["autocast"] == "bf16" and leanest["fused_adam"] and leanest["sdpa"] and not leanest["channels_last"]
+    assert leanest["activation_checkpointing"] and not leanest["compile"] and not leanest["cuda_graphs"]
 
     pix2pix = items(report, "throughput_pix2pix")
     assert list(pix2pix) == ["pix2pix resident shipped defaults (auto)", "pix2pix loader shipped defaults (auto)"]
@@ -160,7 +163,8 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
     assert "no compile" in report["notes"][0] and "note: no compile" in completed.stdout
     assert "pix2pix whole loop >= 95% of resident: None" not in report["table"]
     assert "atme     shipped defaults (auto) vs fp32 eager" in report["table"]
-    assert "atme     all on but compile vs shipped defaults (auto) (autocast=bf16" in report["table"]
+    assert ("atme     bf16 eager + activation checkpointing vs shipped defaults (auto) (autocast=bf16, fused_adam=True, "
+            "activation_checkpointing=True)") in report["table"]
 
 
 def test_a_section_the_profile_does_not_have_is_refused(tmp_path):
