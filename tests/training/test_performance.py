@@ -6,6 +6,7 @@ that a switched network computes what the plain one does. The `cuda` tests run o
 import copy
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 
 import pytest
@@ -107,12 +108,14 @@ def test_auto_follows_the_measured_defaults_on_cuda_and_is_off_on_the_cpu():
 
 
 def test_explicit_switches_hold_on_the_cpu_except_cuda_graphs(caplog):
+    caplog.set_level(logging.INFO, logger=performance.__name__)
     every = performance_params(autocast="bf16", channels_last=True, fused_adam=True, cudnn_benchmark=True, compile=True,
                                cuda_graphs=True, sdpa=False, activation_checkpointing=True)
     switches = resolve_switches(every, CPU)
     # TF32 and cuDNN's algorithm search are CUDA settings: off on the CPU whatever the params say
     assert switches == Switches(torch.bfloat16, True, True, False, False, True, False, False, True)
     assert "CUDA graphs need a CUDA device" in caplog.text
+    assert "the blocks compile during the first training step" in caplog.text
     assert resolve_switches(every, CUDA).cuda_graphs
 
 
