@@ -54,7 +54,6 @@ are used, and the report says so. Nothing here needs Ray, MLflow, DALI, WebDatas
 """
 
 import argparse
-import gc
 import itertools
 import json
 import math
@@ -485,20 +484,6 @@ def shard_files(prepared: Path) -> list[Path]:
     return sorted((prepared / "train").glob("train-*.tar"))
 
 
-def clear_device(context: Context, forget_compiled: bool = True) -> None:
-    """Free the last run's memory and peak statistics; forget_compiled: its compiled graphs too,
-    so that a row's warm-up includes its own compilation."""
-    import torch
-
-    if forget_compiled and "torch._dynamo" in sys.modules:  # importing dynamo costs seconds; it is there once used
-        torch._dynamo.reset()
-    gc.collect()
-    if context.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def section_environment(context: Context, record: SectionRecord) -> None:
     def describe() -> dict:
         import importlib.util
@@ -612,7 +597,7 @@ def section_decode(context: Context, record: SectionRecord) -> None:
 
 def resident_batch(context: Context, batch_size: int) -> tuple[dict, str]:
     """One real batch from the loader, kept on the device; a synthetic one if the loader fails."""
-    import torch
+    import workloads
 
     try:
         batches = iter(open_loader(context, batch_size))
@@ -620,15 +605,8 @@ def resident_batch(context: Context, batch_size: int) -> tuple[dict, str]:
         batches.close()  # stops the loader's threads
         return {key: value.to(context.device) for key, value in batch.items()}, "first batch of the nvjpeg loader"
     except Exception as error:
-        size, generator = context.scale.image_size, torch.Generator().manual_seed(0)
-        batch = {
-            "source": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
-            "target": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
-            "index": torch.arange(batch_size) % context.dataset_size,
-            "flip": torch.zeros(batch_size, dtype=torch.bool),
-            "crop": torch.zeros(batch_size, 2, dtype=torch.int64),
-        }
-        return {key: value.to(context.device) for key, value in batch.items()}, f"synthetic (loader failed: {error_text(error)})"
+        batch = workloads.random_batch(batch_size, context.scale.image_size, context.dataset_size, context.device)
+        return batch, f"synthetic (loader failed: {error_text(error)})"
 
 
 def dynamo_counts() -> dict:
@@ -656,7 +634,7 @@ def section_throughput(context: Context, record: SectionRecord) -> None:
     found: dict = {"flops": None, "peak": workloads.peak_tflops(device)}
 
     def run(row: Row, overrides: dict | None) -> dict:
-        clear_device(context)
+        workloads.release_device(device)
         before = dynamo_counts()
         session = TrainingSession(model, workloads.train_params(batch_size, overrides), context.dataset_size, device)
         batches = itertools.repeat(batch) if row.mode == "resident" else workloads.endless(open_loader(context, batch_size))
@@ -816,7 +794,7 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
         record.note("the export check runs for pix2pix only" + (" in --cpu mode" if profile.export_every_method else ""))
     for method in CORRECTNESS_METHODS:
         def baseline(method: str = method) -> dict:
-            clear_device(context, forget_compiled=False)
+            workloads.release_device(device, forget_compiled=False)
             run = references[method] = train(method, ALL_OFF)
             session, curve = run.session, run.curve
             finite = all(math.isfinite(value) for values in curve.values() for value in values)
@@ -849,7 +827,7 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
             def compare(method: str = method, overrides: dict | None = overrides, tolerance: float = tolerance,
                         variant: str = variant) -> dict:
                 # compiled blocks stay cached across methods of the same shapes: compile time is not measured here
-                clear_device(context, forget_compiled=False)
+                workloads.release_device(device, forget_compiled=False)
                 run = train(method, overrides, references[method])
                 deviation = curve_deviation(run.curve, references[method].curve)
                 output_deviation = max(relative_difference(output, expected)

@@ -15,11 +15,9 @@ Runs on the GPU image of bench/gpu_check.py (no Ray, MLflow, DALI, WebDataset or
 """
 
 import argparse
-import gc
 import itertools
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -44,18 +42,6 @@ KERNEL_KINDS = (
 
 def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), "other")
-
-
-def random_batch(batch_size: int, image_size: int, device: torch.device) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        "source": torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1,
-        "target": torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1,
-        "index": torch.arange(batch_size),
-        "flip": torch.zeros(batch_size, dtype=torch.bool),
-        "crop": torch.zeros(batch_size, 2, dtype=torch.int64),
-    }
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -> tuple[str, dict[str, float]]:
@@ -90,12 +76,7 @@ def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -
 
 def measure(name: str, overrides: dict, args: argparse.Namespace, batch: dict, kernels: int) -> dict:
     device = torch.device(args.device)
-    if "torch._dynamo" in sys.modules:
-        torch._dynamo.reset()  # each variant's warm-up includes its own compilation
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    workloads.release_device(device)  # each variant's warm-up includes its own compilation
     model = workloads.model_params(args.method, args.image_size)
     session = TrainingSession(model, workloads.train_params(args.batch_size, overrides), args.batch_size, device)
     started = time.perf_counter()
@@ -138,7 +119,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [(name, json.loads(text)) for name, text in args.variant]
     profiled = set(args.profile_variants) if args.profile_variants is not None else {variants[0][0]}
-    batch = random_batch(args.batch_size, args.image_size, torch.device(args.device))
+    batch = workloads.random_batch(args.batch_size, args.image_size, args.batch_size, torch.device(args.device))
     started, results = time.monotonic(), []
     for name, overrides in variants:
         if time.monotonic() - started > args.budget_s:

@@ -15,7 +15,9 @@ build on these, so that their figures are of the same workload. Nothing here imp
 MLflow, DALI, WebDataset, DVC or boto3: gpu_check runs it on a GPU image without them.
 """
 
+import gc
 import resource
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -98,6 +100,32 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     # Peak resident set of this process (KiB on Linux): the CPU counterpart, an upper bound.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def release_device(device: torch.device, forget_compiled: bool = True) -> None:
+    """Free the last run's memory and peak statistics; forget_compiled: its compiled graphs too,
+    so that the next run's warm-up includes its own compilation."""
+    if forget_compiled and "torch._dynamo" in sys.modules:  # importing dynamo costs seconds; it is there once used
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def random_batch(batch_size: int, image_size: int, dataset_size: int, device: torch.device) -> Batch:
+    """Seeded random pairs in [-1, 1] (uncropped, unflipped) on `device`: a resident batch where
+    no real one is needed or the loader cannot give one."""
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "source": torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1,
+        "target": torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1,
+        "index": torch.arange(batch_size) % dataset_size,
+        "flip": torch.zeros(batch_size, dtype=torch.bool),
+        "crop": torch.zeros(batch_size, 2, dtype=torch.int64),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def flops_per_image(session, batch: Batch, batch_size: int) -> float:

@@ -25,7 +25,14 @@ import time
 from pathlib import Path
 
 from components.atomic_files import write_bytes_atomic
-from components.config import ParamsError, load_params, parse_yaml_mapping, read_yaml_mapping, validate_params
+from components.config import (
+    ParamsError,
+    load_params,
+    parse_yaml_mapping,
+    read_params_text,
+    read_yaml_mapping,
+    validate_params,
+)
 from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size
 from components.config.model import load_model_params, validate_model_params
 from components.config.train import TrainParams
@@ -75,8 +82,8 @@ def apply_best_params(best_file: Path, params_dir: Path) -> int:
         if not isinstance(values, dict):
             raise ParamsError(best_file, [(name, "must map dotted keys to values")])
         path = params_dir / name
-        current[name] = read_yaml_mapping(path)  # a missing, empty or duplicated-key file is refused here
-        text = path.read_text(encoding="utf-8")
+        text = read_params_text(path)
+        current[name] = parse_yaml_mapping(text, path)  # a missing, empty or duplicated-key file is refused here
         try:
             edited[path] = apply_values(text, values, str(path))
         except AdoptError as error:

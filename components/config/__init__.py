@@ -15,9 +15,11 @@ from components.config.loading import (
     StrictModel,
     load_params,
     parse_yaml_mapping,
+    read_params_text,
     read_yaml_mapping,
     validate_params,
     with_overrides,
 )
 
-__all__ = ["ParamsError", "StrictModel", "load_params", "parse_yaml_mapping", "read_yaml_mapping", "validate_params", "with_overrides"]
+__all__ = ["ParamsError", "StrictModel", "load_params", "parse_yaml_mapping", "read_params_text",
+           "read_yaml_mapping", "validate_params", "with_overrides"]

@@ -162,16 +162,20 @@ def _duplicated_keys(node: yaml.Node, path: str = "", seen: set[int] | None = No
     return problems
 
 
-def read_yaml_mapping(path: Path | str) -> dict:
-    """Safe-load a YAML file that must hold a non-empty mapping; errors are `ParamsError`s naming the file."""
+def read_params_text(path: Path | str) -> str:
+    """A params file's text; a missing or unreadable file is a `ParamsError` naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(path, [("", "file not found")]) from None
     except OSError as error:
         raise ParamsError(path, [("", f"cannot be read: {error.strerror}")]) from None
-    return parse_yaml_mapping(text, path)
+
+
+def read_yaml_mapping(path: Path | str) -> dict:
+    """Safe-load a YAML file that must hold a non-empty mapping; errors are `ParamsError`s naming the file."""
+    return parse_yaml_mapping(read_params_text(path), path)
 
 
 def parse_yaml_mapping(text: str, path: Path | str) -> dict:
