@@ -92,7 +92,10 @@ class StepProgress:
 
     With a `bar` factory it draws a bar; without one it logs "<description>: step 120/500,
     4.1 steps/s, ETA 1:35" to `logger` at most every `interval_s` seconds, the first line only
-    once `interval_s` has passed, so short loops print nothing but their own summary.
+    once `interval_s` has passed, so short loops print nothing but their own summary. The rate
+    is that of the steps after the first: a first step carries the warm-up (minutes of
+    compilation with `compile` on), which the others do not repeat, and an ETA from it would say
+    hours for an epoch of seconds; while only the first step is done, the line says so instead.
     """
 
     def __init__(
@@ -106,10 +109,12 @@ class StepProgress:
         self._bar: ProgressBar | None = None
         self._description, self._total, self._done = "", 0, 0
         self._started = self._last_line = 0.0
+        self._first_done, self._first_done_at = 0, 0.0  # the steps of the first advance, and when
 
     def start(self, description: str, total: int) -> None:
         self.close()
         self._description, self._total, self._done = description, total, 0
+        self._first_done, self._first_done_at = 0, 0.0
         self._started = self._last_line = self.clock()
         if self.bar_factory is not None:
             self._bar = self.bar_factory(description, total)
@@ -120,11 +125,18 @@ class StepProgress:
             self._bar.update(steps)
             return
         now = self.clock()
+        if not self._first_done:
+            self._first_done, self._first_done_at = steps, now
         if now - self._last_line < self.interval_s or (self._total and self._done >= self._total):
             return
         self._last_line = now
-        elapsed = now - self._started
-        rate = self._done / elapsed if elapsed > 0 else 0.0
+        if self._done == self._first_done:  # no step after the first yet: nothing to take a rate from
+            total = f"/{self._total}" if self._total else ""
+            self.logger.info("%s: step %d%s took %s (the first step warms up); rate and ETA follow", self._description,
+                             self._done, total, format_duration(now - self._started))
+            return
+        elapsed = now - self._first_done_at
+        rate = (self._done - self._first_done) / elapsed if elapsed > 0 else 0.0
         if not self._total:  # a loop of unknown length: no total, no ETA
             self.logger.info("%s: step %d, %.2f steps/s", self._description, self._done, rate)
             return

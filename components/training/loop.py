@@ -244,12 +244,16 @@ def run_epochs(
     """
     history = []
     first_epoch, run_started = session.epoch, time.perf_counter()
+    warmup_s = None  # the run's first step: compilation, cuDNN's search, first allocations
     for _ in range(session.epoch, epochs):
         started, images = time.perf_counter(), 0
         if progress is not None:
             progress.start(f"epoch {session.epoch + 1}/{epochs}", len(loader) if isinstance(loader, Sized) else 0)
         for batch in loader:
+            step_started = time.perf_counter()
             session.train_step(batch)
+            if warmup_s is None:
+                warmup_s = time.perf_counter() - step_started
             images += batch["source"].shape[0]
             if progress is not None:
                 progress.advance()
@@ -258,8 +262,10 @@ def run_epochs(
         metrics = session.end_epoch()
         elapsed = time.perf_counter() - started
         metrics["throughput/images_per_s"] = images / elapsed if elapsed > 0 else 0.0
-        # The mean time of this run's epochs so far, checkpoints and logging included.
-        per_epoch = (time.perf_counter() - run_started) / (session.epoch - first_epoch)
+        # The mean time of this run's epochs so far, checkpoints and logging included, less the
+        # warm-up, which later epochs do not repeat (with compile on, minutes against epochs of
+        # seconds: the ETA would say hours for minutes of training).
+        per_epoch = (time.perf_counter() - run_started - (warmup_s or 0.0)) / (session.epoch - first_epoch)
         logger.info(
             "%s",
             epoch_line(session.epoch, epochs, elapsed, metrics["throughput/images_per_s"],

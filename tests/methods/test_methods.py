@@ -1,5 +1,8 @@
 """Each method learns a tiny paired task, and its exported Translator behaves as documented."""
 
+import re
+import time
+
 import pytest
 import torch
 
@@ -131,6 +134,29 @@ def test_translator_exports_with_torch_export(method):
     sources, _ = _held_out()
     program = torch.export.export(translator, (sources[:2],))
     assert program.module()(sources[:2]).shape == (2, 3, 32, 32)
+
+
+def test_the_epoch_eta_leaves_out_the_first_steps_warm_up(caplog):
+    # With compile on, the run's first step compiles for minutes; the epochs after it do not.
+    data = SyntheticPairs(8, 32, 4)
+    session = TrainingSession(shipped("model", image_size=32, method=PIX2PIX), shipped("train", epochs=3), len(data),
+                              torch.device("cpu"))
+    step, steps = session.train_step, []
+
+    def first_step_compiles(batch):
+        if not steps:
+            time.sleep(4.0)
+        steps.append(batch)
+        step(batch)
+
+    session.train_step = first_step_compiles
+    with caplog.at_level("INFO", logger="components.training.loop"):
+        run_epochs(session, data, 3)
+    first_line = caplog.records[0].getMessage()
+    epoch_s = float(re.search(r"\| ([\d.]+) s \|", first_line).group(1))
+    eta = re.search(r"ETA (\d+):(\d\d)", first_line)
+    assert epoch_s >= 4.0  # the epoch's own time includes it
+    assert int(eta.group(1)) * 60 + int(eta.group(2)) <= 2 * (epoch_s - 4.0) + 1  # 2 epochs left, warm-up excluded
 
 
 def test_batch_of_the_wrong_size_is_refused_with_the_param_to_fix():

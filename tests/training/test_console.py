@@ -58,6 +58,26 @@ def test_off_a_terminal_a_long_epoch_prints_step_rate_and_eta_every_interval(cap
     ]
 
 
+def test_the_rate_and_eta_leave_out_the_first_steps_warm_up(caplog):
+    # With compile on, the first step compiles for minutes and the others take a second.
+    clock = FakeClock()
+    progress = StepProgress(logging.getLogger("test.progress"), interval_s=30, clock=clock)
+    with caplog.at_level("INFO", logger="test.progress"):
+        progress.start("epoch 1/4", total=100)
+        clock.now += 180.0
+        progress.advance()
+        for _ in range(99):
+            clock.now += 1.0
+            progress.advance()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "epoch 1/4: step 1/100 took 3:00 (the first step warms up); rate and ETA follow",
+        "epoch 1/4: step 31/100, 1.00 steps/s, ETA 1:09",  # not 0.15 steps/s and ETA 7:40
+        "epoch 1/4: step 61/100, 1.00 steps/s, ETA 0:39",
+        "epoch 1/4: step 91/100, 1.00 steps/s, ETA 0:09",
+    ]
+
+
 def test_a_short_epoch_prints_no_progress_line(caplog):
     clock = FakeClock()
     progress = StepProgress(logging.getLogger("test.progress"), interval_s=30, clock=clock)
