@@ -11,6 +11,10 @@ params/train.yaml `performance:` (`{}`: the shipped switches, auto). The step is
 the first variant's step under torch.profiler and prints its N kernels with the most device
 time, and the device time by kind of kernel (convolution, matrix product, norm, layout copy,
 elementwise, compiled). Results go to OUT/step_profile.json and OUT/kernels_<variant>.txt.
+`--compile-cache FOLDER` loads the compile cache kept there before the variants and saves it
+after them, as a training run does with `performance.compile_cache`: run a compiled variant
+twice, each time with a new empty TORCHINDUCTOR_CACHE_DIR, and the second warm-up is what a new
+machine pays with the cache.
 Runs on the GPU image of bench/gpu_check.py (no Ray, MLflow, DALI, WebDataset or boto3).
 """
 
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 import workloads
 
+from components.training.compile_cache import CompileCache
 from components.training.loop import TrainingSession
 
 # Kernel name patterns -> kind, first match wins (the names are cuDNN's, cuBLAS's, ATen's and Inductor's).
@@ -113,6 +118,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=0, help="profile these many heaviest kernels of --profile-variants")
     parser.add_argument("--profile-variants", nargs="*", default=None, help="variants to profile (default: the first)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants that start after this many seconds")
+    parser.add_argument("--compile-cache", type=Path, default=None, help="a folder to load and save the compile cache in")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -120,6 +126,10 @@ def main() -> None:
     variants = [(name, json.loads(text)) for name, text in args.variant]
     profiled = set(args.profile_variants) if args.profile_variants is not None else {variants[0][0]}
     batch = workloads.random_batch(args.batch_size, args.image_size, args.batch_size, torch.device(args.device))
+    compile_cache = None
+    if args.compile_cache is not None:
+        compile_cache = CompileCache(str(args.compile_cache), f"step_profile-{args.method}-{args.batch_size}-{args.image_size}")
+        print(f"compile cache: {compile_cache.load()} entries loaded from {compile_cache.uri}", flush=True)
     started, results = time.monotonic(), []
     for name, overrides in variants:
         if time.monotonic() - started > args.budget_s:
@@ -131,6 +141,8 @@ def main() -> None:
             results.append({"variant": name, "status": "error", "error": f"{type(error).__name__}: {error}"[:1500]})
         print(json.dumps(results[-1]), flush=True)
         (args.out / "step_profile.json").write_text(json.dumps(results, indent=1) + "\n")
+    if compile_cache is not None:
+        print(f"compile cache: {'saved to' if compile_cache.save() else 'unchanged at'} {compile_cache.uri}", flush=True)
     print(f"{'variant':<34} {'img/s':>8} {'step ms':>8} {'GiB/img':>8} {'warm-up s':>9}")
     for row in results:
         if row["status"] == "ok":

@@ -88,6 +88,9 @@ class PerformanceParams(StrictModel):
     # Regional torch.compile of the networks' repeated blocks; a block that fails to compile
     # runs eagerly with a warning.
     compile: bool | Literal["auto"]
+    # With compile: keep the compiled code under run.storage_path/compile-cache/ for the next run
+    # (components/training/compile_cache.py). It is code the workers run: storage only training writes.
+    compile_cache: bool
     # The compiled blocks as CUDA graphs (CUDA only; needs compile).
     cuda_graphs: bool | Literal["auto"]
     # The DDPM U-Net's full attention through F.scaled_dot_product_attention.

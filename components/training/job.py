@@ -36,6 +36,9 @@ class TrainingJob:
     # A start-weights file (components/training/warm_start.py; a path every node sees, or s3://)
     # the networks start from when the job does not resume a checkpoint of its own.
     start_weights: str | None = None
+    # The folder of the compile caches (components/training/compile_cache.py; absolute or s3://),
+    # None where performance.compile_cache is off.
+    compile_cache: str | None = None
     console: ConsoleOptions = ConsoleOptions()  # what the workers print, decided by the command
 
 

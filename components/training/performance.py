@@ -12,12 +12,15 @@
   same attention written out).
 - compile: regional torch.compile. A network made of repeated blocks (the DDPM U-Net's
   ResBlocks and attention blocks, the pix2pix U-Net's UNetBlocks) has each block compiled
-  in place, not the whole network: blocks of one class share their compiled code
-  (after a second size, one dynamic-shape graph serves every resolution), and Inductor fuses
-  each block's norm, activation, FiLM and residual into a few kernels. Compiling is still
-  minutes for ATME's U-Net at 256 px (about 160 s on an H200, forward and backward of every
-  block shape), hence off by default. ATME's W, small and without repeated blocks, is
-  compiled whole. PatchGAN is not compiled: the R1 penalty (the D-reg phase) differentiates
+  in place, not the whole network: blocks of one class and shape share one compiled graph,
+  and Inductor fuses each block's norm, activation, FiLM and residual into a few kernels.
+  Graphs are static-shape (`dynamic=False`): with dynamo's automatic dynamic shapes, the
+  attention blocks' graphs over symbolic sizes failed in Inductor and ran eagerly, with a
+  traceback on the console (2 of 14 regions of a small U-Net on PyTorch 2.13), and a static
+  graph's kernels are specialised to their sizes. Compiling is still minutes for ATME's U-Net
+  at 256 px (about 160 s on an H200, forward and backward of every block shape), hence off by
+  default; `compile_cache` keeps the compiled code for the next run (compile_cache.py).
+  ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not compiled: the R1 penalty (the D-reg phase) differentiates
   twice through D, which compiled code does not support. A block that fails to compile runs eagerly, with dynamo's warning.
 - cuda_graphs: the compiled regions run as CUDA graphs (torch.compile's "reduce-overhead"
   mode, CUDA graph trees), which removes the kernel-launch cost. The whole training step is
@@ -120,7 +123,8 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
     if switches.compile:
         # The first step is silent while Inductor compiles every block shape, forward and backward.
         logger.info("compile: the blocks compile during the first training step (about 3 minutes for ATME's U-Net "
-                    "at 256 px on an H200); the step progress starts after it")
+                    "at 256 px on an H200; performance.compile_cache keeps the compiled code for the next run); "
+                    "the step progress starts after it")
     return switches
 
 
@@ -178,5 +182,5 @@ def apply_switches(network: nn.Module, switches: Switches) -> nn.Module:
     if switches.compile:
         mode = "reduce-overhead" if switches.cuda_graphs else None
         for region in compile_regions(network):
-            region.compile(mode=mode)
+            region.compile(mode=mode, dynamic=False)
     return network

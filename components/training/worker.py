@@ -33,6 +33,7 @@ from components.data.batch import Batch
 from components.training.checkpoints import checkpoint_due, load_checkpoint, write_checkpoint
 from components.training.collectives import AgreeingDetector, all_reduce_sum
 from components.training.compatibility import decide_resume, job_record
+from components.training.compile_cache import session_compile_cache
 from components.training.health import TrainingDiverged
 from components.training.job import StepHook, TrainingJob
 from components.training.outcome import (
@@ -135,6 +136,10 @@ def train_worker(config: dict) -> None:
     session = TrainingSession(job.model, job.train, job.dataset_size, ray.train.torch.get_device(),
                               wrap=ddp_wrap, reduce=all_reduce_sum)
     session.detector = AgreeingDetector(job.train.health, session.device)
+    # Before the first forward pass, which is where the blocks compile.
+    compile_cache = session_compile_cache(job.compile_cache, session)
+    if compile_cache is not None:
+        compile_cache.load()
     record = job_record(job)
 
     # Resume the same job (a finished one only to raise its epochs), refuse an unfinished job
@@ -200,6 +205,8 @@ def train_worker(config: dict) -> None:
             if (grid_every and epoch % grid_every == 0) or epoch == epochs:
                 pairs = {key: value[: run.tracking.sample_grid_pairs] for key, value in loader.first_batch.items()}
                 epoch_logger.log_sample_grid(epoch, pairs["source"], session.sample(pairs["source"]), pairs["target"])
+        if compile_cache is not None and rank == 0 and epoch >= epochs:
+            compile_cache.save()  # once, when the training, validation and sampling shapes have compiled
         if checkpoint_due(epoch, epochs, run.checkpoint.every_epochs):
             save_and_report(metrics, final=epoch >= epochs)
         else:

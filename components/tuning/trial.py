@@ -43,6 +43,8 @@ class TrialPlan:
     train_storage: str
     # The sweep's id: its scheduler's stop requests are found by it.
     sweep_id: str
+    # The compile caches' folder, shared by the trials and with later sweeps (None: not kept).
+    compile_cache: str | None
     console: ConsoleOptions  # what the trials' workers print
 
 
@@ -64,6 +66,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     job = TrainingJob(
         model=model, train=train, loader=plan.loader, data_location=plan.data_location,
         data_checksum=plan.data_checksum, dataset_size=plan.dataset_size, step_hook=stop_check, console=plan.console,
+        compile_cache=plan.compile_cache,
     )
     run = train.run.model_copy(update={"name": trial_id})
     outcome = run_training(job, run, plan.train_storage, callbacks=[TuneReportCallback()])

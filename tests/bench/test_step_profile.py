@@ -15,7 +15,7 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     command = [sys.executable, str(REPOSITORY / "bench" / "step_profile.py"), "--method", "pix2pix", "--batch-size", "2",
                "--image-size", "32", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--kernels", "5",
                "--variant", "shipped", "{}", "--variant", "misspelt", '{"channel_last": true}',
-               "--variant", "bf16", '{"autocast": "bf16"}']
+               "--variant", "bf16", '{"autocast": "bf16"}', "--compile-cache", str(tmp_path / "compile-cache")]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads((tmp_path / "step_profile.json").read_text())}
@@ -30,3 +30,6 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     assert sum(rows["shipped"]["device_ms_by_kind"].values()) > 0 and "device_ms_by_kind" not in rows["bf16"]
     assert not (tmp_path / "kernels_bf16.txt").exists()
     assert "misspelt" in completed.stdout.splitlines()[-2]
+    # nothing compiled: the cache is looked for, and nothing is written
+    assert f"compile cache: 0 entries loaded from {tmp_path / 'compile-cache'}" in completed.stdout
+    assert "compile cache: unchanged at" in completed.stdout and not (tmp_path / "compile-cache").exists()

@@ -1,0 +1,150 @@
+"""Compiled code kept between training runs (params/train.yaml `performance.compile_cache`).
+
+With `compile` on, the first training step compiles every block shape, forward and backward
+(minutes for ATME's U-Net at 256 px), and the first validation compiles the sampling shapes.
+Inductor keeps what it compiled in a folder of the machine (under /tmp), which a fresh
+cluster node, container or CI runner does not have, so a scheduled retraining would pay
+the compilation again every time. With `compile_cache` on, every worker loads PyTorch's
+portable compile cache (`torch.compiler.load_cache_artifacts`: Inductor's compiled graphs
+with their Triton kernels, autotuning results, AOTAutograd's graphs) from the job's storage
+before its first step, and worker rank 0 writes it back (`save_cache_artifacts`) once, after
+the last epoch, where it holds something new. Once: a second `save_cache_artifacts` in the same
+process writes a file from which `load_cache_artifacts` takes only the second call's entries
+(PyTorch 2.13: a run that saved after its first and its last epoch wrote 77 entries, and the
+next run loaded 22). Inductor's own keys decide what is reused: an entry made by another
+PyTorch, device or block simply misses and is compiled.
+
+Where: `<run.storage_path>/compile-cache/<key>.bin`, a local folder or S3, beside the runs
+that use it. One file per configuration (`key`: PyTorch and CUDA versions, the device, the
+networks' architecture, the switches, batch and image size), because a process saves only the
+entries it used: two configurations sharing one file would keep dropping each other's.
+Local files are replaced atomically, S3 objects are; two runs saving at once leave one
+complete file. A missing or unreadable file costs only the compilation it would have saved.
+
+The cache is compiled code that the workers load and run: whoever can write the storage can
+run code on the training machines through it (checkpoints, loaded with weights_only, cannot).
+Hence off by default, for storage that only the training jobs write.
+"""
+
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from components.atomic_files import write_bytes_atomic
+from components.methods.base import unwrap
+from components.object_store import (
+    ObjectMissing,
+    ObjectStoreError,
+    get_bytes,
+    is_s3_uri,
+    join_s3_uri,
+    put_bytes,
+    s3_client,
+)
+
+if TYPE_CHECKING:
+    from components.training.loop import TrainingSession
+
+logger = logging.getLogger(__name__)
+
+COMPILE_CACHE_FOLDER = "compile-cache"
+
+
+def compile_cache_location(storage: str) -> str:
+    """The compile caches' folder under a job's storage (an absolute local folder or s3://)."""
+    return join_s3_uri(storage, COMPILE_CACHE_FOLDER) if is_s3_uri(storage) else str(Path(storage) / COMPILE_CACHE_FOLDER)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} {platform.machine()}"
+
+
+def configuration_key(networks: dict[str, torch.nn.Module], switches: dict, batch_size: int, image_size: int,
+                      device: torch.device) -> str:
+    """What decides the compiled code of a training job, hashed: the file name of its cache."""
+    described = [
+        f"torch {torch.__version__} cuda {torch.version.cuda}", device_name(device),
+        repr(sorted(switches.items())), f"batch {batch_size} image {image_size}",
+        *(f"{name}: {network!r}" for name, network in sorted(networks.items())),
+    ]
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:20]
+
+
+class CompileCache:
+    """One configuration's compile cache file: `load` before the first compilation, `save` after."""
+
+    def __init__(self, location: str, key: str, client: Any = None) -> None:
+        self.uri = join_s3_uri(location, f"{key}.bin") if is_s3_uri(location) else str(Path(location) / f"{key}.bin")
+        self._client = client
+        self._kept_digest: str | None = None  # of the bytes loaded or last saved: unchanged ones are not written
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def _read(self) -> bytes:
+        return get_bytes(self._s3(), self.uri) if is_s3_uri(self.uri) else Path(self.uri).read_bytes()
+
+    def _write(self, data: bytes) -> None:
+        if is_s3_uri(self.uri):
+            put_bytes(self._s3(), self.uri, data)
+        else:
+            write_bytes_atomic(self.uri, data)
+
+    def load(self) -> int:
+        """Put the kept compiled code into this process's Inductor cache; returns how many entries."""
+        try:
+            data = self._read()
+        except (FileNotFoundError, ObjectMissing):
+            logger.info("compile cache: none yet at %s; this run compiles and saves it", self.uri)
+            return 0
+        except (OSError, ObjectStoreError) as error:
+            logger.warning("compile cache: cannot read %s (%s); compiling from scratch", self.uri, error)
+            return 0
+        info = torch.compiler.load_cache_artifacts(data)
+        if info is None:
+            logger.warning("compile cache: %s is not a compile cache this PyTorch can read; compiling from scratch "
+                           "(it is replaced at the end of this run)", self.uri)
+            return 0
+        self._kept_digest = hashlib.sha256(data).hexdigest()
+        entries = sum(len(keys) for keys in info.artifacts.values())
+        logger.info("compile cache: %d entries (%.1f MB) loaded from %s", entries, len(data) / 1e6, self.uri)
+        return entries
+
+    def save(self) -> bool:
+        """Write this process's compiled code, unless it is what the file holds; returns whether it wrote.
+        Call it once per process (see the module doc). A failed write is a warning: the run goes on,
+        the next one compiles again."""
+        serialized = torch.compiler.save_cache_artifacts()
+        if serialized is None:  # nothing compiled
+            return False
+        data, info = serialized
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._kept_digest:
+            return False
+        try:
+            self._write(data)
+        except (OSError, ObjectStoreError) as error:
+            logger.warning("compile cache: cannot write %s (%s); the next run compiles again", self.uri, error)
+            return False
+        self._kept_digest = digest
+        entries = sum(len(keys) for keys in info.artifacts.values())
+        logger.info("compile cache: %d entries (%.1f MB) saved to %s", entries, len(data) / 1e6, self.uri)
+        return True
+
+
+def session_compile_cache(location: str | None, session: "TrainingSession") -> CompileCache | None:
+    """The compile cache of a training session: None where it compiles nothing or the job keeps no cache."""
+    if location is None or not session.switches.compile:
+        return None
+    networks = {name: unwrap(network) for name, network in session.method.networks().items()}
+    key = configuration_key(networks, session.switches.summary(), session.train.batch_size,
+                            session.model.image_size, session.device)
+    return CompileCache(location, key)
