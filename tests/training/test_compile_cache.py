@@ -26,6 +26,7 @@ from components.training.compile_cache import (
     configuration_key,
     session_compile_cache,
 )
+from support.cli import run_pairgan_train
 from support.params import shipped, write_shipped
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -162,16 +163,8 @@ def test_pairgan_train_loads_and_keeps_the_compiled_code_under_its_storage(tmp_p
                   run={"storage_path": str(storage), "scaling": {"num_workers": 1, "use_gpu": False},
                        "tracking": {"system_metrics": False}})
     write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})  # the data's 32 px
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
-    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        env.pop(name, None)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--params-dir", str(params), "--data", str(prepared_builtin),
-         "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_pairgan_train(params, prepared_builtin, tmp_path, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     folder = storage / "compile-cache"

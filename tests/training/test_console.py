@@ -1,19 +1,13 @@
 """What a person reads while `pairgan train` runs: one line per epoch, progress in long epochs, no noise."""
 
 import logging
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from components.console import EPOCH_LINE_FIELDS, EpochField, StepProgress, epoch_line, format_duration
+from support.cli import run_pairgan_train
 from support.params import write_shipped
-
-PROJECT = Path(__file__).resolve().parents[2]
-
 
 # --- the epoch line and the progress lines -------------------------------------------
 
@@ -144,16 +138,8 @@ def test_train_output_off_a_terminal_is_one_plain_line_per_epoch(tmp_path, prepa
                   run={"storage_path": str(tmp_path / "checkpoints"), "scaling": {"use_gpu": False},
                        "tracking": {"sample_grid_every_epochs": 0, "system_metrics": True}})
     write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})  # the data's 32 px
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
-    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_LOGGING_LEVEL", "RAY_DISABLE_WORKER_LOG_PREFIX"):
-        env.pop(name, None)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--params-dir", str(params), "--data", str(prepared_builtin),
-         "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_pairgan_train(params, prepared_builtin, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
 
