@@ -108,7 +108,10 @@ class CompileCache:
         except (OSError, ObjectStoreError) as error:
             logger.warning("compile cache: cannot read %s (%s); compiling from scratch", self.uri, error)
             return 0
-        info = torch.compiler.load_cache_artifacts(data)
+        try:
+            info = torch.compiler.load_cache_artifacts(data)
+        except Exception:  # whatever PyTorch's loader meets in a damaged file, training goes on
+            info = None
         if info is None:
             logger.warning("compile cache: %s is not a compile cache this PyTorch can read; compiling from scratch "
                            "(it is replaced at the end of this run)", self.uri)
