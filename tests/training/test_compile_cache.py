@@ -6,6 +6,7 @@ Inductor folder, as a new cluster node or container has: in-process caches would
 Inductor builds C++ on the CPU, so these take seconds to a minute each.
 """
 
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from components.training.compile_cache import (
     session_compile_cache,
 )
 from support.cli import run_pairgan_train
+from support.compile_child import cache_key, small_w
 from support.params import shipped, write_shipped
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -72,8 +74,17 @@ def read_cache(uri: str, s3_endpoint: str) -> bytes:
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_a_fresh_machine_loads_the_compiled_code_instead_of_compiling(kind, tmp_path, s3_endpoint):
     location, env = cache_location(kind, tmp_path, s3_endpoint)
+    if kind == "local":  # a damaged file there, for PyTorch's own loader to refuse: compiled over and replaced
+        damaged = CompileCache(location, cache_key(small_w()))
+        Path(damaged.uri).parent.mkdir(parents=True)
+        Path(damaged.uri).write_bytes(b"not a compile cache")
     first, first_log = compile_in_fresh_process("w", location, tmp_path / "inductor-1", tmp_path / "first.json", env)
-    assert first["loaded"] == 0 and "none yet at" in first_log
+    assert first["loaded"] == 0
+    if kind == "local":
+        assert first["uri"] == damaged.uri
+        assert "is not a compile cache this PyTorch can read; compiling from scratch" in first_log
+    else:
+        assert "none yet at" in first_log
     assert first["inductor"]["fxgraph_cache_miss"] >= 2  # forward and backward compiled
     assert first["saved"] and len(read_cache(first["uri"], s3_endpoint)) > 0
 
@@ -94,7 +105,19 @@ def serialized_compiled_code(monkeypatch):
     return code
 
 
-def test_a_damaged_cache_is_compiled_over_and_replaced(tmp_path, caplog, serialized_compiled_code):
+def refuse(data: bytes) -> None:
+    return None  # what torch.compiler.load_cache_artifacts returns for bytes it cannot parse
+
+
+def fail(data: bytes) -> None:
+    raise EOFError("ran out of input")
+
+
+@pytest.mark.parametrize("loader", [refuse, fail])
+def test_a_damaged_cache_is_compiled_over_and_replaced(loader, tmp_path, caplog, monkeypatch, serialized_compiled_code):
+    # PyTorch's loader itself meets a damaged file in the fresh-process test above; here, both
+    # ways it can answer, without importing Inductor into the test process.
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loader)
     cache = CompileCache(str(tmp_path / "compile-cache"), "key")
     Path(cache.uri).parent.mkdir()
     Path(cache.uri).write_bytes(b"not a compile cache")  # a file cut short, or another program's
@@ -137,8 +160,11 @@ def test_the_cache_lives_under_the_run_storage():
     assert compile_cache_location("s3://bucket/pairgan/") == "s3://bucket/pairgan/compile-cache"
 
 
-def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path):
+def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path, monkeypatch):
     from components.training.loop import TrainingSession
+
+    # dynamo's eager backend: nothing runs here, and Inductor stays out of the test process
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
     def session(compile_: bool) -> TrainingSession:
         train = shipped("train", performance={"compile": compile_})
