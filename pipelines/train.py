@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         data_location=data_location,
         data_checksum=manifest.checksum, dataset_size=dataset_size,
         tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console, start_weights=start_weights,
-        compile_cache=compile_cache_location(storage) if train.performance.compile_cache else None,
+        compile_cache=compile_cache_location(storage),
     )
     if not ray.is_initialized():
         # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the

@@ -185,12 +185,11 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
                  runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
     cluster = ray.cluster_resources()
     use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
-    keeps_compile_cache = space.resolve(space.candidate_points()[0])[1].performance.compile_cache
     plan = TrialPlan(space=space, loader=data.loader,
                      data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
                      data_checksum=manifest.checksum, dataset_size=train_count,
                      train_storage=f"{storage}/{sweep_id}/{TRAIN_RUNS}", sweep_id=sweep_id, console=console,
-                     compile_cache=compile_cache_location(storage) if keeps_compile_cache else None)
+                     compile_cache=compile_cache_location(storage))
     tracker = SweepTracker(tune.run.experiment, sweep_id, space, tags, trial_count(tune))
     started = time.monotonic()
     experiment_path = run_sweep(tune, plan, storage, sweep_id, [tracker], concurrency(tune, use_gpu, cluster))

@@ -54,9 +54,13 @@ logger = logging.getLogger(__name__)
 COMPILE_CACHE_FOLDER = "compile-cache"
 
 
+def _joined(location: str, name: str) -> str:
+    return join_s3_uri(location, name) if is_s3_uri(location) else str(Path(location) / name)
+
+
 def compile_cache_location(storage: str) -> str:
     """The compile caches' folder under a job's storage (an absolute local folder or s3://)."""
-    return join_s3_uri(storage, COMPILE_CACHE_FOLDER) if is_s3_uri(storage) else str(Path(storage) / COMPILE_CACHE_FOLDER)
+    return _joined(storage, COMPILE_CACHE_FOLDER)
 
 
 def device_name(device: torch.device) -> str:
@@ -79,9 +83,9 @@ def configuration_key(networks: dict[str, torch.nn.Module], switches: dict, batc
 class CompileCache:
     """One configuration's compile cache file: `load` before the first compilation, `save` after."""
 
-    def __init__(self, location: str, key: str, client: Any = None) -> None:
-        self.uri = join_s3_uri(location, f"{key}.bin") if is_s3_uri(location) else str(Path(location) / f"{key}.bin")
-        self._client = client
+    def __init__(self, location: str, key: str) -> None:
+        self.uri = _joined(location, f"{key}.bin")
+        self._client: Any = None  # boto3's, made on the first S3 request
         self._kept_digest: str | None = None  # of the bytes loaded or last saved: unchanged ones are not written
 
     def _s3(self) -> Any:
@@ -144,8 +148,9 @@ class CompileCache:
 
 
 def session_compile_cache(location: str | None, session: "TrainingSession") -> CompileCache | None:
-    """The compile cache of a training session: None where it compiles nothing or the job keeps no cache."""
-    if location is None or not session.switches.compile:
+    """The compile cache of a training session: None where it compiles nothing, its params keep no
+    cache (`performance.compile_cache`) or the job gives no location."""
+    if location is None or not session.switches.compile or not session.train.performance.compile_cache:
         return None
     networks = {name: unwrap(network) for name, network in session.method.networks().items()}
     key = configuration_key(networks, session.switches.summary(), session.train.batch_size,

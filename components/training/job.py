@@ -37,7 +37,7 @@ class TrainingJob:
     # the networks start from when the job does not resume a checkpoint of its own.
     start_weights: str | None = None
     # The folder of the compile caches (components/training/compile_cache.py; absolute or s3://),
-    # None where performance.compile_cache is off.
+    # used where performance.compile and compile_cache are on; None: no cache.
     compile_cache: str | None = None
     console: ConsoleOptions = ConsoleOptions()  # what the workers print, decided by the command
 

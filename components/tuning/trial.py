@@ -43,7 +43,8 @@ class TrialPlan:
     train_storage: str
     # The sweep's id: its scheduler's stop requests are found by it.
     sweep_id: str
-    # The compile caches' folder, shared by the trials and with later sweeps (None: not kept).
+    # The compile caches' folder, shared by the trials and with later sweeps (used where
+    # performance.compile_cache is on).
     compile_cache: str | None
     console: ConsoleOptions  # what the trials' workers print
 

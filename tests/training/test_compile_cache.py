@@ -166,8 +166,8 @@ def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path, monkey
     # dynamo's eager backend: nothing runs here, and Inductor stays out of the test process
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
-    def session(compile_: bool) -> TrainingSession:
-        train = shipped("train", performance={"compile": compile_})
+    def session(compile_: bool, keep: bool = True) -> TrainingSession:
+        train = shipped("train", performance={"compile": compile_, "compile_cache": keep})
         return TrainingSession(shipped("model", image_size=32), train, 8, torch.device("cpu"))
 
     compiling, plain = session(True), session(False)
@@ -175,6 +175,7 @@ def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path, monkey
     assert kept is not None and kept.uri.startswith(str(tmp_path))
     assert session_compile_cache(None, compiling) is None
     assert session_compile_cache(str(tmp_path), plain) is None
+    assert session_compile_cache(str(tmp_path), session(True, keep=False)) is None  # the switch, off
     assert shipped("train").performance.compile_cache is False  # opt-in: the cache is code the workers run
 
 
