@@ -30,6 +30,7 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     assert sum(rows["shipped"]["device_ms_by_kind"].values()) > 0 and "device_ms_by_kind" not in rows["bf16"]
     assert not (tmp_path / "kernels_bf16.txt").exists()
     assert "misspelt" in completed.stdout.splitlines()[-2]
+    assert rows["shipped"]["compiled"] == rows["bf16"]["compiled"] == {}  # compile is off under auto on the CPU
     # nothing compiled: the cache is looked for, and nothing is written
     assert f"compile cache: 0 entries loaded from {tmp_path / 'compile-cache'}" in completed.stdout
     assert "compile cache: unchanged at" in completed.stdout and not (tmp_path / "compile-cache").exists()

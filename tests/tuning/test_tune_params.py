@@ -281,3 +281,41 @@ def test_a_stop_request_ends_the_workers_at_a_check_step(monkeypatch):
     check(0, 5)  # not a check step
     with pytest.raises(StopRequested):
         check(0, 8)
+
+
+def test_a_trial_trains_its_drawn_values_on_the_sweeps_data_storage_and_compile_cache(tmp_path, monkeypatch):
+    import ray.tune
+    import ray.tune.integration.ray_train
+
+    from components.console import ConsoleOptions
+    from components.training import driver
+    from components.training.job import TrainingOutcome
+    from components.tuning.trial import TrialPlan, run_trial
+
+    space = sweep_space(params_folder(tmp_path / "params"))
+    console = ConsoleOptions(verbose=True)
+    plan = TrialPlan(space=space, loader=space.data.loader, data_location="s3://bucket/shards", data_checksum="sum-1",
+                     dataset_size=40, train_storage="/runs/sweep-1/train", sweep_id="sweep-1",
+                     compile_cache="/runs/compile-cache", console=console)
+    trained = []
+
+    def record_training(job, run, storage, callbacks):
+        trained.append(SimpleNamespace(job=job, run=run, storage=storage, callbacks=callbacks))
+        return TrainingOutcome(status="finished", epoch=1, step=5, metrics={})
+
+    monkeypatch.setattr(driver, "run_training", record_training)
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "trial-7"))
+    reporter = type("Reporter", (), {})  # Tune's callback only exists inside a Tune session
+    monkeypatch.setattr(ray.tune.integration.ray_train, "TuneReportCallback", reporter)
+    drawn = space.candidate_points()[-1]
+    run_trial(drawn, plan)
+
+    (training,) = trained
+    model, train = space.resolve(drawn)
+    assert (training.job.model, training.job.train) == (model, train)
+    assert (training.job.data_location, training.job.data_checksum, training.job.dataset_size) == ("s3://bucket/shards", "sum-1", 40)
+    assert training.job.compile_cache == "/runs/compile-cache"
+    assert training.job.console == console
+    assert training.job.step_hook.sweep_id == "sweep-1" and training.job.step_hook.trial_id == "trial-7"
+    assert training.run.name == "trial-7" and training.storage == "/runs/sweep-1/train"
+    assert [type(callback) for callback in training.callbacks] == [reporter]  # every epoch reaches ASHA

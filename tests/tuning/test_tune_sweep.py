@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from components.tracking import TAG_OUTCOME
+from components.tuning import sweep
 from components.tuning.outcomes import merged_history
-from components.tuning.sweep import trial_records
+from components.tuning.sweep import TRAIN_RUNS, trial_records
 from components.tuning.tracking import TAG_PARENT, TAG_SWEEP_TRIAL
 from pipelines.cli import main as pairgan
 from support.sweeps import PROJECT, sweep_runs, tune_args, write_project
@@ -51,8 +52,16 @@ def test_a_sweep_of_three_trials_with_one_diverging(ray_local, tmp_path, monkeyp
                                        "train.health.stop_on_perfect_d": False},
                              "space": {FLOOR: {"choice": [0.001, 0.002, 1000.0]}}})
 
+    plans = []  # what the trials are handed
+    run_sweep = sweep.run_sweep
+    monkeypatch.setattr(sweep, "run_sweep", lambda tune, plan, *rest: plans.append(plan) or run_sweep(tune, plan, *rest))
+
     assert pairgan(tune_args(tmp_path)) == 0
 
+    (plan,) = plans
+    storage = plan.train_storage.removesuffix(f"/{plan.sweep_id}/{TRAIN_RUNS}")
+    assert Path(storage).is_relative_to(tmp_path)
+    assert plan.compile_cache == f"{storage}/compile-cache"  # shared by the trials and the next sweeps
     reports = tmp_path / "reports/tune"
     with (reports / "results.csv").open() as table:
         rows = {float(row[FLOOR]): row for row in csv.DictReader(table)}
