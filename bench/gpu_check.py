@@ -41,7 +41,9 @@ profile measures compile and CUDA graphs.
 
 Throughput rows give images/s, MFU (model FLOPs of one uncompiled step, counted with
 FlopCounterMode, over the device's dense bf16 peak), peak memory and memory per image,
-warm-up seconds (compilation), and whether the losses stayed finite. The JSON report
+warm-up seconds (compilation), whether the losses stayed finite, and what dynamo compiled
+while the row ran (graphs, graph breaks, frames it left eager, compile cache hits and misses:
+a compiled row with frames left eager did not measure compiled code). The JSON report
 (OUT/gpu_check.json) is rewritten after every item, so a killed run still leaves its
 results; the table is printed at the end and stored in the report. Exit status 0: every
 item that ran passed (items skipped for the budget, and a test run the budget cut short,
@@ -609,16 +611,6 @@ def resident_batch(context: Context, batch_size: int) -> tuple[dict, str]:
         return batch, f"synthetic (loader failed: {error_text(error)})"
 
 
-def dynamo_counts() -> dict:
-    if "torch._dynamo" not in sys.modules:  # nothing compiled yet in this process
-        return {"compiled_graphs": 0, "graph_breaks": 0}
-    import torch
-
-    counters = torch._dynamo.utils.counters
-    return {"compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
-
-
 def section_throughput(context: Context, record: SectionRecord) -> None:
     import torch
     import workloads
@@ -635,7 +627,7 @@ def section_throughput(context: Context, record: SectionRecord) -> None:
 
     def run(row: Row, overrides: dict | None) -> dict:
         workloads.release_device(device)
-        before = dynamo_counts()
+        before = workloads.compile_counts()
         session = TrainingSession(model, workloads.train_params(batch_size, overrides), context.dataset_size, device)
         batches = itertools.repeat(batch) if row.mode == "resident" else workloads.endless(open_loader(context, batch_size))
         warmup_s, _ = workloads.time_steps(session, batches, scale.warmup_steps, device)
@@ -646,7 +638,6 @@ def section_throughput(context: Context, record: SectionRecord) -> None:
         rate = images / seconds
         finite = all(bool(torch.isfinite(value)) for value in session.stats.step_values.values())
         peak_gib = workloads.peak_memory_gib(device)
-        after = dynamo_counts()
         flops, peak = found["flops"], found["peak"]
         result = {
             "method": method, "variant": row.variant, "mode": row.mode, "batch_size": batch_size,
@@ -659,8 +650,8 @@ def section_throughput(context: Context, record: SectionRecord) -> None:
             "mfu": round(flops * rate / (peak * 1e12), 4) if flops and peak else None,
             # as the profile asks (null: the shipped params), and as they resolved on this device
             "requested": row.switches, "losses_finite": finite, "switches": session.switches.summary(),
-            "compiled_graphs": after["compiled_graphs"] - before["compiled_graphs"],
-            "graph_breaks": after["graph_breaks"] - before["graph_breaks"],
+            # graphs, graph breaks, frames left eager, compile cache hits and misses: empty when nothing compiled
+            "compiled": workloads.compiled_since(before),
         }
         if not finite:
             result["status"] = "failed"

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import workloads
-from torch._dynamo.utils import counters
 
 from components.training.compile_cache import CompileCache
 from components.training.loop import TrainingSession
@@ -80,18 +79,9 @@ def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -
     return "\n".join(lines), {kind: round(ms, 2) for kind, ms in by_kind.items()}
 
 
-def compile_counts() -> dict[str, int]:
-    """Dynamo's running counts of compiled graphs and of AOTAutograd's and Inductor's cache outcomes."""
-    return {
-        "graphs": counters["stats"]["unique_graphs"],
-        **{f"aot_{key}": value for key, value in counters["aot_autograd"].items() if key.startswith("autograd_cache")},
-        **{key: value for key, value in counters["inductor"].items() if key.startswith("fxgraph_cache")},
-    }
-
-
 def measure(name: str, overrides: dict, args: argparse.Namespace, batch: dict, kernels: int) -> dict:
     device = torch.device(args.device)
-    before = compile_counts()
+    before = workloads.compile_counts()
     workloads.release_device(device)  # each variant's warm-up includes its own compilation
     model = workloads.model_params(args.method, args.image_size)
     session = TrainingSession(model, workloads.train_params(args.batch_size, overrides), args.batch_size, device)
@@ -100,14 +90,12 @@ def measure(name: str, overrides: dict, args: argparse.Namespace, batch: dict, k
     seconds, images = workloads.time_steps(session, itertools.repeat(batch), args.steps, device)
     peak = workloads.peak_memory_gib(device)
     finite = all(bool(torch.isfinite(value)) for value in session.stats.step_values.values())
-    # What this variant compiled, and what it found in the caches (a warm start: hits only)
-    compiled = {key: value - before.get(key, 0) for key, value in compile_counts().items() if value != before.get(key, 0)}
     result = {
         "variant": name, "overrides": overrides, "switches": session.switches.summary(), "method": args.method,
         "batch_size": args.batch_size, "image_size": args.image_size, "images_per_s": round(images / seconds, 1),
         "step_ms": round(1000 * seconds / args.steps, 1), "warmup_s": round(warmup_s, 1),
         "peak_memory_gib": round(peak, 2), "gib_per_image": round(peak / args.batch_size, 3), "losses_finite": finite,
-        "compiled": compiled,
+        "compiled": workloads.compiled_since(before),
     }
     if kernels:
         text, by_kind = kernel_table(session, batch, 2, kernels)

@@ -114,6 +114,29 @@ def release_device(device: torch.device, forget_compiled: bool = True) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def compile_counts() -> dict[str, int]:
+    """This process's running counts of what dynamo compiled (graphs, graph breaks, frames it gave
+    up on and left eager) and of AOTAutograd's and Inductor's cache outcomes; empty before
+    anything compiled."""
+    if "torch._dynamo" not in sys.modules:  # importing dynamo costs seconds; it is there once used
+        return {}
+    counters = torch._dynamo.utils.counters
+    frames = counters["frames"]
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "frames_not_converted": frames["total"] - frames["ok"],
+        **{f"aot_{key}": value for key, value in counters["aot_autograd"].items() if key.startswith("autograd_cache")},
+        **{key: value for key, value in counters["inductor"].items() if key.startswith("fxgraph_cache")},
+    }
+
+
+def compiled_since(before: dict[str, int]) -> dict[str, int]:
+    """What was compiled, and found in the compile caches, since `before` (a `compile_counts()`):
+    the counts that changed (a warm start has cache hits and no misses)."""
+    return {key: value - before.get(key, 0) for key, value in compile_counts().items() if value != before.get(key, 0)}
+
+
 def random_batch(batch_size: int, image_size: int, dataset_size: int, device: torch.device) -> Batch:
     """Seeded random pairs in [-1, 1] (uncropped, unflipped) on `device`: a resident batch where
     no real one is needed or the loader cannot give one."""

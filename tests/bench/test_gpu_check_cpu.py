@@ -160,6 +160,7 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
     assert len(rows) == 5 and not any((row["requested"] or {}).get("compile") for row in rows)
     assert not any(row["switches"]["compile"] for section in report["sections"].values() for row in section["items"]
                    if "switches" in row)
+    assert all(row["compiled"] == {} for row in rows)  # what dynamo compiled while the row ran: nothing
     assert "no compile" in report["notes"][0] and "note: no compile" in completed.stdout
     assert "pix2pix whole loop >= 95% of resident: None" not in report["table"]
     assert "atme     shipped defaults (auto) vs fp32 eager" in report["table"]
