@@ -47,7 +47,7 @@ def test_every_node_type_pins_its_image_and_gpu_workers_have_their_own_role():
 
 
 def test_the_schema_check_rejects_fractional_resources_and_unknown_keys():
-    # Proves the check above can fail: the two mistakes STACK.md warns about.
+    # Proves the check above can fail: fractional resources and a key the autoscaler does not know.
     fractional = cluster_config()
     fractional["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5
     with pytest.raises(Exception):

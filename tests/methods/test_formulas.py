@@ -1,4 +1,4 @@
-"""The methods' formulas against independent float64 references (numpy), as METHODS.md states them."""
+"""The methods' formulas against independent float64 references (numpy), as docs/methods.md states them."""
 
 import math
 
