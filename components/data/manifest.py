@@ -14,6 +14,7 @@ from typing import Any
 
 from components.atomic_files import write_bytes_atomic
 from components.object_store import ObjectMissing, ObjectStoreError, get_bytes, is_s3_uri, join_s3_uri, s3_client
+from components.stored_folder import join_location
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pairgan-shards/1"
@@ -70,7 +71,7 @@ class Manifest:
 
     def member_location(self, relative: str) -> str:
         """Where a file the manifest names (a shard, an index) is: a local path or an s3:// URI."""
-        return join_s3_uri(self.location, relative) if is_s3_uri(self.location) else str(Path(self.location) / relative)
+        return join_location(self.location, relative)
 
     def file_location(self) -> str:
         return self.member_location(MANIFEST_NAME)

@@ -54,7 +54,8 @@ from components.retraining.dvc_commands import (
     use_remote_url,
 )
 from components.retraining.source_changes import SourceChanges, find_source_changes
-from components.retraining.state import CURRENT, STATE_FOLDER, StateStore
+from components.retraining.state import CURRENT, STATE_FOLDER
+from components.stored_folder import StoredFolder, join_location
 from components.training.checkpoints import STATE_FILE
 from components.training.warm_start import read_start_weights, start_weights_mismatch, write_start_weights
 
@@ -142,7 +143,7 @@ def _weights_name(model_name: str, version: str) -> str:
 
 
 class _Cycle:
-    def __init__(self, setup: RetrainSetup, store: StateStore):
+    def __init__(self, setup: RetrainSetup, store: StoredFolder):
         self.setup, self.store, self.project = setup, store, setup.project
         self.summary: dict[str, Any] = {"started": _now(), "state": store.location}
 
@@ -315,7 +316,7 @@ def retrain(setup: RetrainSetup) -> RetrainResult:
     if setup.remote_url:
         use_remote_url(project, setup.params.remote or "store", setup.remote_url)
     name, url = remote_location(project, setup.params.remote)
-    store = StateStore(join_s3_uri(url, STATE_FOLDER) if is_s3_uri(url) else str(Path(url) / STATE_FOLDER))
+    store = StoredFolder(join_location(url, STATE_FOLDER))
     started = time.perf_counter()
     with exclusive_lock(store.location, PURPOSE, ttl_s=setup.params.lock_ttl_s) as lock:
         cycle = _Cycle(setup, store)

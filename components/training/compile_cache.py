@@ -29,22 +29,12 @@ Hence off by default, for storage that only the training jobs write.
 import hashlib
 import logging
 import platform
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from components.atomic_files import write_bytes_atomic
 from components.methods.base import unwrap
-from components.object_store import (
-    ObjectMissing,
-    ObjectStoreError,
-    get_bytes,
-    is_s3_uri,
-    join_s3_uri,
-    put_bytes,
-    s3_client,
-)
+from components.stored_folder import StoredFolder, join_location
 
 if TYPE_CHECKING:
     from components.training.loop import TrainingSession
@@ -54,13 +44,9 @@ logger = logging.getLogger(__name__)
 COMPILE_CACHE_FOLDER = "compile-cache"
 
 
-def _joined(location: str, name: str) -> str:
-    return join_s3_uri(location, name) if is_s3_uri(location) else str(Path(location) / name)
-
-
 def compile_cache_location(storage: str) -> str:
     """The compile caches' folder under a job's storage (an absolute local folder or s3://)."""
-    return _joined(storage, COMPILE_CACHE_FOLDER)
+    return join_location(storage, COMPILE_CACHE_FOLDER)
 
 
 def device_name(device: torch.device) -> str:
@@ -80,37 +66,28 @@ def configuration_key(networks: dict[str, torch.nn.Module], switches: dict, batc
     return hashlib.sha256("\n".join(described).encode()).hexdigest()[:20]
 
 
+def _entry_count(info) -> int:
+    """How many compiled entries PyTorch's cache info lists (AOTAutograd's, Inductor's, kernels')."""
+    return sum(len(keys) for keys in info.artifacts.values())
+
+
 class CompileCache:
     """One configuration's compile cache file: `load` before the first compilation, `save` after."""
 
     def __init__(self, location: str, key: str) -> None:
-        self.uri = _joined(location, f"{key}.bin")
-        self._client: Any = None  # boto3's, made on the first S3 request
+        self._folder, self._name = StoredFolder(location), f"{key}.bin"
+        self.uri = self._folder.address(self._name)
         self._kept_digest: str | None = None  # of the bytes loaded or last saved: unchanged ones are not written
-
-    def _s3(self) -> Any:
-        if self._client is None:
-            self._client = s3_client()
-        return self._client
-
-    def _read(self) -> bytes:
-        return get_bytes(self._s3(), self.uri) if is_s3_uri(self.uri) else Path(self.uri).read_bytes()
-
-    def _write(self, data: bytes) -> None:
-        if is_s3_uri(self.uri):
-            put_bytes(self._s3(), self.uri, data)
-        else:
-            write_bytes_atomic(self.uri, data)
 
     def load(self) -> int:
         """Put the kept compiled code into this process's Inductor cache; returns how many entries."""
         try:
-            data = self._read()
-        except (FileNotFoundError, ObjectMissing):
-            logger.info("compile cache: none yet at %s; this run compiles and saves it", self.uri)
-            return 0
-        except (OSError, ObjectStoreError) as error:
+            data = self._folder.read_bytes(self._name)
+        except OSError as error:  # S3's errors included
             logger.warning("compile cache: cannot read %s (%s); compiling from scratch", self.uri, error)
+            return 0
+        if data is None:
+            logger.info("compile cache: none yet at %s; this run compiles and saves it", self.uri)
             return 0
         try:
             info = torch.compiler.load_cache_artifacts(data)
@@ -121,7 +98,7 @@ class CompileCache:
                            "(it is replaced at the end of this run)", self.uri)
             return 0
         self._kept_digest = hashlib.sha256(data).hexdigest()
-        entries = sum(len(keys) for keys in info.artifacts.values())
+        entries = _entry_count(info)
         logger.info("compile cache: %d entries (%.1f MB) loaded from %s", entries, len(data) / 1e6, self.uri)
         return entries
 
@@ -137,13 +114,12 @@ class CompileCache:
         if digest == self._kept_digest:
             return False
         try:
-            self._write(data)
-        except (OSError, ObjectStoreError) as error:
+            self._folder.write_bytes(self._name, data)
+        except OSError as error:  # S3's errors included
             logger.warning("compile cache: cannot write %s (%s); the next run compiles again", self.uri, error)
             return False
         self._kept_digest = digest
-        entries = sum(len(keys) for keys in info.artifacts.values())
-        logger.info("compile cache: %d entries (%.1f MB) saved to %s", entries, len(data) / 1e6, self.uri)
+        logger.info("compile cache: %d entries (%.1f MB) saved to %s", _entry_count(info), len(data) / 1e6, self.uri)
         return True
 
 

@@ -20,8 +20,9 @@
   graph's kernels are specialised to their sizes. Compiling is still minutes for ATME's U-Net
   at 256 px (about 160 s on an H200, forward and backward of every block shape), hence off by
   default; `compile_cache` keeps the compiled code for the next run (compile_cache.py).
-  ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not compiled: the R1 penalty (the D-reg phase) differentiates
-  twice through D, which compiled code does not support. A block that fails to compile runs eagerly, with dynamo's warning.
+  ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not compiled:
+  the R1 penalty (the D-reg phase) differentiates twice through D, which compiled code does
+  not support. A block that fails to compile runs eagerly, with dynamo's warning.
 - cuda_graphs: the compiled regions run as CUDA graphs (torch.compile's "reduce-overhead"
   mode, CUDA graph trees), which removes the kernel-launch cost. The whole training step is
   not captured as one graph: it re-seeds the RNG from the host every step, sets gradients to
