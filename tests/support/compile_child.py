@@ -2,8 +2,9 @@
 compiled code in a compile cache: `python -m support.compile_child NETWORK LOCATION OUT_JSON`.
 
 NETWORK: `attention` (the attention blocks of a small DDPM U-Net, at three sizes, each given
-an input of its size) or `w` (ATME's W, one region: the cheapest real compilation). LOCATION: the cache folder, or `-` for none. Writes what
-it saw to OUT_JSON: dynamo's and Inductor's counters, what the cache loaded and saved, the output.
+an input of its size) or `w` (ATME's W, one region: the cheapest real compilation).
+LOCATION: the cache folder, or `-` for none. Writes what it saw to OUT_JSON: dynamo's,
+AOTAutograd's and Inductor's counters, what the cache loaded and saved, the output.
 The caller gives each process its own TORCHINDUCTOR_CACHE_DIR, as a fresh machine has.
 """
 
