@@ -87,8 +87,8 @@ from components.atomic_files import write_json_atomic  # noqa: E402
 REPORT_NAME = "gpu_check.json"
 FACADES_PAIRS = 400
 # Test files holding the suite's `cuda` tests (tests/bench/test_gpu_check_cpu.py checks the list).
-CUDA_TEST_FILES = ("tests/data/test_nvjpeg_loader.py", "tests/methods/test_network_equivalence.py",
-                   "tests/training/test_performance.py")
+CUDA_TEST_FILES = ("tests/data/test_nvjpeg_loader.py", "tests/methods/test_fused_group_norm.py",
+                   "tests/methods/test_network_equivalence.py", "tests/training/test_performance.py")
 
 # A switch against eager fp32 over the same steps: max over steps and losses of
 # |loss - loss_fp32| / max(|loss_fp32|, LOSS_FLOOR), and of the generator's output (its last
@@ -119,9 +119,10 @@ TARGETS = {
 # Every switch named, so that a row means the same whatever the shipped defaults are. TF32 is
 # on in every row (as shipped): "fp32" rows run TF32 matrix products and convolutions.
 ALL_OFF = {"autocast": "none", "channels_last": False, "fused_adam": False, "tf32": True, "cudnn_benchmark": False,
-           "compile": False, "cuda_graphs": False, "sdpa": True, "activation_checkpointing": False}
+           "compile": False, "cuda_graphs": False, "sdpa": True, "activation_checkpointing": False, "fused_norm": False}
+# fused_norm is for eager mode (compile fuses the norms itself): it has rows of its own
 ALL_ON = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "tf32": True, "cudnn_benchmark": True,
-          "compile": True, "cuda_graphs": False, "sdpa": True, "activation_checkpointing": False}
+          "compile": True, "cuda_graphs": False, "sdpa": True, "activation_checkpointing": False, "fused_norm": False}
 # The base of the throughput rows, each of which switches one thing of it: bf16 autocast, fused
 # Adam and SDPA, nothing compiled (what `auto` resolves to on CUDA when this was written).
 BF16_EAGER = {**ALL_OFF, "autocast": "bf16", "fused_adam": True}
@@ -141,6 +142,14 @@ class Row:
 
 # The memory switch on the eager base: the least memory per image without compiling.
 LEANEST_EAGER = Row("bf16 eager + activation checkpointing", {**BF16_EAGER, "activation_checkpointing": True})
+# The DDPM U-Net's group norm + FiLM + SiLU as one operation, in both layouts: NHWC end to end
+# is what it makes possible (no copies around cuDNN's NHWC convolutions).
+FUSED_NORM_EAGER = Row("bf16 eager + fused norm", {**BF16_EAGER, "fused_norm": True})
+FUSED_NORM_CHANNELS_LAST = Row("bf16 eager + fused norm + channels_last", {**BF16_EAGER, "fused_norm": True, "channels_last": True})
+# What the U-Net methods have and pix2pix's networks do not: full attention, group norms.
+DDPM_UNET_METHODS = {"atme", "ddgan"}
+DDPM_UNET_ONLY_ROWS = {"bf16 eager - sdpa", FUSED_NORM_EAGER.variant, FUSED_NORM_CHANNELS_LAST.variant}
+DDPM_UNET_ONLY_VARIANTS = {"sdpa off", "fused_norm", "fused_norm + bf16 + channels_last"}
 
 # In the order they run: when the budget runs short, the rows at the end are skipped. The
 # compiled rows come last: a compiled ATME row takes about 200 s (its compilation), more than
@@ -152,6 +161,8 @@ FULL_RESIDENT_ROWS = (
     Row("bf16 eager + channels_last", {**BF16_EAGER, "channels_last": True}),
     Row("bf16 eager + cudnn_benchmark", {**BF16_EAGER, "cudnn_benchmark": True}),
     Row("bf16 eager - sdpa", {**BF16_EAGER, "sdpa": False}),
+    FUSED_NORM_EAGER,
+    FUSED_NORM_CHANNELS_LAST,
     LEANEST_EAGER,
     Row(SHIPPED, None),
     Row("compiled", COMPILED),
@@ -159,16 +170,17 @@ FULL_RESIDENT_ROWS = (
     Row("compiled + CUDA graphs", {**COMPILED, "cuda_graphs": True}),
     Row("compiled + activation checkpointing", {**COMPILED, "activation_checkpointing": True}),
 )
-# pix2pix: the whole loop right after its resident bf16 eager row; no attention to switch.
+# pix2pix: the whole loop right after its resident bf16 eager row; no attention, no group norm.
 FULL_PIX2PIX_ROWS = (
     *FULL_RESIDENT_ROWS[:2], Row("bf16 eager", BF16_EAGER, "loader"),
-    *(row for row in FULL_RESIDENT_ROWS[2:] if row.variant != "bf16 eager - sdpa"),
+    *(row for row in FULL_RESIDENT_ROWS[2:] if row.variant not in DDPM_UNET_ONLY_ROWS),
 )
 # (the row with the switch, the same row without it) for "what each switch buys"
 SWITCH_COMPARISONS = (
     ("bf16 eager", "fp32 eager"), ("bf16 eager", "bf16 eager - fused Adam"),
     ("bf16 eager + channels_last", "bf16 eager"), ("bf16 eager + cudnn_benchmark", "bf16 eager"),
-    ("bf16 eager", "bf16 eager - sdpa"), ("bf16 eager + activation checkpointing", "bf16 eager"),
+    ("bf16 eager", "bf16 eager - sdpa"), (FUSED_NORM_EAGER.variant, "bf16 eager"),
+    (FUSED_NORM_CHANNELS_LAST.variant, FUSED_NORM_EAGER.variant), ("bf16 eager + activation checkpointing", "bf16 eager"),
     ("compiled", "bf16 eager"), ("compiled + channels_last", "compiled"), ("compiled + CUDA graphs", "compiled"),
     ("compiled + activation checkpointing", "compiled"), (SHIPPED, "fp32 eager"),
     ("bf16 eager + activation checkpointing", SHIPPED),
@@ -180,6 +192,9 @@ CORRECTNESS_VARIANTS: list[tuple[str, dict | None, float]] = [
     ("channels_last", {**ALL_OFF, "channels_last": True}, TOLERANCE_FP32),
     ("fused_adam", {**ALL_OFF, "fused_adam": True}, TOLERANCE_FP32),
     ("sdpa off", {**ALL_OFF, "sdpa": False}, TOLERANCE_FP32),
+    ("fused_norm", {**ALL_OFF, "fused_norm": True}, TOLERANCE_FP32),
+    ("fused_norm + bf16 + channels_last", {**ALL_OFF, "fused_norm": True, "autocast": "bf16", "channels_last": True},
+     TOLERANCE_BF16),
     ("activation_checkpointing", {**ALL_OFF, "activation_checkpointing": True}, TOLERANCE_FP32),
     ("compile", {**ALL_OFF, "compile": True}, TOLERANCE_FP32),
     ("all on", {**ALL_ON, "activation_checkpointing": True}, TOLERANCE_BF16),
@@ -187,7 +202,6 @@ CORRECTNESS_VARIANTS: list[tuple[str, dict | None, float]] = [
     (SHIPPED, None, TOLERANCE_BF16),  # auto turns bf16 on with CUDA
 ]
 CORRECTNESS_METHODS = ("pix2pix", "atme", "diffusion_gan", "ddgan")
-HAS_FULL_ATTENTION = {"atme", "ddgan"}
 
 
 @dataclass(frozen=True)
@@ -233,15 +247,15 @@ SHORT = Profile(
     name="short", budget_s=180.0,
     sections=(
         Section("environment", "environment", (10, 20)),
-        Section("throughput_atme", "throughput", (45, 30), "atme",
-                (Row(SHIPPED, None), LEANEST_EAGER)),
+        Section("throughput_atme", "throughput", (60, 30), "atme",
+                (Row(SHIPPED, None), FUSED_NORM_CHANNELS_LAST, FUSED_NORM_EAGER, LEANEST_EAGER)),
         Section("throughput_pix2pix", "throughput", (30, 30), "pix2pix", (Row(SHIPPED, None), Row(SHIPPED, None, "loader"))),
         Section("decode", "decode", (15, 20)),
         Section("correctness", "correctness", (70, 60)),
         Section("atme_fp32_baseline", "throughput", (25, 30), "atme", (Row("fp32 eager", ALL_OFF),)),
         Section("cuda_tests", "cuda_tests", (60, 40)),
     ),
-    correctness_variants=(SHIPPED,), correctness_steps=(8, 3), export_every_method=False, decode_every_batch=False,
+    correctness_variants=("fused_norm", SHIPPED), correctness_steps=(8, 3), export_every_method=False, decode_every_batch=False,
     cuda_test_marks="cuda and not compiles",
     notes=("no compile, no CUDA graphs: a first compiled step costs tens of seconds per compiled network, more than "
            "the items after it together; the full profile measures them (--profile full --sections throughput_atme)",),
@@ -297,8 +311,10 @@ CPU = Scale(
     estimates_s={"decode": 2, "eager_row_pix2pix": 2, "eager_row_atme": 2, "compile_row_pix2pix": 2,
                  "compile_row_atme": 2, "loader_row": 3, "baseline": 2, "export": 8, "correctness": 2,
                  "correctness_compile": 2, "pytest": 10},
-    throughput_variants=("fp32 eager", "bf16 eager", "bf16 eager + channels_last", LEANEST_EAGER.variant, SHIPPED),
-    correctness_variants=("bf16", "channels_last", "sdpa off", "all on", SHIPPED),
+    throughput_variants=("fp32 eager", "bf16 eager", "bf16 eager + channels_last", FUSED_NORM_CHANNELS_LAST.variant,
+                         LEANEST_EAGER.variant, SHIPPED),
+    correctness_variants=("bf16", "channels_last", "sdpa off", "fused_norm", "fused_norm + bf16 + channels_last", "all on",
+                          SHIPPED),
 )
 
 
@@ -808,7 +824,7 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
             continue
         overrides = switches_for(context, overrides)
         for method in CORRECTNESS_METHODS:
-            if variant == "sdpa off" and method not in HAS_FULL_ATTENTION:
+            if variant in DDPM_UNET_ONLY_VARIANTS and method not in DDPM_UNET_METHODS:
                 continue
             if method not in references:
                 record.data["items"].append({"name": f"{method} {variant}", "status": "skipped",

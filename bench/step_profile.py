@@ -31,8 +31,10 @@ import workloads
 from components.training.compile_cache import CompileCache
 from components.training.loop import TrainingSession
 
-# Kernel name patterns -> kind, first match wins (the names are cuDNN's, cuBLAS's, ATen's and Inductor's).
+# Kernel name patterns -> kind, first match wins (the names are cuDNN's, cuBLAS's, ATen's, Inductor's and
+# components/networks/group_norm_triton.py's).
 KERNEL_KINDS = (
+    ("fused group norm", r"_moments_kernel|_affine_activation_kernel|_gradient_sums_kernel|_input_gradient_kernel"),
     ("layout copy", r"nchwToNhwc|nhwcToNchw|transpose|permute|copy_kernel|CatArrayBatchedCopy"),
     ("convolution", r"conv|implicit_?gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|cudnn|wgrad|dgrad|fprop"),
     ("matrix product", r"gemm|sm90_xmma|cutlass|ampere_|Kernel2|flash|fmha|attention"),

@@ -97,6 +97,9 @@ class PerformanceParams(StrictModel):
     sdpa: bool | Literal["auto"]
     # Recompute the repeated blocks in the backward pass instead of storing their activations.
     activation_checkpointing: bool | Literal["auto"]
+    # The DDPM U-Net's group norm, FiLM and SiLU as one operation (Triton kernels on CUDA);
+    # for eager mode: off under compile, which fuses them itself.
+    fused_norm: bool | Literal["auto"]
 
     @model_validator(mode="after")
     def _graphs_need_compile(self) -> "PerformanceParams":

@@ -34,14 +34,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, latent: torch.Tensor | None) -> torch.Tensor:
-        h = self.norm1(x)
+        gamma = beta = None
         if self.latent_projection is not None:
-            gamma, beta = self.latent_projection(latent)[:, :, None, None].to(h.dtype).chunk(2, dim=1)
-            h = torch.addcmul(beta, h, 1 + gamma)
-        h = self.conv1(F.silu(h))
-        scale, shift = self.time_projection(time)[:, :, None, None].to(h.dtype).chunk(2, dim=1)
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-        h = self.conv2(self.dropout(F.silu(h)))
+            gamma, beta = self.latent_projection(latent)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv1(self.norm1(x, gamma, beta, silu=True))
+        scale, shift = self.time_projection(time)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(self.dropout(self.norm2(h, scale, shift, silu=True)))
         return h + self.skip(x)
 
 

@@ -1,12 +1,16 @@
-"""Group normalisation that keeps bf16 activations in bf16, with float32 statistics."""
+"""Group normalisation that keeps bf16 activations in bf16, with float32 statistics, and can
+apply the FiLM and SiLU that follow it in the same operation."""
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from components.networks.fused_group_norm import group_norm_activation
+
 
 class GroupNorm(nn.GroupNorm):
-    """`nn.GroupNorm` that returns the input's dtype under autocast.
+    """`nn.GroupNorm` that returns the input's dtype under autocast, optionally followed by a
+    per-sample FiLM, (1 + scale) * h + shift, and a SiLU.
 
     Autocast runs `group_norm` in float32: it copies a bf16 input to float32, normalises, and
     returns float32, so every activation after it (SiLU, FiLM, the next convolution's input)
@@ -17,10 +21,26 @@ class GroupNorm(nn.GroupNorm):
     cast back) over twice the bytes. The affine parameters stay float32 parameters (the
     optimiser's copy); the kernel reads them in the input's dtype, as the convolutions do
     under autocast. In float32 this is exactly `nn.GroupNorm`, with the same state_dict keys.
+
+    `fused` (set by the `fused_norm` switch, components/training/performance.py): norm, FiLM
+    and SiLU run as one operation with its own backward pass (fused_group_norm.py), which
+    makes two passes over the activation each way instead of one per op, and keeps only the
+    norm's input for the backward pass.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.fused = False
+
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, silu: bool = False
+    ) -> torch.Tensor:
+        if self.fused:
+            return group_norm_activation(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, silu)
         weight = self.weight.to(x.dtype) if self.weight is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+            h = F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        if scale is not None:
+            h = torch.addcmul(shift.to(h.dtype), h, 1 + scale.to(h.dtype))
+        return F.silu(h) if silu else h

@@ -31,6 +31,10 @@
 - activation_checkpointing: the repeated blocks keep only their inputs for the backward pass
   and recompute the rest (torch.utils.checkpoint, non-reentrant): less memory for about
   one more forward pass of those blocks.
+- fused_norm: the DDPM U-Net's group norms, with the FiLM and SiLU that follow them, run as
+  one operation with its own backward pass (components/networks/fused_group_norm.py; Triton
+  kernels on CUDA, in any layout, channels_last included). For eager mode: with compile,
+  Inductor fuses those ops itself and the switch is off.
 
 Compiling and checkpointing happen in place (`module.compile()` and a bound `forward`), so
 state_dict keys, `unwrap`, DDP and deep copies (DDGAN's EMA) see the plain network.
@@ -47,6 +51,8 @@ from torch.utils.checkpoint import checkpoint
 from components.config.train import PerformanceParams
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
+from components.networks.fused_group_norm import triton_available
+from components.networks.norms import GroupNorm
 from components.networks.pix2pix import UNetBlock, UNetGenerator
 
 logger = logging.getLogger(__name__)
@@ -61,6 +67,7 @@ AUTO_CUDA_CUDNN_BENCHMARK = False
 AUTO_CUDA_COMPILE = False
 AUTO_CUDA_CUDA_GRAPHS = False
 AUTO_CUDA_ACTIVATION_CHECKPOINTING = False
+AUTO_CUDA_FUSED_NORM = False
 AUTO_SDPA = True
 
 # Distinct graphs dynamo may keep per code object. Every compiled block shares
@@ -93,6 +100,7 @@ class Switches:
     cuda_graphs: bool
     sdpa: bool
     activation_checkpointing: bool
+    fused_norm: bool
 
     def summary(self) -> dict[str, bool | str]:
         """Plain values for logs and reports."""
@@ -106,6 +114,7 @@ class Switches:
             "cuda_graphs": self.cuda_graphs,
             "sdpa": self.sdpa,
             "activation_checkpointing": self.activation_checkpointing,
+            "fused_norm": self.fused_norm,
         }
 
 
@@ -119,6 +128,14 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
         logger.warning("performance.cuda_graphs is true but training runs on %s: CUDA graphs need a CUDA device, off", device)
     bf16 = params.autocast == "bf16" or (params.autocast == "auto" and cuda and AUTO_CUDA_AUTOCAST_BF16)
     compile_ = _resolve(params.compile, cuda and AUTO_CUDA_COMPILE)
+    fused_norm = _resolve(params.fused_norm, cuda and AUTO_CUDA_FUSED_NORM)
+    if fused_norm and compile_:
+        if params.fused_norm is True:
+            logger.info("performance.fused_norm is off: compile fuses the norms with what follows them itself")
+        fused_norm = False
+    if fused_norm and cuda and not triton_available():
+        logger.warning("performance.fused_norm is off: its CUDA kernels need Triton, which is not installed")
+        fused_norm = False
     switches = Switches(
         autocast_dtype=torch.bfloat16 if bf16 else None,
         channels_last=_resolve(params.channels_last, cuda and AUTO_CUDA_CHANNELS_LAST),
@@ -130,6 +147,7 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
         cuda_graphs=cuda and compile_ and _resolve(params.cuda_graphs, AUTO_CUDA_CUDA_GRAPHS),
         sdpa=_resolve(params.sdpa, AUTO_SDPA),
         activation_checkpointing=_resolve(params.activation_checkpointing, cuda and AUTO_CUDA_ACTIVATION_CHECKPOINTING),
+        fused_norm=fused_norm,
     )
     logger.info("performance switches on %s: %s", device, ", ".join(f"{k}={v}" for k, v in switches.summary().items()))
     if switches.compile:
@@ -191,6 +209,8 @@ def apply_switches(network: nn.Module, switches: Switches) -> nn.Module:
     for module in network.modules():
         if isinstance(module, FullAttention):
             module.use_sdpa = switches.sdpa
+        if isinstance(module, GroupNorm):
+            module.fused = switches.fused_norm
     if switches.activation_checkpointing:
         for block in repeated_blocks(network):
             # bound to the block, so a deep copy (an EMA of G) rebinds it to the copy

@@ -84,6 +84,10 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
         assert rows[f"{method} resident bf16 eager"]["switches"]["autocast"] == "bf16"
         assert rows[f"{method} resident bf16 eager + channels_last"]["switches"]["channels_last"]
         assert rows[f"{method} resident bf16 eager + activation checkpointing"]["switches"]["activation_checkpointing"]
+    fused = items(report, "throughput_atme")["atme resident bf16 eager + fused norm + channels_last"]
+    assert fused["status"] == "ok" and fused["losses_finite"]
+    assert fused["switches"]["fused_norm"] and fused["switches"]["channels_last"] and not fused["switches"]["compile"]
+    assert not any("fused norm" in name for name in items(report, "throughput_pix2pix"))  # no group norm to fuse
     loader_row = items(report, "throughput_pix2pix")["pix2pix loader bf16 eager"]
     assert loader_row["mode"] == "loader" and 0 < loader_row["fraction_of_resident"]
 
@@ -102,6 +106,11 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
         assert shipped["generator_output_deviation"] == 0 and set(shipped["max_relative_deviation"].values()) == {0}
     assert correctness["atme sdpa off"]["status"] == correctness["ddgan sdpa off"]["status"] == "ok"
     assert "pix2pix sdpa off" not in correctness  # no attention to switch
+    for variant in ("fused_norm", "fused_norm + bf16 + channels_last"):
+        for method in ("atme", "ddgan"):
+            compared = correctness[f"{method} {variant}"]
+            assert compared["status"] == "ok" and compared["switches"]["fused_norm"], compared
+        assert f"pix2pix {variant}" not in correctness and f"diffusion_gan {variant}" not in correctness
 
     (pytest_item,) = report["sections"]["cuda_tests"]["items"]
     assert pytest_item["marks"] == "cuda" and pytest_item["finished"] and pytest_item["tests"] >= 10
@@ -124,7 +133,8 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
     assert report["elapsed_s"] <= report["budget_s"]
 
     atme = items(report, "throughput_atme")
-    assert list(atme) == ["atme resident shipped defaults (auto)", "atme resident bf16 eager + activation checkpointing"]
+    assert list(atme) == ["atme resident shipped defaults (auto)", "atme resident bf16 eager + fused norm + channels_last",
+                          "atme resident bf16 eager + activation checkpointing"]
     for row in atme.values():
         assert row["images_per_s"] > 0 and row["train_gflop_per_image"] > 0 and row["gib_per_image"] > 0
         assert row["losses_finite"]
@@ -142,8 +152,8 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
 
     correctness = items(report, "correctness")
     assert list(correctness) == ["pix2pix fp32 eager + export", "atme fp32 eager", "diffusion_gan fp32 eager",
-                                 "ddgan fp32 eager", *(f"{method} shipped defaults (auto)"
-                                                       for method in ("pix2pix", "atme", "diffusion_gan", "ddgan"))]
+                                 "ddgan fp32 eager", "atme fused_norm", "ddgan fused_norm",
+                                 *(f"{method} shipped defaults (auto)" for method in ("pix2pix", "atme", "diffusion_gan", "ddgan"))]
     assert correctness["pix2pix fp32 eager + export"]["export_ok"]
     for item in correctness.values():
         assert item["status"] == "ok" and item["losses_finite"], item
@@ -157,7 +167,7 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
 
     # nothing compiled, and the report says why; the targets and comparisons read rows of every section
     rows = [item for section in report["sections"].values() for item in section["items"] if "requested" in item]
-    assert len(rows) == 5 and not any((row["requested"] or {}).get("compile") for row in rows)
+    assert len(rows) == 6 and not any((row["requested"] or {}).get("compile") for row in rows)
     assert not any(row["switches"]["compile"] for section in report["sections"].values() for row in section["items"]
                    if "switches" in row)
     assert all(row["compiled"] == {} for row in rows)  # what dynamo compiled while the row ran: nothing
@@ -192,34 +202,47 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
     assert "== throughput_pix2pix: failed" in completed.stdout
 
 
-GROUP_NORM_WRONG_UNDER_BF16 = '''
+GROUP_NORM_WRONG_UNDER_BF16_OR_FUSED = '''
 import torch
 from torch.nn import functional as F
 
 from components.networks import norms
 
+unfused_forward, fused_operation = norms.GroupNorm.forward, norms.group_norm_activation
 
-def one_group_under_bf16(self, x):
-    groups = self.num_groups if x.dtype == torch.float32 else 1
+
+def one_group_under_bf16(self, x, scale=None, shift=None, silu=False):
+    if self.fused or x.dtype == torch.float32:
+        return unfused_forward(self, x, scale, shift, silu)
     with torch.autocast(x.device.type, enabled=False):
-        return F.group_norm(x, groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        h = F.group_norm(x, 1, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+    if scale is not None:
+        h = torch.addcmul(shift.to(h.dtype), h, 1 + scale.to(h.dtype))
+    return F.silu(h) if silu else h
+
+
+def fused_over_one_group(x, groups, weight, bias, eps, scale=None, shift=None, silu=False):
+    return fused_operation(x, 1, weight, bias, eps, scale, shift, silu)
 
 
 norms.GroupNorm.forward = one_group_under_bf16
+norms.group_norm_activation = fused_over_one_group
 '''
 
 
 @pytest.mark.slow
 def test_a_switch_that_computes_something_else_fails_the_correctness_check(tmp_path):
-    # The DDPM U-Net's group norms wrong on the bf16 path only. The losses of the first steps
-    # hardly see it (the generator's output is near 0, its L1 loss near |target|); the output does.
-    completed, report = run_check(tmp_path, "--sections", "correctness", sabotage=GROUP_NORM_WRONG_UNDER_BF16)
+    # The DDPM U-Net's group norms wrong (one group) on the unfused bf16 path and in the fused
+    # operation. The losses of the first steps hardly see either (the generator's
+    # output is near 0, its L1 loss near |target|); the output does.
+    completed, report = run_check(tmp_path, "--sections", "correctness", sabotage=GROUP_NORM_WRONG_UNDER_BF16_OR_FUSED)
     assert completed.returncode == 1
     correctness = items(report, "correctness")
     for method in ("atme", "ddgan"):
-        wrong = correctness[f"{method} bf16"]
-        assert wrong["status"] == "failed" and wrong["generator_output_deviation"] > wrong["tolerance"], wrong
-        assert correctness[f"{method} channels_last"]["status"] == "ok"  # the float32 path is untouched
+        for variant in ("bf16", "fused_norm", "fused_norm + bf16 + channels_last"):
+            wrong = correctness[f"{method} {variant}"]
+            assert wrong["status"] == "failed" and wrong["generator_output_deviation"] > wrong["tolerance"], wrong
+        assert correctness[f"{method} channels_last"]["status"] == "ok"  # the unfused float32 path is untouched
     assert correctness["pix2pix bf16"]["status"] == "ok"  # no group norm in pix2pix
     assert "failed   atme bf16" in completed.stdout
 

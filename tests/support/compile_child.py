@@ -21,7 +21,7 @@ from components.training.compile_cache import CompileCache, configuration_key
 from components.training.performance import Switches, apply_switches, configure_backends
 
 COMPILED = Switches(autocast_dtype=None, channels_last=False, fused_adam=False, tf32=False, cudnn_benchmark=False,
-                    compile=True, cuda_graphs=False, sdpa=True, activation_checkpointing=False)
+                    compile=True, cuda_graphs=False, sdpa=True, activation_checkpointing=False, fused_norm=False)
 
 
 def small_w() -> ATMEW:
