@@ -291,9 +291,9 @@ def test_a_session_with_switches_trains_like_the_plain_one(method):
     switched = {"channels_last": True, "sdpa": False, "activation_checkpointing": True, "fused_norm": True}
     for name, overrides in (("plain", {}), ("switched", switched)):
         session = session_for(method, {**plain, **overrides}, CPU, data)
-        norms = [module for network in session.method.networks().values()
+        group_norms = [module for network in session.method.networks().values()
                  for module in unwrap(network).modules() if isinstance(module, GroupNorm)]
-        assert norms and all(norm.fused == (name == "switched") for norm in norms)
+        assert group_norms and all(norm.fused == (name == "switched") for norm in group_norms)
         data.epoch = 0
         curves[name] = []
         for batch in data.steps(3):
