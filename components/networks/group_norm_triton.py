@@ -47,17 +47,31 @@ def _strides(tensor: torch.Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _tile_offsets(row, tile_channel, channels, positions, tiles, stride_n, stride_c, stride_p,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # row = sample * tiles + tile of positions; tile_channel: which BLOCK_C channels
+def _tile(row, tile_channel, channels, positions, tiles, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """row = sample * tiles + tile of positions; tile_channel: which BLOCK_C channels."""
     sample = row // tiles
-    tile = row % tiles
-    position = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    position = (row % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     channel = tile_channel * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (position < positions)[:, None] & (channel < channels)[None, :]
-    offsets = (sample.to(tl.int64) * stride_n + channel[None, :].to(tl.int64) * stride_c
-               + position[:, None].to(tl.int64) * stride_p)
-    return sample, channel, mask, offsets
+    return sample, position, channel, mask
+
+
+@triton.jit
+def _offsets(sample, position, channel, stride_n, stride_c, stride_p):
+    """Element offsets of a (positions, channels) tile of one tensor, by its three strides."""
+    return (sample.to(tl.int64) * stride_n + channel[None, :].to(tl.int64) * stride_c
+            + position[:, None].to(tl.int64) * stride_p)
+
+
+@triton.jit
+def _load_factors(a_ptr, b_ptr, center_ptr, sample, channel, channels):
+    """Three per-sample, per-channel factors, (batch, channels) float32, for one tile's channels."""
+    factor = sample * channels + channel
+    valid = channel < channels
+    a = tl.load(a_ptr + factor, mask=valid, other=0.0)
+    b = tl.load(b_ptr + factor, mask=valid, other=0.0)
+    center = tl.load(center_ptr + factor, mask=valid, other=0.0)
+    return a, b, center
 
 
 @triton.jit
@@ -82,10 +96,10 @@ def _moments_kernel(x_ptr, mean_ptr, m2_ptr, channels, positions, programs, stri
     count = 0.0
     for step in range(CHUNK):
         tile = part * CHUNK + step
-        _, _, mask, offsets = _tile_offsets(
-            sample * (programs * CHUNK) + tile, tl.program_id(1), channels, positions, programs * CHUNK,
-            stride_n, stride_c, stride_p, BLOCK_P, BLOCK_C)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        _, position, channel, mask = _tile(sample * (programs * CHUNK) + tile, tl.program_id(1), channels, positions,
+                                           programs * CHUNK, BLOCK_P, BLOCK_C)
+        x = tl.load(x_ptr + _offsets(sample, position, channel, stride_n, stride_c, stride_p), mask=mask, other=0.0)
+        x = x.to(tl.float32)
         tile_count = tl.maximum(tl.minimum(positions - tile * BLOCK_P, BLOCK_P), 0).to(tl.float32)
         tile_mean = tl.sum(x, axis=0) / tl.maximum(tile_count, 1.0)
         deviation = tl.where(mask, x - tile_mean[None, :], 0.0)
@@ -105,19 +119,14 @@ def _moments_kernel(x_ptr, mean_ptr, m2_ptr, channels, positions, programs, stri
 def _affine_activation_kernel(x_ptr, out_ptr, a_ptr, b_ptr, center_ptr, channels, positions, tiles,
                               stride_n, stride_c, stride_p, out_stride_n, out_stride_c, out_stride_p,
                               SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    sample, channel, mask, offsets = _tile_offsets(
-        tl.program_id(0), tl.program_id(1), channels, positions, tiles, stride_n, stride_c, stride_p, BLOCK_P, BLOCK_C)
-    _, _, _, out_offsets = _tile_offsets(
-        tl.program_id(0), tl.program_id(1), channels, positions, tiles, out_stride_n, out_stride_c, out_stride_p,
-        BLOCK_P, BLOCK_C)
-    factor = sample * channels + channel
-    a = tl.load(a_ptr + factor, mask=channel < channels, other=0.0)
-    b = tl.load(b_ptr + factor, mask=channel < channels, other=0.0)
-    center = tl.load(center_ptr + factor, mask=channel < channels, other=0.0)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    out = (x - center[None, :]) * a[None, :] + b[None, :]
+    sample, position, channel, mask = _tile(tl.program_id(0), tl.program_id(1), channels, positions, tiles,
+                                            BLOCK_P, BLOCK_C)
+    a, b, center = _load_factors(a_ptr, b_ptr, center_ptr, sample, channel, channels)
+    x = tl.load(x_ptr + _offsets(sample, position, channel, stride_n, stride_c, stride_p), mask=mask, other=0.0)
+    out = (x.to(tl.float32) - center[None, :]) * a[None, :] + b[None, :]
     if SILU:
         out = out * tl.sigmoid(out)
+    out_offsets = _offsets(sample, position, channel, out_stride_n, out_stride_c, out_stride_p)
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -129,20 +138,16 @@ def _gradient_sums_kernel(x_ptr, grad_ptr, a_ptr, b_ptr, center_ptr, sum_ptr, ce
     row = tl.program_id(0)
     sample, part = row // programs, row % programs
     channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    factor = sample * channels + channel
-    a = tl.load(a_ptr + factor, mask=channel < channels, other=0.0)
-    b = tl.load(b_ptr + factor, mask=channel < channels, other=0.0)
-    center = tl.load(center_ptr + factor, mask=channel < channels, other=0.0)
+    a, b, center = _load_factors(a_ptr, b_ptr, center_ptr, sample, channel, channels)
     grad_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     centered_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for step in range(CHUNK):
-        tile_row = sample * (programs * CHUNK) + part * CHUNK + step
-        _, _, mask, offsets = _tile_offsets(tile_row, tl.program_id(1), channels, positions, programs * CHUNK,
-                                               stride_n, stride_c, stride_p, BLOCK_P, BLOCK_C)
-        _, _, _, grad_offsets = _tile_offsets(tile_row, tl.program_id(1), channels, positions, programs * CHUNK,
-                                                 grad_stride_n, grad_stride_c, grad_stride_p, BLOCK_P, BLOCK_C)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        _, position, _, mask = _tile(sample * (programs * CHUNK) + part * CHUNK + step, tl.program_id(1), channels,
+                                     positions, programs * CHUNK, BLOCK_P, BLOCK_C)
+        x = tl.load(x_ptr + _offsets(sample, position, channel, stride_n, stride_c, stride_p), mask=mask, other=0.0)
+        grad_offsets = _offsets(sample, position, channel, grad_stride_n, grad_stride_c, grad_stride_p)
         grad_out = tl.load(grad_ptr + grad_offsets, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(tl.float32)
         grad = tl.where(mask, _activation_gradient(x, grad_out, a, b, center, SILU), 0.0)
         grad_sum += tl.sum(grad, axis=0)
         centered_sum += tl.sum(grad * (x - center[None, :]), axis=0)
@@ -156,26 +161,17 @@ def _input_gradient_kernel(x_ptr, grad_ptr, dx_ptr, a_ptr, b_ptr, center_ptr, p_
                            channels, positions, tiles, stride_n, stride_c, stride_p,
                            grad_stride_n, grad_stride_c, grad_stride_p, dx_stride_n, dx_stride_c, dx_stride_p,
                            SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    sample, channel, mask, offsets = _tile_offsets(
-        tl.program_id(0), tl.program_id(1), channels, positions, tiles, stride_n, stride_c, stride_p, BLOCK_P, BLOCK_C)
-    _, _, _, grad_offsets = _tile_offsets(
-        tl.program_id(0), tl.program_id(1), channels, positions, tiles, grad_stride_n, grad_stride_c, grad_stride_p,
-        BLOCK_P, BLOCK_C)
-    _, _, _, dx_offsets = _tile_offsets(
-        tl.program_id(0), tl.program_id(1), channels, positions, tiles, dx_stride_n, dx_stride_c, dx_stride_p,
-        BLOCK_P, BLOCK_C)
-    factor = sample * channels + channel
-    valid = channel < channels
-    a = tl.load(a_ptr + factor, mask=valid, other=0.0)
-    b = tl.load(b_ptr + factor, mask=valid, other=0.0)
-    center = tl.load(center_ptr + factor, mask=valid, other=0.0)
-    p = tl.load(p_ptr + factor, mask=valid, other=0.0)
-    q = tl.load(q_ptr + factor, mask=valid, other=0.0)
-    r = tl.load(r_ptr + factor, mask=valid, other=0.0)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sample, position, channel, mask = _tile(tl.program_id(0), tl.program_id(1), channels, positions, tiles,
+                                            BLOCK_P, BLOCK_C)
+    a, b, center = _load_factors(a_ptr, b_ptr, center_ptr, sample, channel, channels)
+    p, q, r = _load_factors(p_ptr, q_ptr, r_ptr, sample, channel, channels)
+    x = tl.load(x_ptr + _offsets(sample, position, channel, stride_n, stride_c, stride_p), mask=mask, other=0.0)
+    grad_offsets = _offsets(sample, position, channel, grad_stride_n, grad_stride_c, grad_stride_p)
     grad_out = tl.load(grad_ptr + grad_offsets, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
     grad = _activation_gradient(x, grad_out, a, b, center, SILU)
     dx = grad * p[None, :] + (x - center[None, :]) * q[None, :] + r[None, :]
+    dx_offsets = _offsets(sample, position, channel, dx_stride_n, dx_stride_c, dx_stride_p)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
