@@ -40,13 +40,13 @@ def triton_available() -> bool:
 # ---------------------------------------------------------------- the four passes, in PyTorch
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for bf16, fp16 and fp32 activations; float64 stays float64."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
 def _widened(x: torch.Tensor) -> torch.Tensor:
-    return x.to(compute_dtype(x))
+    return x.to(_compute_dtype(x))
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +192,7 @@ def group_norm_activation(
     batch, channels = x.shape[:2]
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
-    dtype = compute_dtype(x)
+    dtype = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         gamma = (weight.to(dtype) if weight is not None else x.new_ones(channels, dtype=dtype)).expand(batch, channels)
         beta = (bias.to(dtype) if bias is not None else x.new_zeros(channels, dtype=dtype)).expand(batch, channels)
