@@ -176,6 +176,8 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
     assert "atme     shipped defaults (auto) vs fp32 eager" in report["table"]
     assert ("atme     bf16 eager + activation checkpointing vs shipped defaults (auto) (autocast=bf16, fused_adam=True, "
             "activation_checkpointing=True)") in report["table"]
+    assert ("atme     bf16 eager + fused norm + channels_last vs shipped defaults (auto) (autocast=bf16, channels_last=True, "
+            "fused_adam=True, fused_norm=True): speed x") in report["table"]
 
 
 def test_a_section_the_profile_does_not_have_is_refused(tmp_path):
