@@ -99,6 +99,18 @@ TORCH_PASSES = SimpleNamespace(
 )
 
 
+def combine_moments(
+    means: torch.Tensor, m2s: torch.Tensor, counts: torch.Tensor | int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and squared deviations of parts merged along `dim` (Chan's parallel formula),
+    each part holding `counts` elements (broadcast against `means`): the parts' own squared
+    deviations plus each part mean's deviation from the whole mean, weighted by its count."""
+    counts = torch.as_tensor(counts, dtype=means.dtype, device=means.device).expand_as(means)
+    mean = (means * counts).sum(dim, keepdim=True) / counts.sum(dim, keepdim=True)
+    m2 = m2s.sum(dim) + (counts * (means - mean) ** 2).sum(dim)
+    return mean.squeeze(dim), m2
+
+
 def _passes(x: torch.Tensor) -> ModuleType | SimpleNamespace:
     """The kernels for x: Triton's on CUDA (the same four functions; float32 arithmetic, so not
     for float64), the PyTorch ones above elsewhere."""
@@ -129,12 +141,9 @@ class _GroupNormActivation(torch.autograd.Function):
         batch, channels, height, width = x.shape
         positions = height * width
         channel_mean, channel_m2 = passes.channel_moments(x)
-        # Chan's parallel formula: the group's squared deviations are the channels' own plus
-        # each channel mean's deviation from the group mean, weighted by its count.
-        means = channel_mean.view(batch, groups, -1)
-        group_mean = means.mean(dim=-1)
-        group_m2 = channel_m2.view(batch, groups, -1).sum(dim=-1) + positions * ((means - group_mean[..., None]) ** 2).sum(dim=-1)
-        group_rstd = torch.rsqrt(group_m2 / (positions * means.shape[-1]) + eps)
+        group_mean, group_m2 = combine_moments(
+            channel_mean.view(batch, groups, -1), channel_m2.view(batch, groups, -1), positions, dim=-1)
+        group_rstd = torch.rsqrt(group_m2 / (positions * channels // groups) + eps)
         mean, rstd = _per_channel(group_mean, channels), _per_channel(group_rstd, channels)
         a = rstd * gamma
         ctx.save_for_backward(x, gamma, beta, a, mean, rstd)

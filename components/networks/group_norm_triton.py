@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from components.networks.fused_group_norm import combine_moments
+
 # Elements per tile: enough work per program to hide memory latency, few enough registers to
 # keep several programs per multiprocessor.
 TILE_ELEMENTS = 4096
@@ -189,13 +191,11 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _moments_kernel[_grid(x, block_channels, programs)](
         x, part_mean, part_m2, channels, positions, programs, *_strides(x),
         CHUNK=chunk, BLOCK_P=block_positions, BLOCK_C=block_channels, **LAUNCH_OPTIONS)
-    # Chan's formula over the programs; each covers chunk tiles of positions except the last.
+    # each program covers chunk tiles of positions, except the last
     span = chunk * block_positions
-    counts = torch.full((programs,), float(span), device=x.device)
+    counts = torch.full((programs, 1), float(span), device=x.device)
     counts[-1] = positions - (programs - 1) * span
-    mean = (part_mean * counts[:, None]).sum(dim=1) / positions
-    m2 = part_m2.sum(dim=1) + (counts[:, None] * (part_mean - mean[:, None, :]) ** 2).sum(dim=1)
-    return mean, m2
+    return combine_moments(part_mean, part_m2, counts, dim=1)
 
 
 def affine_activation(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, center: torch.Tensor, silu: bool) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from components.networks.ddpm_unet import FullAttention, LinearAttention
+from components.networks.ddpm_unet import FullAttention, LinearAttention, ResBlock
 from components.networks.norms import GroupNorm
 from components.networks.pix2pix import UNetBlock, UNetGenerator
 from support.synthetic_pairs import single_thread  # noqa: F401 (fixture)
@@ -57,6 +57,31 @@ def test_full_attention_equals_the_einsum_formulation_with_and_without_sdpa(use_
     block.use_sdpa = use_sdpa
     x = torch.randn(2, 16, 6, 5)
     assert torch.allclose(block(x), reference_full_attention(block, x), atol=1e-5)
+
+
+def reference_res_block(block: ResBlock, x: torch.Tensor, time: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """Written out: SiLU((1 + gamma(z)) GN(x) + beta(z)) -> conv -> SiLU((1 + scale(t)) GN + shift(t)) -> conv, + skip."""
+    gamma, beta = block.latent_projection(latent)[:, :, None, None].chunk(2, dim=1)
+    h = F.group_norm(x, block.norm1.num_groups, block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    h = block.conv1(F.silu(h * (1 + gamma) + beta))
+    scale, shift = block.time_projection(time)[:, :, None, None].chunk(2, dim=1)
+    h = F.group_norm(h, block.norm2.num_groups, block.norm2.weight, block.norm2.bias, block.norm2.eps)
+    return block.conv2(F.silu(h * (1 + scale) + shift)) + block.skip(x)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_norm"])
+def test_res_block_equals_the_written_out_formulation(fused):
+    # which projection feeds which norm, scale against shift, where the SiLUs are: the norm call
+    # carries all three, in its plain path and in the fused operation
+    torch.manual_seed(0)
+    block = ResBlock(8, 16, embed_dim=12, groups=4, latent_dim=6, dropout=0.0)
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.weight.normal_()
+            norm.bias.normal_()
+            norm.fused = fused
+    x, time, latent = torch.randn(2, 8, 6, 6), torch.randn(2, 12), torch.randn(2, 6)
+    torch.testing.assert_close(block(x, time, latent), reference_res_block(block, x, time, latent))
 
 
 def test_group_norm_is_nn_group_norm_in_float32_and_keeps_bf16_activations_bf16():
