@@ -4,6 +4,8 @@ The references below are the textbook forms (as in lucidrains' denoising-diffusi
 ATME uses): einsum over (batch, heads, dim, positions) tensors, softmax in float32.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -39,15 +41,70 @@ def reference_full_attention(block: FullAttention, x: torch.Tensor) -> torch.Ten
     return x + block.out(out.transpose(2, 3).reshape(x.shape[0], -1, *x.shape[2:]))
 
 
+# On a GPU (bench/gpu_check.py runs the cuda tests) the same checks meet cuDNN's and cuBLAS's
+# layout rules instead of the CPU's.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_linear_attention_equals_the_einsum_formulation(channels_last):
+def test_linear_attention_equals_the_einsum_formulation(channels_last, device):
     torch.manual_seed(0)
-    block = LinearAttention(16, heads=2, head_dim=8, groups=4)
-    x = torch.randn(2, 16, 12, 10)
-    expected = reference_linear_attention(block, x)
+    block = LinearAttention(16, heads=2, head_dim=8, groups=4).to(device)
+    x = torch.randn(2, 16, 12, 10, device=device)
+    switched = copy.deepcopy(block)
+    if channels_last:
+        switched, x = switched.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    x_expected, x_switched = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        expected, out = reference_linear_attention(block, x_expected), switched(x_switched)
+        grad = torch.randn_like(out)
+        expected.backward(grad)
+        out.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x_switched.grad, x_expected.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(switched.qkv.weight.grad, block.qkv.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def full_resolution_copies(block: nn.Module, x: torch.Tensor, at_least: int) -> list[str]:
+    """The layout copies (clones) of tensors of at least `at_least` elements in one forward and
+    backward pass of block, nested ones included (a kernel's own `.contiguous()`), each named by
+    its callers. (A convolution kernel's copy of its bias into its output is not one.)"""
+    grad = torch.randn_like(x)
+    x = x.detach().requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
+        block(x).backward(grad)
+    copies = []
+    for event in profiler.events():
+        sizes = [torch.Size(shape).numel() for shape in event.input_shapes if shape]
+        parent = event.cpu_parent
+        if event.name == "aten::copy_" and parent is not None and parent.name in ("aten::clone", "aten::_to_copy") \
+                and max(sizes, default=0) >= at_least:
+            callers = []
+            while parent is not None and len(callers) < 3:
+                callers.append(parent.name)
+                parent = parent.cpu_parent
+            copies.append(" < ".join(callers))
+    return copies
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_attention_copies_no_full_resolution_tensor_but_one_gradient(channels_last, device):
+    # At 256 px each copy is a pass over 0.5 GB at batch 32, each way. In channels_last the
+    # channel-major products made 13 a block here, forward and backward (q and k for their
+    # softmaxes, v for its matmul, the result for the output convolution, and the gradients of
+    # all of them, which the convolutions then copied back to NHWC). What stays
+    # in either layout is one gradient that a batched matmul hands back transposed (v's in
+    # NCHW, k's in NHWC) for the next op to copy.
+    torch.manual_seed(0)
+    block = LinearAttention(16, heads=2, head_dim=8, groups=4).to(device)
+    x = torch.randn(2, 16, 12, 10, device=device)
     if channels_last:
         block, x = block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    assert torch.allclose(block(x), expected, atol=1e-5)
+    copies = full_resolution_copies(block, x, at_least=2 * 12 * 10 * block.heads * block.head_dim)
+    assert len(copies) == 1, copies
+    assert ("_softmax_backward_data" if channels_last else "ViewBackward") in copies[0], copies
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False])
@@ -131,11 +188,15 @@ def test_a_pix2pix_generator_saved_with_plain_sequential_levels_loads():
 
 
 @pytest.mark.cuda
-def test_linear_attention_under_cuda_bf16_stores_q_and_k_in_bf16():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_attention_under_cuda_bf16_stores_q_and_k_in_bf16(channels_last):
     # CUDA's autocast runs softmax in float32 and returns float32: at full resolution the
     # backward pass would keep float32 copies of q and k. (The CPU's autocast keeps bf16.)
     block = LinearAttention(16, heads=2, head_dim=8, groups=4).cuda()
-    x = torch.randn(2, 16, 32, 32, device="cuda").bfloat16().requires_grad_(True)
+    x = torch.randn(2, 16, 32, 32, device="cuda").bfloat16()
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     saved = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
