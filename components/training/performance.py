@@ -161,10 +161,10 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
 def configure_backends(switches: Switches) -> None:
     """Process-wide settings the switches need (TF32 matmuls and convolutions, cuDNN's algorithm
     search, dynamo's limits, what AOTAutograd's cache may keep)."""
-    if switches.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # Set either way: the switch of the last session made in this process holds.
+    # Set either way: the switches of the last session made in this process hold (a benchmark
+    # measuring fp32 after a TF32 session in the same process measures fp32).
+    torch.backends.cuda.matmul.allow_tf32 = switches.tf32
+    torch.backends.cudnn.allow_tf32 = switches.tf32
     torch.backends.cudnn.benchmark = switches.cudnn_benchmark
     if switches.compile:
         torch._dynamo.config.suppress_errors = True

@@ -150,12 +150,16 @@ def test_fused_norm_is_refused_unless_true_false_or_auto(tmp_path):
         load_params(path, TrainParams)
 
 
-def test_cudnn_benchmark_follows_the_switch_of_the_last_session(monkeypatch):
+def test_cudnn_benchmark_and_tf32_follow_the_switches_of_the_last_session(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    performance.configure_backends(dataclasses.replace(PLAIN, cudnn_benchmark=True))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    performance.configure_backends(dataclasses.replace(PLAIN, cudnn_benchmark=True, tf32=True))
     assert torch.backends.cudnn.benchmark
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     performance.configure_backends(PLAIN)
     assert not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
 def test_cuda_graphs_without_compile_is_refused_naming_the_file_and_key(tmp_path):
