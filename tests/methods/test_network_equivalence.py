@@ -46,15 +46,20 @@ def reference_full_attention(block: FullAttention, x: torch.Tensor) -> torch.Ten
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_linear_attention_equals_the_einsum_formulation(channels_last, device):
+def linear_attention_and_input(device: str, channels_last: bool) -> tuple[LinearAttention, torch.Tensor]:
     torch.manual_seed(0)
     block = LinearAttention(16, heads=2, head_dim=8, groups=4).to(device)
     x = torch.randn(2, 16, 12, 10, device=device)
-    switched = copy.deepcopy(block)
     if channels_last:
-        switched, x = switched.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        return block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    return block, x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_attention_equals_the_einsum_formulation(channels_last, device):
+    switched, x = linear_attention_and_input(device, channels_last)
+    block = copy.deepcopy(switched).to(memory_format=torch.contiguous_format)
     x_expected, x_switched = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         expected, out = reference_linear_attention(block, x_expected), switched(x_switched)
@@ -97,11 +102,8 @@ def test_linear_attention_copies_no_full_resolution_tensor_but_one_gradient(chan
     # all of them, which the convolutions then copied back to NHWC). What stays
     # in either layout is one gradient that a batched matmul hands back transposed (v's in
     # NCHW, k's in NHWC) for the next op to copy.
-    torch.manual_seed(0)
-    block = LinearAttention(16, heads=2, head_dim=8, groups=4).to(device)
-    x = torch.randn(2, 16, 12, 10, device=device)
+    block, x = linear_attention_and_input(device, channels_last)
     if channels_last:
-        block, x = block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
         # with the fused norm, as NHWC runs: PyTorch's own group norm copies NHWC tensors on CUDA
         for norm in (block.norm, block.out[1]):
             norm.fused = True
