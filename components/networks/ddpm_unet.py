@@ -54,8 +54,8 @@ class LinearAttention(nn.Module):
       need a copy there (heads and batch do not merge into one batch dimension), so the
       products run over all heads at once: the heads x dim square context holds every pair of
       heads, the pairs of different heads are zeroed, and q times it is the attention of each
-      head, already NHWC. With 4 heads that is 4x the products' arithmetic (3% of ATME's
-      step at 256 px), against copies of q, k, v and the result, and of their gradients.
+      head, already NHWC. With 4 heads that is 4x the products' arithmetic (3% more for
+      ATME's step at 256 px), against copies of q, k, v and the result, and of their gradients.
     """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
