@@ -9,8 +9,9 @@ params/train.yaml `performance:` (`{}`: the shipped switches, auto). The step is
 (`TrainingSession.train_step`, every phase) at the method's reference architecture
 (bench/workloads.py), on one batch of random images kept on the device. `--kernels N` runs
 the first variant's step under torch.profiler and prints its N kernels with the most device
-time, and the device time by kind of kernel (convolution, matrix product, norm, layout copy,
-elementwise, compiled). Results go to OUT/step_profile.json and OUT/kernels_<variant>.txt.
+time, the device time by kind of kernel (convolution, matrix product, norm, layout copy,
+elementwise, compiled), and the N places with the most copy time (layout changes and casts),
+each named by the operator that made the copy and its callers. Results go to OUT/step_profile.json and OUT/kernels_<variant>.txt.
 `--compile-cache FOLDER` loads the compile cache kept there before the variants and saves it
 after them, as a training run does with `performance.compile_cache`: run a compiled variant
 twice, each time with a new empty TORCHINDUCTOR_CACHE_DIR, and the second warm-up is what a new
@@ -51,12 +52,49 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), "other")
 
 
+# How many operators above a copy name it in the copies table: the copy's own op, then
+# the ones that asked for it (a reshape, a softmax's `.contiguous()`, an autograd node).
+COPY_CALLERS = 4
+
+
+def copies_by_caller(profiler: torch.profiler.profile, cuda: bool, steps: int) -> list[tuple[str, float, int]]:
+    """(operator and its callers, ms per step, copies per step) of every copy, most time first.
+
+    On CUDA: the "layout copy" kernels (`kernel_kind`) of each operator that launched them, so
+    cuDNN's own NCHW <-> NHWC transposes are charged to the convolution. On the CPU: ATen's
+    copies made for a clone or a `.to()` (a `.contiguous()`, a reshape that cannot view, a
+    memory-format change), by their self time. Both include dtype casts, which copy too.
+    """
+    totals: dict[str, list[float]] = {}
+    for event in profiler.events():
+        if cuda:
+            microseconds = sum(kernel.duration for kernel in event.kernels if kernel_kind(kernel.name) == "layout copy")
+        elif event.name == "aten::copy_" and event.cpu_parent is not None \
+                and event.cpu_parent.name in ("aten::clone", "aten::_to_copy"):
+            microseconds = event.self_cpu_time_total
+        else:
+            continue
+        if not microseconds:
+            continue
+        names, caller = [event.name], event.cpu_parent
+        while caller is not None and len(names) <= COPY_CALLERS:
+            names.append(caller.name)
+            caller = caller.cpu_parent
+        total = totals.setdefault(" < ".join(names), [0.0, 0])
+        total[0] += microseconds / 1000 / steps
+        total[1] += 1
+    rows = [(callers, ms, round(count / steps)) for callers, (ms, count) in totals.items()]
+    return sorted(rows, key=lambda row: -row[1])
+
+
 def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -> tuple[str, dict[str, float]]:
-    """The `rows` kernels with the most device time over `steps` steps, and device ms per step by
-    kind (on the CPU: the operators with the most self time)."""
+    """The `rows` kernels with the most device time over `steps` steps, device ms per step by
+    kind (on the CPU: the operators with the most self time), and the copies by the operators
+    that made them."""
     cuda = session.device.type == "cuda"
-    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as profiler:
+    # the CPU operators too, to charge each copy kernel to the operator that launched it
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
             session.train_step(batch)
         workloads.synchronize(session.device)
@@ -78,6 +116,10 @@ def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -
         lines.append(f"{ms:8.2f} {ms / total:6.1%} {event.count // steps:6d}  {kernel_kind(event.key):<20} {event.key[:110]}")
     lines.append(f"device time by kind, ms per step (total {total:.1f}):")
     lines += [f"  {kind:<20} {ms:8.2f} {ms / total:6.1%}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    copies = copies_by_caller(profiler, cuda, steps)
+    lines.append(f"copies (layout changes and casts) by the operators that made them ({len(copies)} places):")
+    lines.append(f"{'ms/step':>8} {'copies':>6}  operator < its callers")
+    lines += [f"{ms:8.2f} {count:6d}  {callers[:160]}" for callers, ms, count in copies[:rows]]
     return "\n".join(lines), {kind: round(ms, 2) for kind, ms in by_kind.items()}
 
 

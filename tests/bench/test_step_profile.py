@@ -27,6 +27,10 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     # only the first variant is profiled unless --profile-variants names others
     kernels = (tmp_path / "kernels_shipped.txt").read_text()
     assert "convolution" in kernels and "time by kind" in kernels
+    # each copy charged to the operator that made it: here the convolutions' backward passes
+    # copying the gradients that the skip concatenations hand back as strided views
+    copies = kernels.split("by the operators that made them")[1].splitlines()[2:]
+    assert any("aten::copy_ < aten::clone < aten::contiguous < aten::convolution_backward" in line for line in copies), kernels
     assert sum(rows["shipped"]["device_ms_by_kind"].values()) > 0 and "device_ms_by_kind" not in rows["bf16"]
     assert not (tmp_path / "kernels_bf16.txt").exists()
     assert "misspelt" in completed.stdout.splitlines()[-2]
