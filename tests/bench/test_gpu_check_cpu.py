@@ -74,6 +74,12 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
     decode = items(report, "decode")
     loader_rate = decode["nvjpeg loader, batch 8"]
     assert loader_rate["pairs_per_s"] > 0 and loader_rate["pairs"] == 8  # one epoch of 12 pairs: one full batch
+    as_prepared = decode["nvJPEG + augmentation on bytes in memory, batch 8"]
+    photos_at_420 = decode["nvJPEG + augmentation on bytes in memory, photos at 4:2:0 chroma, batch 8"]
+    assert as_prepared["pairs_per_s"] > 0 and photos_at_420["pairs_per_s"] > 0
+    # the second row decodes another format: the photos' chroma subsampled, so fewer bytes a pair
+    assert photos_at_420["chroma"] == "source 4:4:4, target 4:2:0"
+    assert photos_at_420["bytes_per_pair"] < as_prepared["bytes_per_pair"], (photos_at_420, as_prepared)
 
     for method in ("pix2pix", "atme"):
         rows = items(report, f"throughput_{method}")
