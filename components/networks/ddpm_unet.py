@@ -46,8 +46,8 @@ class ResBlock(nn.Module):
 class LinearAttention(nn.Module):
     """Pre-norm linear attention (softmax over features for q, over positions for k), residual.
 
-    Works in the layout of its input, so that no full-resolution tensor is copied: q, k and v
-    come from one 1x1 convolution each (slices of one `qkv` weight) and are used as views.
+    Works in the layout of its input, so that full-resolution tensors are not copied: q, k and
+    v come from one 1x1 convolution each (slices of one `qkv` weight) and are used as views.
     - NCHW: channel-major, (batch, heads, dim, positions); both products are batched matmuls
       per head, and the result is NCHW for the output convolution.
     - channels_last: position-major, (batch, positions, heads x dim). A matmul per head would
@@ -55,7 +55,8 @@ class LinearAttention(nn.Module):
       products run over all heads at once: the heads x dim square context holds every pair of
       heads, the pairs of different heads are zeroed, and q times it is the attention of each
       head, already NHWC. With 4 heads that is 4x the products' arithmetic (3% more for
-      ATME's step at 256 px), against copies of q, k, v and the result, and of their gradients.
+      ATME's step at 256 px), against copies of q, k, v and the result, and of their
+      gradients; k alone is copied, for its softmax over the positions (`_position_major`).
     """
 
     def __init__(self, channels: int, heads: int, head_dim: int, groups: int):
@@ -101,9 +102,12 @@ class LinearAttention(nn.Module):
 
         q, k, v = positions_by_channels(q), positions_by_channels(k), positions_by_channels(v)
         with torch.autocast(q.device.type, enabled=False):  # as in _channel_major
-            q = q.view(batch, height * width, self.heads, self.head_dim).softmax(dim=-1).view_as(k)
-            k = k.softmax(dim=1)
-        context = torch.bmm(k.transpose(1, 2), v) * self.head_blocks.to(v.dtype)
+            q = q.view(batch, height * width, self.heads, self.head_dim).softmax(dim=-1).view_as(v)
+            # k's softmax runs over the positions, so k is copied channel-major for it: CUDA's
+            # softmax over a middle dimension gives each channel one thread that walks all the
+            # positions (32 blocks of 128 threads at 256 px), far slower than the copy.
+            k = k.transpose(1, 2).contiguous().softmax(dim=-1)  # batch x (heads x dim) x positions
+        context = torch.bmm(k, v) * self.head_blocks.to(v.dtype)
         attended = torch.bmm(q, context)  # batch x positions x (heads x dim)
         return attended.view(batch, height, width, channels).permute(0, 3, 1, 2)
 

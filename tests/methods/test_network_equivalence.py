@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from components.networks.ddpm_unet import FullAttention, LinearAttention, ResBlock
 from components.networks.norms import GroupNorm
@@ -72,9 +73,10 @@ def test_linear_attention_equals_the_einsum_formulation(channels_last, device):
 
 
 def full_resolution_copies(block: nn.Module, x: torch.Tensor, at_least: int) -> list[str]:
-    """The layout copies (clones) of tensors of at least `at_least` elements in one forward and
-    backward pass of block, nested ones included (a kernel's own `.contiguous()`), each named by
-    its callers. (A convolution kernel's copy of its bias into its output is not one.)"""
+    """The layout copies (clones) of tensors of at least `at_least` elements that block makes in
+    one forward and backward pass, nested ones included (a softmax's own `.contiguous()`), each
+    named by its callers. Left out: the convolutions' own, which depend on the backend (cuDNN,
+    oneDNN or PyTorch's slow path), and a convolution's copy of its bias into its output."""
     grad = torch.randn_like(x)
     x = x.detach().requires_grad_(True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
@@ -89,27 +91,66 @@ def full_resolution_copies(block: nn.Module, x: torch.Tensor, at_least: int) -> 
             while parent is not None and len(callers) < 3:
                 callers.append(parent.name)
                 parent = parent.cpu_parent
-            copies.append(" < ".join(callers))
+            if not any("conv" in name for name in callers):
+                copies.append(" < ".join(callers))
     return copies
+
+
+def nhwc_with_fused_norms(block: LinearAttention) -> None:
+    """The block as NHWC runs: with the fused norm (PyTorch's own group norm copies NHWC tensors on CUDA)."""
+    for norm in (block.norm, block.out[1]):
+        norm.fused = True
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_linear_attention_copies_no_full_resolution_tensor_but_one_gradient(channels_last, device):
+def test_linear_attention_copies_one_full_resolution_tensor(channels_last, device):
     # At 256 px each copy is a pass over 0.5 GB at batch 32, each way. In channels_last the
-    # channel-major products made 13 a block here, forward and backward (q and k for their
-    # softmaxes, v for its matmul, the result for the output convolution, and the gradients of
-    # all of them, which the convolutions then copied back to NHWC). What stays
-    # in either layout is one gradient that a batched matmul hands back transposed (v's in
-    # NCHW, k's in NHWC) for the next op to copy.
+    # channel-major products made 5 a block here, forward and backward (q and k for their
+    # softmaxes, v for its matmul, and gradients), besides what the convolutions then copied
+    # back to NHWC. What stays: in NCHW, v's gradient, which a batched matmul hands back
+    # transposed; in NHWC, k made channel-major for its softmax over the positions.
     block, x = linear_attention_and_input(device, channels_last)
     if channels_last:
-        # with the fused norm, as NHWC runs: PyTorch's own group norm copies NHWC tensors on CUDA
-        for norm in (block.norm, block.out[1]):
-            norm.fused = True
+        nhwc_with_fused_norms(block)
     copies = full_resolution_copies(block, x, at_least=2 * 12 * 10 * block.heads * block.head_dim)
     assert len(copies) == 1, copies
-    assert ("_softmax_backward_data" if channels_last else "ViewBackward") in copies[0], copies
+    assert copies[0] == ("aten::clone < aten::contiguous" if channels_last else
+                         "aten::clone < aten::reshape < ViewBackward0"), copies
+
+
+class SoftmaxSpy(TorchDispatchMode):
+    """Records (shape, dim, contiguous) of every softmax, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[tuple[int, ...], int, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._softmax.default:  # (input, dim, half_to_float)
+            tensor, dim = args[0], args[1]
+            self.calls.append((tuple(tensor.shape), dim % tensor.dim(), tensor.is_contiguous()))
+        if func is torch.ops.aten._softmax_backward_data.default:  # (grad, output, dim, input dtype)
+            grad, output, dim = args[0], args[1], args[2]
+            self.calls.append((tuple(grad.shape), dim % grad.dim(), grad.is_contiguous() and output.is_contiguous()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_attention_softmaxes_are_over_a_last_or_short_dimension_of_contiguous_tensors(channels_last):
+    # CUDA's softmax over a middle dimension is fast only where that dimension is short (q's
+    # head dim in NCHW): over a long one (k's positions as a middle dimension of an NHWC view)
+    # it gives each channel one thread that walks all the positions. A strided input is copied
+    # inside the softmax first.
+    block, x = linear_attention_and_input("cpu", channels_last)
+    if channels_last:
+        nhwc_with_fused_norms(block)
+    spy = SoftmaxSpy()
+    with spy:
+        block(x.requires_grad_(True)).sum().backward()
+    assert len(spy.calls) == 4, spy.calls  # q and k, forward and backward
+    for shape, dim, contiguous in spy.calls:
+        assert contiguous and (dim == len(shape) - 1 or shape[dim] <= block.head_dim), spy.calls
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False])
