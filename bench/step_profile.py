@@ -11,7 +11,8 @@ params/train.yaml `performance:` (`{}`: the shipped switches, auto). The step is
 the first variant's step under torch.profiler and prints its N kernels with the most device
 time, the device time by kind of kernel (convolution, matrix product, norm, layout copy,
 elementwise, compiled), and the N places with the most copy time (layout changes and casts),
-each named by the operator that made the copy and its callers. Results go to OUT/step_profile.json and OUT/kernels_<variant>.txt.
+each named by the operator that made the copy and its callers. Results go to
+OUT/step_profile.json and OUT/kernels_<variant>.txt.
 `--compile-cache FOLDER` loads the compile cache kept there before the variants and saves it
 after them, as a training run does with `performance.compile_cache`: run a compiled variant
 twice, each time with a new empty TORCHINDUCTOR_CACHE_DIR, and the second warm-up is what a new
