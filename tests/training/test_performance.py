@@ -150,10 +150,19 @@ def test_fused_norm_is_refused_unless_true_false_or_auto(tmp_path):
         load_params(path, TrainParams)
 
 
-def test_cudnn_benchmark_and_tf32_follow_the_switches_of_the_last_session(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+@pytest.fixture
+def backend_flags():
+    """The process-wide flags configure_backends sets, restored afterwards. (cuBLAS's flag is no
+    attribute of its module object, which monkeypatch cannot restore.)"""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cudnn_benchmark_and_tf32_follow_the_switches_of_the_last_session(backend_flags):
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
     performance.configure_backends(dataclasses.replace(PLAIN, cudnn_benchmark=True, tf32=True))
     assert torch.backends.cudnn.benchmark
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
