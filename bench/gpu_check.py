@@ -612,7 +612,8 @@ def section_decode(context: Context, record: SectionRecord) -> None:
         pairs = sum(one_pass(epoch) for epoch in range(1, 1 + scale.decode_epochs))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        chroma = "source 4:4:4, target 4:2:0" if photos_at_420 else "4:4:4 (as prepared)"
+        source, target = (jpeg_chroma(blobs[side][0].numpy().tobytes()) for side in ("src.jpg", "tgt.jpg"))
+        chroma = f"source {source}, target {target}"
         return {"pairs_per_s": round(pairs / (time.perf_counter() - started), 1), "pairs": pairs, "batch_size": batch_size,
                 "chroma": chroma, "bytes_per_pair": round(sum(len(blob) for side in blobs.values() for blob in side[:count]) / count)}
 
@@ -630,6 +631,14 @@ def section_decode(context: Context, record: SectionRecord) -> None:
     else:
         record.attempt("dali loader (mixed decoding), batch 128", scale.estimates_s["decode"],
                        lambda: loader_rate(128, "dali"))
+
+
+def jpeg_chroma(data: bytes) -> str:
+    """The chroma subsampling of a JPEG, as the file says."""
+    from PIL import JpegImagePlugin
+
+    sampling = JpegImagePlugin.get_sampling(Image.open(io.BytesIO(data)))
+    return {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}.get(sampling, "unknown")
 
 
 def jpeg_at_420(data: bytes) -> bytes:

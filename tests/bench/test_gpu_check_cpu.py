@@ -78,6 +78,7 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
     photos_at_420 = decode["nvJPEG + augmentation on bytes in memory, photos at 4:2:0 chroma, batch 8"]
     assert as_prepared["pairs_per_s"] > 0 and photos_at_420["pairs_per_s"] > 0
     # the second row decodes another format: the photos' chroma subsampled, so fewer bytes a pair
+    assert as_prepared["chroma"] == "source 4:4:4, target 4:4:4"  # read from the files
     assert photos_at_420["chroma"] == "source 4:4:4, target 4:2:0"
     assert photos_at_420["bytes_per_pair"] < as_prepared["bytes_per_pair"], (photos_at_420, as_prepared)
 
