@@ -125,7 +125,10 @@ def checkpointed_epoch(train_run: Path) -> int:
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     environment = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                   "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
+                   "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
+                   # Tune saves the sweep's state every 10 s or more by default, longer than the
+                   # second trial may take here: every second, the kill below finds it mid-run.
+                   "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     # One trial at a time; 40 pairs and 6 epochs give the second trial time to be killed mid-run.
     write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "max_concurrent_trials": 1,
                              "trial": {"epochs": EPOCHS}, "scheduler": {"kind": "none"},
@@ -144,8 +147,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
             done = [trial for trial, status in states.items() if status == "TERMINATED"]
             others = [trial for trial in states if trial not in done]
             # Killed once the first trial is recorded as finished and the second has a registered
-            # checkpoint and a result in the sweep's folder (Tune writes both there every few seconds).
-            if (len(done) == 1 and others and checkpointed_epoch(folders[0] / "train_runs" / others[0]) >= 1
+            # checkpoint before its last epoch and a result in the sweep's folder.
+            if (len(done) == 1 and others
+                    and 1 <= checkpointed_epoch(folders[0] / "train_runs" / others[0]) < EPOCHS
                     and reported_epochs(folders[0] / others[0])):
                 finished, running = done[0], others[0]
                 break
