@@ -4,6 +4,7 @@ the image size, random crop and flip, batch 32.
     python bench/loader_throughput.py --data DIR               # prepare DIR (e.g. facades), time dali and torch
     python bench/loader_throughput.py --data DIR --gpu         # also GPU decoding (DALI mixed, nvjpeg)
     python bench/loader_throughput.py --prepared DIR           # reuse a prepared folder (holds manifest.json)
+    python bench/loader_throughput.py --data DIR --jpeg-chroma 4:4:4 4:2:0   # photos (targets) stored at 4:2:0
 
 Run by hand; results go to docs/benchmarks.md with the machine and the command.
 bench/gpu_check.py measures the GPU decoding without DALI in its `decode` section.
@@ -20,6 +21,8 @@ import torch
 import workloads
 
 from components.data.loaders import dali_available, make_loader, torchvision_available
+from components.data.manifest import load_manifest
+from components.data.writer import CHROMA_BEFORE_THE_PARAM
 
 
 def time_loader(prepared: Path, backend: str, args: argparse.Namespace, device: torch.device, cache_dir: Path) -> float:
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="the size --data is prepared at")
     parser.add_argument("--load-scale", type=float, default=workloads.REFERENCE_LOAD_SCALE,
                         help="training resize before the crop, x image size (default 286/256, the references')")
+    parser.add_argument("--jpeg-chroma", nargs=2, metavar=("SOURCE", "TARGET"),
+                        help="the chroma subsampling --data's sides are prepared with (default: params/data.yaml's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
@@ -59,10 +64,17 @@ def main() -> None:
         cache_dir = Path(scratch) / "shard-cache"
         if args.prepared is None:
             started = time.perf_counter()
-            prepared = workloads.prepare_pix2pix_folder(args.data, Path(scratch) / "prepared", args.image_size)
+            chroma = {"jpeg_chroma": dict(zip(("source", "target"), args.jpeg_chroma))} if args.jpeg_chroma else {}
+            prepared = workloads.prepare_pix2pix_folder(args.data, Path(scratch) / "prepared", args.image_size, chroma)
             print(f"prepare: {args.data} in {time.perf_counter() - started:.1f} s")
         else:
             prepared = args.prepared
+        manifest = load_manifest(prepared)
+        train = manifest.split("train")
+        shard_bytes = sum((prepared / shard.tar).stat().st_size for shard in train.shards)
+        chroma = manifest.params.get("jpeg_chroma", CHROMA_BEFORE_THE_PARAM)
+        print(f"data: {train.count} train pairs, {shard_bytes / train.count / 1024:.1f} KiB per pair in the shards, "
+              f"chroma source {chroma['source']}, target {chroma['target']}")
         settings = f"load scale {args.load_scale:.4g}, crop, flip, batch {args.batch_size}, {args.threads} threads"
         for backend in args.backends:
             rate = time_loader(prepared, backend, args, torch.device("cpu"), cache_dir)

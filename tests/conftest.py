@@ -141,15 +141,25 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+def _prepare_small(folder: Path, **overrides: object) -> Path:
+    from components.data.sources import open_source
+    from components.data.writer import prepare_dataset
+
+    counts = {"source": {"builtin": {"train_pairs": 13, "val_pairs": 2, "test_pairs": 2}}}
+    params = shipped("data", **with_overrides(with_overrides(SMALL_DATA, counts), overrides))
+    prepare_dataset(params, open_source(params, Path.cwd()), folder / "data", progress=False)
+    return folder / "data"
+
+
 @pytest.fixture(scope="session")
 def prepared_builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared data set (built-in source, 32 px, 13 train pairs in 3 shards): the
     folder holding manifest.json. Shared read-only by tests of the loaders."""
-    from components.data.sources import open_source
-    from components.data.writer import prepare_dataset
+    return _prepare_small(tmp_path_factory.mktemp("prepared"))
 
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    params = shipped("data", **with_overrides(SMALL_DATA, {"source": {"builtin": {"train_pairs": 13, "val_pairs": 2,
-                                                                                    "test_pairs": 2}}}))
-    prepare_dataset(params, open_source(params, Path.cwd()), out, progress=False)
-    return out
+
+@pytest.fixture(scope="session")
+def prepared_subsampled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepared_builtin's pairs with the sources stored at 4:2:2 chroma and the targets at 4:2:0:
+    each decoder upsamples the colour planes its own way."""
+    return _prepare_small(tmp_path_factory.mktemp("prepared"), jpeg_chroma={"source": "4:2:2", "target": "4:2:0"})

@@ -16,6 +16,9 @@ _NO_CREDENTIALS = ("holds a user name or password; remove it: credentials come f
 # source crops them. Listed here so a typo in params/data.yaml is a validation error.
 BuiltinPhoto = Literal["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina"]
 
+# JPEG chroma subsampling, in the notation Pillow and every image tool use.
+Chroma = Literal["4:4:4", "4:2:2", "4:2:0"]
+
 
 class S3Params(StrictModel):
     """Connection settings used when `source.path` is an `s3://bucket/prefix` address.
@@ -51,6 +54,30 @@ class BuiltinSourceParams(StrictModel):
     # Gaussian sigma, in pixels of the image_size image, applied to the target photo crop
     target_smoothing: float = Field(ge=0, le=8)
     seed: int
+
+
+class JpegChromaParams(StrictModel):
+    """The chroma subsampling each side of a pair is stored with.
+
+    4:4:4 keeps full-resolution colour: label and edge maps keep their sharp colour edges.
+    4:2:0 halves the colour resolution both ways, as most cameras and photo sets store it:
+    smaller shards, faster decoding, and no loss at all for a side whose source files are
+    4:2:0 (docs/data.md).
+    """
+
+    source: Chroma
+    target: Chroma
+
+    @field_validator("source", "target", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted 4:2:0 as the base-60 number 14520; say so rather than
+        # list the accepted strings next to a number the user never wrote.
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 3600:
+            hours, rest = divmod(value, 3600)
+            written = f"{hours}:{rest // 60}:{rest % 60}"
+            raise ValueError(f"YAML read the unquoted {written} as the number {value}: quote it, '{written}'")
+        return value
 
 
 class SourceParams(StrictModel):
@@ -145,6 +172,7 @@ class DataParams(StrictModel):
     # halve it per level), checked here so that prepare refuses a size train cannot use.
     image_size: int = Field(ge=16, le=4096)
     jpeg_quality: int = Field(ge=1, le=100)
+    jpeg_chroma: JpegChromaParams
     shard_max_count: int = Field(ge=1)  # pairs per tar shard
     # Share of train carved off as val when the source has no val split; a pair's split is
     # decided by a seeded hash of its key, so appending new pairs never moves old ones.

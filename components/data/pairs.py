@@ -6,6 +6,7 @@ import warnings
 
 from PIL import Image
 
+from components.config.data import JpegChromaParams
 from components.data.sources import BadInput, Layout, SourcePair
 
 # Modes converted to RGB without losing information a pair could carry. Anything else
@@ -30,10 +31,9 @@ def _decode(blob: bytes, split: str, path: str) -> Image.Image | BadInput:
     return image.convert("RGB")
 
 
-def _encode(image: Image.Image, size: int, quality: int) -> bytes:
+def _encode(image: Image.Image, size: int, quality: int, chroma: str) -> bytes:
     buffer = io.BytesIO()
-    # 4:4:4 chroma: label maps and edge maps have sharp colour edges that 4:2:0 would smear.
-    image.resize((size, size), Image.BICUBIC).save(buffer, format="JPEG", quality=quality, subsampling=0)
+    image.resize((size, size), Image.BICUBIC).save(buffer, format="JPEG", quality=quality, subsampling=chroma)
     return buffer.getvalue()
 
 
@@ -52,8 +52,10 @@ def _shape_problem(width: int, height: int, size: int, max_upscale: float, max_a
 
 
 def encode_pair(pair: SourcePair, blobs: tuple[bytes, ...], layout: Layout, direction: str,
-                size: int, quality: int, max_upscale: float, max_aspect_ratio: float) -> tuple[bytes, bytes] | list[BadInput]:
-    """(source JPEG, target JPEG) at size x size, or every problem with this pair.
+                size: int, quality: int, chroma: JpegChromaParams, max_upscale: float,
+                max_aspect_ratio: float) -> tuple[bytes, bytes] | list[BadInput]:
+    """(source JPEG, target JPEG) at size x size, each side at its chroma subsampling, or every
+    problem with this pair.
 
     Refused: a half that would be enlarged more than `max_upscale` times (a 2x1 image is two
     1x1 halves), or whose aspect ratio exceeds `max_aspect_ratio` (it would be stretched).
@@ -84,4 +86,4 @@ def encode_pair(pair: SourcePair, blobs: tuple[bytes, ...], layout: Layout, dire
                                  f"each image ({source.size[0]}x{source.size[1]})")
         if problem:
             return [BadInput(pair.split, pair.origin[0], f"{problem} (the same for its partner {pair.origin[1]})")]
-    return _encode(source, size, quality), _encode(target, size, quality)
+    return _encode(source, size, quality, chroma.source), _encode(target, size, quality, chroma.target)

@@ -69,7 +69,9 @@ log = logging.getLogger(__name__)
 PREPARE_PURPOSE = "pairgan prepare"  # what a refused second run is told the lock holder does
 
 # Params that decide the bytes of a shard: appending with other values would mix two data sets.
-SHARD_DEFINING_PARAMS = ("source", "image_size", "jpeg_quality", "val_fraction", "seed")
+SHARD_DEFINING_PARAMS = ("source", "image_size", "jpeg_quality", "jpeg_chroma", "val_fraction", "seed")
+# Data sets prepared before jpeg_chroma was a param have no such key: they stored both sides at 4:4:4.
+CHROMA_BEFORE_THE_PARAM = {"source": "4:4:4", "target": "4:4:4"}
 
 
 class PrepareError(RuntimeError):
@@ -236,7 +238,9 @@ def _shard_defining(params_used: dict) -> dict[str, object]:
     """Dotted key -> value of every param that decides a shard's bytes. The built-in source's
     pair counts are not among them (raising a count is how new built-in pairs appear), nor the
     S3 connection settings (a new endpoint or retry count reads the same objects)."""
-    values = {key: params_used.get(key) for key in SHARD_DEFINING_PARAMS if key != "source"}
+    values = {key: params_used.get(key) for key in SHARD_DEFINING_PARAMS if key not in ("source", "jpeg_chroma")}
+    chroma = params_used.get("jpeg_chroma", CHROMA_BEFORE_THE_PARAM)
+    values |= {f"jpeg_chroma.{side}": chroma[side] for side in ("source", "target")}
     source = params_used.get("source", {})
     for key, value in source.items():
         if key == "s3":
@@ -303,7 +307,7 @@ def _write_into_staging(params: DataParams, listing: SourceListing, existing: Ma
         if checksum in stored:
             return stored[checksum]
         encoded = encode_pair(pair, blobs, listing.layout, params.source.direction, params.image_size,
-                              params.jpeg_quality, params.max_upscale, params.max_aspect_ratio)
+                              params.jpeg_quality, params.jpeg_chroma, params.max_upscale, params.max_aspect_ratio)
         if isinstance(encoded, list):
             return encoded
         return _Encoded(pair.key, pair.origin, checksum, *encoded)

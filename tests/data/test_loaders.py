@@ -51,8 +51,10 @@ def test_evaluation_batches_follow_the_batch_contract(prepared_builtin, backend)
     assert values.min() >= -1 and values.max() <= 1 and values.min() < -0.5 and values.max() > 0.5
 
 
-def test_both_backends_give_the_same_tensors_without_augmentation(prepared_builtin):
-    dali, plain = full_frames(prepared_builtin, "dali"), full_frames(prepared_builtin, "torch")
+@pytest.mark.parametrize("prepared", ["prepared_builtin", "prepared_subsampled"])
+def test_both_backends_give_the_same_tensors_without_augmentation(prepared, request):
+    prepared = request.getfixturevalue(prepared)
+    dali, plain = full_frames(prepared, "dali"), full_frames(prepared, "torch")
     assert sorted(dali) == sorted(plain) == list(range(13))
     for index in dali:
         for half in (0, 1):

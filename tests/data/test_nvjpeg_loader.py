@@ -220,13 +220,15 @@ def test_backend_choice_and_its_errors(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_gpu_decoding_gives_the_batches_of_cpu_decoding(prepared_builtin):
+@pytest.mark.parametrize("prepared", ["prepared_builtin", "prepared_subsampled"])
+def test_gpu_decoding_gives_the_batches_of_cpu_decoding(prepared, request):
+    prepared = request.getfixturevalue(prepared)
     params = loader_params(1.25, "nvjpeg")  # resize, crop and flip on the GPU
-    gpu = make_loader(prepared_builtin, "train", params, 4, train=True, seed=2, device=torch.device("cuda"))
+    gpu = make_loader(prepared, "train", params, 4, train=True, seed=2, device=torch.device("cuda"))
     assert gpu.backend == "nvjpeg"
     batches = list(gpu)
     assert all(batch[key].device.type == "cuda" for batch in batches for key in batch)
-    ours, reference = by_index(batches), by_index(pil_loader(prepared_builtin, params, 4, train=True, seed=2))
+    ours, reference = by_index(batches), by_index(pil_loader(prepared, params, 4, train=True, seed=2))
     assert sorted(ours) == sorted(reference)
     for index in ours:
         assert ours[index][:2] == reference[index][:2]

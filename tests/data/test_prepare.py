@@ -8,7 +8,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from components.data.builtin import LABEL_PALETTE
 from components.data.manifest import load_manifest
@@ -95,6 +95,23 @@ def test_pix2pix_folder_splits_halves_by_direction_and_carves_val(tmp_path, monk
     want_source, want_target = (left, right) if direction == "AtoB" else (right, left)
     assert np.abs(decoded(members[f"{sample.key}.src.jpg"]) - want_source).mean() < 3
     assert np.abs(decoded(members[f"{sample.key}.tgt.jpg"]) - want_target).mean() < 3
+
+
+@pytest.mark.parametrize("chroma", [{"source": "4:4:4", "target": "4:4:4"}, {"source": "4:4:4", "target": "4:2:0"},
+                                    {"source": "4:2:0", "target": "4:2:2"}])
+def test_each_side_is_stored_at_its_chroma_subsampling(tmp_path, monkeypatch, write_params, write_pix2pix, chroma):
+    monkeypatch.chdir(tmp_path)
+    write_pix2pix(tmp_path / "pairs", {"train": 4, "test": 2}, size=32)
+    write_params(tmp_path / "params", source={"kind": "pix2pix", "path": "pairs"}, val_fraction=0.0, jpeg_chroma=chroma)
+    assert prepare(tmp_path) == 0
+    manifest = load_manifest(tmp_path / "data/prepared")
+    assert manifest.params["jpeg_chroma"] == chroma
+    by_code = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}  # Pillow's codes
+    for split in ("train", "test"):
+        members = read_members(tmp_path / "data/prepared" / manifest.split(split).shards[0].tar)
+        stored = {(name.split(".")[-2], by_code[JpegImagePlugin.get_sampling(Image.open(io.BytesIO(data)))])
+                  for name, data in members.items() if name.endswith(".jpg")}
+        assert stored == {("src", chroma["source"]), ("tgt", chroma["target"])}, split
 
 
 def test_val_carving_is_seeded(tmp_path, monkeypatch, write_params, write_pix2pix):

@@ -56,14 +56,16 @@ def test_append_adds_new_pairs_in_new_shards_and_reports_changed_ones(tmp_path, 
     assert json.loads((tmp_path / "reports/prepare.json").read_text())["new_pairs"] == 0
 
 
-def test_append_refuses_params_that_would_mix_two_data_sets(tmp_path, monkeypatch, write_params, caplog):
+@pytest.mark.parametrize(("change", "key"), [({"image_size": 64}, "image_size"),
+                                           ({"jpeg_chroma": {"source": "4:4:4", "target": "4:2:0"}}, "jpeg_chroma.target")])
+def test_append_refuses_params_that_would_mix_two_data_sets(tmp_path, monkeypatch, write_params, caplog, change, key):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params", mode="append")
     assert prepare() == 0
     before = snapshot(tmp_path / "data/prepared")
-    write_params(tmp_path / "params", mode="append", image_size=64)
+    write_params(tmp_path / "params", mode="append", **change)
     assert prepare() == 1
-    assert "params key image_size differs" in caplog.text and "mode: overwrite" in caplog.text
+    assert f"params key {key} differs" in caplog.text and "mode: overwrite" in caplog.text
     assert snapshot(tmp_path / "data/prepared") == before
 
 
@@ -121,3 +123,19 @@ def test_append_accepts_new_s3_connection_settings_but_not_another_source():
     _check_append_compatible(Existing, used("s3://pairs/set", "https://minio-new:9000", 10))
     with pytest.raises(PrepareError, match="source.path"):
         _check_append_compatible(Existing, used("s3://other/set", "http://minio-old:9000", 5))
+
+
+def test_append_to_a_data_set_prepared_before_the_chroma_param_takes_it_as_4_4_4():
+    from components.data.writer import PrepareError, _check_append_compatible
+
+    def used(**chroma: str) -> dict:
+        return {"source": {"kind": "pix2pix", "path": "pairs", "direction": "AtoB"}, "image_size": 64,
+                "jpeg_quality": 95, "val_fraction": 0.1, "seed": 0} | ({"jpeg_chroma": chroma} if chroma else {})
+
+    class Existing:
+        params = used()  # its manifest has no jpeg_chroma: both sides were stored at 4:4:4
+        location = "data/prepared"
+
+    _check_append_compatible(Existing, used(source="4:4:4", target="4:4:4"))
+    with pytest.raises(PrepareError, match=r"jpeg_chroma.target differs .*\('4:4:4' -> '4:2:0'\)"):
+        _check_append_compatible(Existing, used(source="4:4:4", target="4:2:0"))

@@ -37,6 +37,9 @@ def _errors(path: Path, base_dir: Path) -> dict[str, str]:
         ({"image_size": 8}, "image_size", "greater than or equal to 16"),
         ({"jpeg_quality": 101}, "jpeg_quality", "less than or equal to 100"),
         ({"val_fraction": 1.0}, "val_fraction", "less than 1"),
+        ({"jpeg_chroma": {"target": "4:1:1"}}, "jpeg_chroma.target", "'4:4:4', '4:2:2' or '4:2:0'"),
+        ({"jpeg_chroma": {"sources": "4:4:4"}}, "jpeg_chroma.sources", "accepts source, target"),
+        ({"jpeg_chroma": {"source": 444}}, "jpeg_chroma.source", "'4:4:4', '4:2:2' or '4:2:0'"),
         ({"mode": "merge"}, "mode", "'overwrite' or 'append'"),
         ({"on_bad_input": "ignore"}, "on_bad_input", "'stop' or 'skip'"),
         ({"source": {"kind": "pix2pix", "path": None}}, "source.path", "is required when source.kind is pix2pix"),
@@ -95,3 +98,13 @@ def test_an_empty_data_yaml_prepares_nothing(tmp_path, monkeypatch, capsys, stag
     assert main([stage, "--params-dir", "params"]) == 2
     assert "params/data.yaml: is empty" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params"]
+
+
+def test_an_unquoted_chroma_subsampling_is_explained(tmp_path):
+    # YAML 1.1 reads 4:2:0 as the base-60 number 14520: the error says what was written and how to fix it.
+    path = write_shipped(tmp_path, "data")
+    text = path.read_text()
+    assert "target: '4:4:4'" in text
+    path.write_text(text.replace("target: '4:4:4'", "target: 4:2:0"))
+    errors = _errors(path, tmp_path)
+    assert errors["jpeg_chroma.target"] == "YAML read the unquoted 4:2:0 as the number 14520: quote it, '4:2:0'"
