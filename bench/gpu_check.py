@@ -620,9 +620,9 @@ def section_decode(context: Context, record: SectionRecord) -> None:
     for name, chroma in (("photos at 4:2:0", {"source": "4:4:4", "target": "4:2:0"}),
                          ("both sides at 4:2:0", {"source": "4:2:0", "target": "4:2:0"})):
         folder = context.prepared.parent / f"prepared-{chroma['source']}-{chroma['target']}".replace(":", "")
-        prepared = record.attempt(f"prepare, {name}", scale.estimates_s["prepare"],
-                                  lambda folder=folder, chroma=chroma: prepare_again(context.prepared, folder, chroma))
-        if prepared is not None and prepared["status"] == "ok":
+        item = record.attempt(f"prepare, {name}", scale.estimates_s["prepare"],
+                              lambda folder=folder, chroma=chroma: prepare_again(context.prepared, folder, chroma))
+        if item is not None and item["status"] == "ok":
             record.attempt(f"nvjpeg loader, {name}, batch {last}", scale.estimates_s["decode"],
                            lambda folder=folder: loader_rate(last, "nvjpeg", folder))
 
