@@ -10,7 +10,7 @@
 - Measurement: a training step timed with the device synchronised, its model FLOPs counted,
   its peak memory read.
 
-bench/train_throughput.py, loader_throughput.py, shard_verification.py and gpu_check.py all
+bench/train_throughput.py, loader_throughput.py, shard_verification.py, chroma_fidelity.py and gpu_check.py all
 build on these, so that their figures are of the same workload. Nothing here imports Ray,
 MLflow, DALI, WebDataset, DVC or boto3: gpu_check runs it on a GPU image without them.
 """
