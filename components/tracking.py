@@ -151,7 +151,17 @@ def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
     location = None
     if urllib.parse.urlsplit(uri).scheme == "sqlite":
         location = (_sqlite_file(uri).parent / "mlartifacts").as_uri()
-    return client.create_experiment(experiment, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except MlflowException as error:
+        # Two stages started at once on a new store (two registers, a sweep's trials): the
+        # other one created it between the lookup above and this call.
+        created_meanwhile = client.get_experiment_by_name(experiment)
+        if error.error_code != "RESOURCE_ALREADY_EXISTS" or created_meanwhile is None:
+            raise
+        return created_meanwhile.experiment_id
 
 
 def flatten_params(config: Mapping, prefix: str = "") -> dict[str, str]:

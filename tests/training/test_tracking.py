@@ -18,6 +18,7 @@ from components.tracking import (
     TrackingUnavailable,
     check_tracking_reachable,
     default_tracking_uri,
+    ensure_experiment,
     finish_job_run,
     flatten_params,
     start_job_run,
@@ -64,6 +65,24 @@ def test_default_store_is_sqlite_in_the_working_dir(tmp_path):
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     check_tracking_reachable(uri, "pairgan")
     assert MlflowClient(tracking_uri=uri).get_experiment_by_name("pairgan") is not None
+
+
+def test_an_experiment_created_between_lookup_and_create_is_used(tmp_path):
+    # Two stages started at once on a new store (two registers, as the registry's concurrency
+    # test runs them, or a sweep's first trials): each looks the experiment up, finds none and
+    # creates it. Here the lookup misses one another process creates just after, for certain.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    created_elsewhere = MlflowClient(tracking_uri=uri).create_experiment("pairgan")
+
+    class LateLookup(MlflowClient):
+        lookups = 0
+
+        def get_experiment_by_name(self, name):
+            LateLookup.lookups += 1
+            return None if LateLookup.lookups == 1 else super().get_experiment_by_name(name)
+
+    assert ensure_experiment(LateLookup(tracking_uri=uri), uri, "pairgan") == created_elsewhere
+    assert LateLookup.lookups == 2
 
 
 def test_flattened_config_becomes_dotted_params():
