@@ -55,8 +55,7 @@ def fidelity(prepared: Path, source_root: Path, size: int) -> dict:
             for side in errors:
                 stored = np.asarray(Image.open(io.BytesIO(members[f"{key}.{side}.jpg"])).convert("RGB"), dtype=np.float64)
                 errors[side].append(float(((stored - reference[side]) ** 2).mean()))
-    shard_bytes = sum((prepared / shard.tar).stat().st_size for shard in train.shards)
-    return {"pairs": train.count, "kib_per_pair": shard_bytes / train.count / 1024,
+    return {"pairs": train.count, "kib_per_pair": workloads.shard_kib_per_pair(prepared),
             **{f"{side}_psnr": psnr(float(np.mean(values))) for side, values in errors.items()},
             **{f"{side}_worst_psnr": psnr(max(values)) for side, values in errors.items()}}
 

@@ -552,7 +552,6 @@ def section_decode(context: Context, record: SectionRecord) -> None:
     device, scale = context.device, context.scale
 
     def loader_rate(batch_size: int, backend: str, prepared: Path | None = None) -> dict:
-        prepared = prepared or context.prepared
         loader = open_loader(context, batch_size, backend=backend, prepared=prepared)
         for _ in loader:  # warm-up epoch: threads, decoder handles, kernels, page cache
             pass
@@ -565,7 +564,7 @@ def section_decode(context: Context, record: SectionRecord) -> None:
         seconds = time.perf_counter() - started
         return {"pairs_per_s": round(pairs / seconds, 1), "pairs": pairs, "batch_size": batch_size,
                 "backend": loader.backend, "decoder": "Pillow (CPU stand-in)" if context.args.cpu else backend,
-                **shard_format(prepared)}
+                **shard_format(Path(loader.manifest.location))}  # the data set the loader read
 
     batches = scale.decode_batches if context.profile.decode_every_batch else scale.decode_batches[-1:]
     for batch_size in batches:

@@ -70,11 +70,9 @@ def main() -> None:
         else:
             prepared = args.prepared
         manifest = load_manifest(prepared)
-        train = manifest.split("train")
-        shard_bytes = sum((prepared / shard.tar).stat().st_size for shard in train.shards)
         chroma = manifest.params.get("jpeg_chroma", CHROMA_BEFORE_THE_PARAM)
-        print(f"data: {train.count} train pairs, {shard_bytes / train.count / 1024:.1f} KiB per pair in the shards, "
-              f"chroma source {chroma['source']}, target {chroma['target']}")
+        print(f"data: {manifest.split('train').count} train pairs, {workloads.shard_kib_per_pair(prepared):.1f} KiB "
+              f"per pair in the shards, chroma source {chroma['source']}, target {chroma['target']}")
         settings = f"load scale {args.load_scale:.4g}, crop, flip, batch {args.batch_size}, {args.threads} threads"
         for backend in args.backends:
             rate = time_loader(prepared, backend, args, torch.device("cpu"), cache_dir)

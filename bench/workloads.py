@@ -90,6 +90,14 @@ def prepare_pix2pix_folder(source: Path, out: Path, image_size: int, data_overri
     return out
 
 
+def shard_kib_per_pair(prepared: Path) -> float:
+    """The train split's shards' size per pair, in KiB (tar headers included)."""
+    from components.data.manifest import load_manifest
+
+    train = load_manifest(prepared).split("train")
+    return sum((prepared / shard.tar).stat().st_size for shard in train.shards) / train.count / 1024
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -158,8 +158,10 @@ def ensure_experiment(client: "MlflowClient", uri: str, experiment: str) -> str:
     except MlflowException as error:
         # Two stages started at once on a new store (two registers, a sweep's trials): the
         # other one created it between the lookup above and this call.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
         created_meanwhile = client.get_experiment_by_name(experiment)
-        if error.error_code != "RESOURCE_ALREADY_EXISTS" or created_meanwhile is None:
+        if created_meanwhile is None:
             raise
         return created_meanwhile.experiment_id
 
