@@ -190,13 +190,15 @@ def main() -> None:
         (args.out / "step_profile.json").write_text(json.dumps(results, indent=1) + "\n")
     if compile_cache is not None:
         print(f"compile cache: {'saved to' if compile_cache.save() else 'unchanged at'} {compile_cache.uri}", flush=True)
-    print(f"{'variant':<34} {'img/s':>8} {'step ms':>8} {'GiB/img':>8} {'warm-up s':>9}")
+    width = max(len("variant"), *(len(row["variant"]) for row in results))
+    print(f"{'variant':<{width}} {'img/s':>8} {'step ms':>8} {'GiB/img':>8} {'warm-up s':>9}")
     for row in results:
         if row["status"] == "ok":
-            print(f"{row['variant']:<34} {row['images_per_s']:8.1f} {row['step_ms']:8.1f} {row['gib_per_image']:8.3f} {row['warmup_s']:9.1f}")
+            print(f"{row['variant']:<{width}} {row['images_per_s']:8.1f} {row['step_ms']:8.1f} "
+                  f"{row['gib_per_image']:8.3f} {row['warmup_s']:9.1f}")
         else:
             reason = row.get("error", row.get("reason", "")).replace("\n", " ")
-            print(f"{row['variant']:<34} {row['status']}: {reason[:100]}")
+            print(f"{row['variant']:<{width}} {row['status']}: {reason[:100]}")
 
 
 if __name__ == "__main__":

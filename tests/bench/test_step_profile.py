@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+BF16 = "bf16 autocast, a name longer than the others together"
 
 
 def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_path):
@@ -15,14 +16,14 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     command = [sys.executable, str(REPOSITORY / "bench" / "step_profile.py"), "--method", "pix2pix", "--batch-size", "2",
                "--image-size", "32", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--kernels", "5",
                "--variant", "shipped", "{}", "--variant", "misspelt", '{"channel_last": true}',
-               "--variant", "bf16", '{"autocast": "bf16"}', "--compile-cache", str(tmp_path / "compile-cache")]
+               "--variant", BF16, '{"autocast": "bf16"}', "--compile-cache", str(tmp_path / "compile-cache")]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads((tmp_path / "step_profile.json").read_text())}
-    assert list(rows) == ["shipped", "misspelt", "bf16"]
+    assert list(rows) == ["shipped", "misspelt", BF16]
     assert rows["shipped"]["status"] == "ok" and rows["shipped"]["images_per_s"] > 0
     assert rows["shipped"]["switches"]["autocast"] == "none"  # auto is off on the CPU
-    assert rows["bf16"]["status"] == "ok" and rows["bf16"]["switches"]["autocast"] == "bf16"
+    assert rows[BF16]["status"] == "ok" and rows[BF16]["switches"]["autocast"] == "bf16"
     assert rows["misspelt"]["status"] == "error" and "performance.channel_last: unknown key" in rows["misspelt"]["error"]
     # only the first variant is profiled unless --profile-variants names others
     kernels = (tmp_path / "kernels_shipped.txt").read_text()
@@ -31,10 +32,15 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     # copying the gradients that the skip concatenations hand back as strided views
     copies = kernels.split("by the operators that made them")[1].splitlines()[2:]
     assert any("aten::copy_ < aten::clone < aten::contiguous < aten::convolution_backward" in line for line in copies), kernels
-    assert sum(rows["shipped"]["device_ms_by_kind"].values()) > 0 and "device_ms_by_kind" not in rows["bf16"]
-    assert not (tmp_path / "kernels_bf16.txt").exists()
-    assert "misspelt" in completed.stdout.splitlines()[-2]
-    assert rows["shipped"]["compiled"] == rows["bf16"]["compiled"] == {}  # compile is off under auto on the CPU
+    assert sum(rows["shipped"]["device_ms_by_kind"].values()) > 0 and "device_ms_by_kind" not in rows[BF16]
+    assert [path.name for path in tmp_path.glob("kernels_*.txt")] == ["kernels_shipped.txt"]
+    # the summary: a row per variant, its columns under the headings however long the names
+    header, shipped, misspelt, bf16 = completed.stdout.splitlines()[-4:]
+    assert misspelt.startswith("misspelt ") and "error" in misspelt
+    for row in (shipped, bf16):
+        assert len(row) == len(header) and row[header.index("img/s") - 1] == " ", (header, row)
+    assert shipped.startswith("shipped ") and bf16.startswith(BF16 + " ")
+    assert rows["shipped"]["compiled"] == rows[BF16]["compiled"] == {}  # compile is off under auto on the CPU
     # nothing compiled: the cache is looked for, and nothing is written
     assert f"compile cache: 0 entries loaded from {tmp_path / 'compile-cache'}" in completed.stdout
     assert "compile cache: unchanged at" in completed.stdout and not (tmp_path / "compile-cache").exists()
