@@ -109,7 +109,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert ran_stages(second.stdout) == set(), second.stdout
 
     # A quick experiment after the demo (`dvc exp run -S params/train.yaml:epochs=1`): one epoch
-    # instead of ten keeps this second training short.
+    # instead of the demo's keeps this second training short.
     train_params_path = repo / "params/train.yaml"
     train_params = yaml.safe_load(train_params_path.read_text())
     train_params["epochs"] = 1

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from components.training.compatibility import decide_resume
+from components.training.compatibility import decide_resume, job_record
+from components.training.job import TrainingJob
 from components.training.loop import TrainingSession
 from support.params import shipped
 
@@ -28,6 +29,28 @@ def info(epoch: int, final: bool, **changed: str) -> dict:
 def test_decisions(saved, epochs, action, words):
     decision = decide_resume(saved, RECORD, epochs, "ckpt")
     assert decision.action == action and words in decision.message and not decision.changes
+
+
+def job(**train: object) -> TrainingJob:
+    return TrainingJob(model=shipped("model", image_size=32), train=shipped("train", **train),
+                       loader=shipped("data").loader, data_location="/data", data_checksum="abc", dataset_size=13)
+
+
+@pytest.mark.parametrize(("changed", "key"), [({"seed": 7}, "train.seed"), ({"optimizer": {"lr_g": 5.0e-4}}, "train.optimizer.lr_g"),
+                                               ({"batch_size": 4}, "train.batch_size")])
+def test_what_the_weights_depend_on_makes_another_job(changed, key):
+    # The records the decisions above are given: another seed must start the finished job over
+    # (not answer with its model), and refuse to resume an unfinished one, naming the key.
+    saved = {"job": job_record(job()), "epoch": 6, "final": True}
+    assert decide_resume(saved, job_record(job(**changed)), 6, "ckpt").action == "start_over"
+    unfinished = decide_resume({**saved, "final": False}, job_record(job(**changed)), 10, "ckpt")
+    assert [change.key for change in unfinished.changes] == [key]
+
+
+@pytest.mark.parametrize("changed", [{"epochs": 30}, {"run": {"name": "elsewhere"}}, {"health": {"patience_steps": 9}},
+                                     {"performance": {"compile": True}}, {"validation": {"samples": 0}}])
+def test_where_and_how_fast_a_job_runs_keeps_it_the_same_job(changed):
+    assert job_record(job(**changed)) == job_record(job())
 
 
 def test_an_unfinished_run_past_the_new_epochs_is_refused_naming_epochs():
