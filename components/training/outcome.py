@@ -8,9 +8,18 @@ the driver reads after `fit()`. Every rank still makes its last `ray.train.repor
 A data error (a damaged shard) is the same on every attempt, so it must not be retried like a
 crashed worker: the rank that meets it records it in the box, and workers that find a data
 error recorded stop at once (`data_error_recorded`), whatever Ray's failure policy.
+
+torch is imported where it is used: the box's own Ray actor imports this module and nothing
+else of the project, and without torch it is a Python process of a few tens of MB started in
+a fraction of a second, not one of hundreds of MB and seconds of CPU on every job.
 """
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_ERROR = "data_error"
 
@@ -58,6 +67,7 @@ def stop_on_data_error(box, error: str | None, device: torch.device) -> bool:
     shards are fine does not go on into DDP's all-reduce, waiting for a rank that stopped.
     """
     import ray
+    import torch
 
     from components.training.collectives import all_reduce
 
