@@ -1,8 +1,10 @@
-"""Shared fixtures: synthetic paired images on disk, a prepared data set, an S3 server (moto)."""
+"""Shared fixtures: synthetic paired images on disk, a prepared data set, an S3 server (moto),
+new MLflow stores."""
 
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,7 +56,30 @@ def _process_settings_restored() -> Iterator[None]:
             os.environ[name] = value
 
 
+# The modules that run for minutes, longest first (`--durations`, on two processes). Under the
+# README's `-n 2 --dist loadscope --no-loadscope-reorder`, each process takes the next module in
+# collection order: these start first and the many short modules even out the end, instead of
+# a long module starting last while the other process has nothing left to run.
+LONGEST_MODULES = (
+    "tests/training/test_train_ray.py",
+    "tests/pipeline/test_pipeline_e2e.py",
+    "tests/operations/test_retrain.py",
+    "tests/training/test_compile_cache.py",
+    "tests/tuning/test_tune_sweep.py",
+    "tests/cluster/test_two_node_cluster.py",
+    "tests/bench/test_gpu_check_cpu.py",
+    "tests/data/test_s3_stages.py",
+    "tests/tuning/test_tune_asha.py",
+    "tests/training/test_interrupted_runs.py",
+    "tests/methods/test_methods.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {module: index for index, module in enumerate(LONGEST_MODULES)}
+    # stable: every module's tests stay together and in file order
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
     import torch
 
     if torch.cuda.is_available():
@@ -115,6 +140,36 @@ def write_params() -> Callable[..., Path]:
         return folder
 
     return write
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new MLflow SQLite store, made once: making one runs MLflow's schema migrations, seconds
+    of CPU that dozens of tests would otherwise each spend."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def new_mlflow_store(folder: Path, empty_store: Path) -> str:
+    """folder/mlflow.db, a new empty store (a copy of `empty_store`), as its tracking URI; its
+    Default experiment keeps artifacts in folder/mlruns/0, as a store made from folder would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    with sqlite3.connect(path) as database:
+        database.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                         (str(folder / "mlruns" / "0"),))
+    database.close()
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, _empty_mlflow_store: Path) -> str:
+    """The tracking URI of a new, empty MLflow store at tmp_path/mlflow.db."""
+    return new_mlflow_store(tmp_path, _empty_mlflow_store)
 
 
 def _free_port() -> int:

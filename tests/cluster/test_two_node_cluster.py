@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,11 +137,11 @@ def files_holding(folders: list[Path], text: str) -> list[str]:
 
 
 def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_register_from_s3(
-    two_nodes, s3_endpoint, tmp_path, monkeypatch
+    mlflow_store, two_nodes, s3_endpoint, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="cluster")
     params = write_params(tmp_path / "params", checkpoints="s3://cluster/checkpoints")
     data = "s3://cluster/prepared"
@@ -187,12 +188,12 @@ def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_regi
     assert json.loads((tmp_path / "reports/register.json").read_text())["decision"] == "first_champion"
 
 
-def test_a_data_set_in_a_local_folder_is_shared_with_the_other_node(two_nodes, s3_endpoint, tmp_path, monkeypatch):
+def test_a_data_set_in_a_local_folder_is_shared_with_the_other_node(mlflow_store, two_nodes, s3_endpoint, tmp_path, monkeypatch):
     # What `dvc repro` does on a cluster: --data is the driver's data/prepared folder, which the
     # other node cannot read; the driver copies it under the job's S3 storage for the workers.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="shared")
     params = write_params(tmp_path / "params", checkpoints="s3://shared/checkpoints")
     assert pairgan(["prepare", "--params-dir", str(params), "--out", "data/prepared", "--no-progress"]) == 0
@@ -226,6 +227,22 @@ print("SEEN " + json.dumps(ray.get(seen.remote())))
 '''
 
 
+def submit_once_an_agent_answers(client, timeout_s: float = 180, **job) -> str:
+    """Submit as a person retrying `ray job submit` would: the head refuses with "No available
+    agent" while its dashboard agent does not answer within 10 s (a busy machine), nothing else."""
+    submission_id = f"probe-{uuid.uuid4().hex}"  # a retry after a lost answer cannot start a second job
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(submission_id=submission_id, **job)
+        except RuntimeError as refused:
+            if "already exists" in str(refused):
+                return submission_id
+            if "No available agent" not in str(refused) or time.monotonic() > deadline:
+                raise
+        time.sleep(2)
+
+
 def test_a_job_submitted_to_the_head_keeps_its_own_settings_and_gets_the_projects(two_nodes, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -234,8 +251,8 @@ def test_a_job_submitted_to_the_head_keeps_its_own_settings_and_gets_the_project
     client = JobSubmissionClient(two_nodes.dashboard)
     # As a RayJob or `ray job submit --runtime-env-json` would: the job sets AWS_REGION itself,
     # which the driver's ray.init would set too (Ray refuses two values of one variable).
-    job = client.submit_job(entrypoint=f"{sys.executable} {probe}",
-                            runtime_env={"env_vars": {"AWS_REGION": "eu-test-1", "AWS_ENDPOINT_URL": "http://s3.test"}})
+    job = submit_once_an_agent_answers(client, entrypoint=f"{sys.executable} {probe}",
+                                       runtime_env={"env_vars": {"AWS_REGION": "eu-test-1", "AWS_ENDPOINT_URL": "http://s3.test"}})
     wait_for(lambda: client.get_job_status(job) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED},
              "the submitted job", timeout_s=240)
     logs = client.get_job_logs(job)

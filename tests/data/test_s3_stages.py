@@ -63,10 +63,10 @@ def ray_with_s3(s3_endpoint):
     ray.shutdown()
 
 
-def test_prepare_train_evaluate_register_from_s3_only(ray_with_s3, s3_endpoint, tmp_path, monkeypatch):
+def test_prepare_train_evaluate_register_from_s3_only(mlflow_store, ray_with_s3, s3_endpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="stages")
     params = write_project_params(tmp_path / "params", workers=1, checkpoints=tmp_path / "checkpoints")
     data = "s3://stages/prepared"
@@ -103,9 +103,9 @@ def damage_jpeg(shard: Path, sample: int, keep_mtime: bool = False) -> None:
 
 
 def test_a_damaged_shard_fails_training_once_with_shard_and_sample(
-    ray_with_s3, tmp_path, monkeypatch, prepared_builtin, capfd
+    mlflow_store, ray_with_s3, tmp_path, monkeypatch, prepared_builtin, capfd
 ):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     data = shutil.copytree(prepared_builtin, tmp_path / "data")
     damage_jpeg(data / "train/train-000002.tar", 1)  # sample 11: rank 1's share only (13 pairs, 2 workers)

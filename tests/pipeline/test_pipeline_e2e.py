@@ -6,6 +6,7 @@ would (a second `dvc repro` after the first, a param change after that).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from components.config.flatten import flatten
+from support.cli import LIBRARY_INTERNALS
 
 PROJECT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -56,6 +58,21 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     first = run(["dvc", "repro"], repo, env)
     assert {"prepare", "train", "evaluate", "register"} <= ran_stages(first.stdout)
+
+    # What the demo prints off a terminal (a CI log, `dvc repro > log`): one plain line per epoch
+    # with its rate and ETA, the MLflow run and the result; no colour codes, none of Ray's or
+    # MLflow's own lines.
+    printed = first.stdout + first.stderr
+    assert "\x1b[" not in printed
+    for internal in LIBRARY_INTERNALS:
+        assert internal not in printed, f"{internal!r} reached the console:\n{printed[-5000:]}"
+    epochs = yaml.safe_load((repo / "params/train.yaml").read_text())["epochs"]
+    epoch_lines = [line for line in printed.splitlines() if re.search(rf"\bepoch \d+/{epochs} \|", line)]
+    assert len(epoch_lines) == epochs, printed[-5000:]
+    for number, line in enumerate(epoch_lines, start=1):
+        assert re.search(rf"epoch {number}/{epochs} \| [\d.]+ s \| [\d.]+ images/s \| ETA \d+:\d\d \| loss G ", line), line
+    assert re.search(r"MLflow: sqlite:.*, experiment 'pairgan', run 'pix2pix [0-9a-f]{8} #1'", printed), printed[-5000:]
+    assert f"trained {epochs} epochs" in printed
 
     register_report = json.loads((repo / "reports/register.json").read_text())
     assert register_report["promoted"] is True  # the first model ever becomes champion
@@ -100,7 +117,6 @@ def test_dvc_repro_end_to_end(tmp_path):
         "Adversarial losses per epoch", "Generator L1 loss per epoch", "Discriminator health per epoch",
         "Test PSNR per image", "Test SSIM per image", "reports/evaluate/samples.png",
     } | ({"Validation PSNR per epoch"} if validated else set())
-    epochs = yaml.safe_load((repo / "params/train.yaml").read_text())["epochs"]
     assert len((repo / "reports/train_curves.csv").read_text().splitlines()) == 1 + epochs
 
     run(["git", "add", "-A"], repo, env)

@@ -76,8 +76,9 @@ CARD = TranslatorCard(nfe=1, supports_guidance=False, guidance_weight=None, chan
 
 
 @pytest.fixture
-def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(mlflow_store):
+    """Each registry test starts from a new, empty store."""
+    return mlflow_store
 
 
 def register(store, translator, params=None, card=CARD, scorer=score, **options):

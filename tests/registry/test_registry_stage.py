@@ -31,8 +31,8 @@ def register(project, store, monkeypatch, train_report="reports/train.json", out
                     "--evaluation", str(project / "reports/evaluate"), "--out", str(project / out)])
 
 
-def test_first_registration_is_champion_and_a_rerun_keeps_it(project, tmp_path, monkeypatch):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_first_registration_is_champion_and_a_rerun_keeps_it(mlflow_store, project, tmp_path, monkeypatch):
+    store = mlflow_store
     assert register(project, store, monkeypatch) == 0
     first = json.loads((project / "reports/register.json").read_text())
     assert first["promoted"] is True and first["decision"] == "first_champion" and first["version"] == 1
@@ -103,13 +103,13 @@ def test_set_level_gate_metric_is_a_params_error_naming_the_key(project, tmp_pat
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_tags_hold_the_gates_own_scores_not_a_faked_evaluation_report(project, tmp_path, monkeypatch, caplog):
+def test_tags_hold_the_gates_own_scores_not_a_faked_evaluation_report(mlflow_store, project, tmp_path, monkeypatch, caplog):
     faked = tmp_path / "evaluate"
     shutil.copytree(project / "reports/evaluate", faked)
     metrics = json.loads((faked / "metrics.json").read_text())
     metrics["psnr"] = 99.0
     (faked / "metrics.json").write_text(json.dumps(metrics))
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert pairgan(["register", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
                     "--model", str(project / "models/generator.pt"), "--train-report", str(project / "reports/train.json"),
@@ -122,8 +122,8 @@ def test_tags_hold_the_gates_own_scores_not_a_faked_evaluation_report(project, t
     assert "says psnr 99, the registered model scores" in caplog.text
 
 
-def test_evaluate_logs_its_metrics_to_the_run_that_trained_the_model(project, tmp_path, monkeypatch):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_evaluate_logs_its_metrics_to_the_run_that_trained_the_model(mlflow_store, project, tmp_path, monkeypatch):
+    store = mlflow_store
     client = mlflow.MlflowClient(tracking_uri=store)
     run_id = client.create_run(client.create_experiment("training")).info.run_id
     write_train_report(tmp_path / "train.json", mlflow_run_id=run_id)
@@ -140,9 +140,9 @@ def test_evaluate_logs_its_metrics_to_the_run_that_trained_the_model(project, tm
                          "evaluation/samples.png"}
 
 
-def test_evaluate_warns_and_succeeds_when_the_training_run_is_not_in_the_store(project, tmp_path, monkeypatch, caplog):
+def test_evaluate_warns_and_succeeds_when_the_training_run_is_not_in_the_store(mlflow_store, project, tmp_path, monkeypatch, caplog):
     write_train_report(tmp_path / "train.json", mlflow_run_id="0123456789abcdef0123456789abcdef")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     assert pairgan(["evaluate", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
                     "--model", str(project / "models/generator.pt"), "--train-report", str(tmp_path / "train.json"),
                     "--out", str(tmp_path / "evaluate")]) == 0
@@ -150,15 +150,15 @@ def test_evaluate_warns_and_succeeds_when_the_training_run_is_not_in_the_store(p
     assert "evaluation not logged to MLflow: MLflow run 0123456789abcdef0123456789abcdef is not in" in caplog.text
 
 
-def test_guided_ddgan_registers_and_loads_with_its_guidance(project, tmp_path, monkeypatch):
+def test_guided_ddgan_registers_and_loads_with_its_guidance(mlflow_store, project, tmp_path, monkeypatch):
     from support.evaluation_fixtures import DDGAN_GUIDED
 
     write_generator(project / "models/ddgan.pt", DDGAN_GUIDED)
     args = ["--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
             "--model", str(project / "models/ddgan.pt"), "--train-report", str(project / "reports/train.json")]
     assert pairgan(["evaluate", *args, "--out", str(tmp_path / "evaluate")]) == 0
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     assert pairgan(["register", *args, "--evaluation", str(tmp_path / "evaluate"), "--out", str(tmp_path / "register.json")]) == 0
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store)
     info = mlflow.models.get_model_info("models:/pairgan-generator@champion")
     assert info.metadata["pairgan"]["nfe"] == 4 and info.metadata["pairgan"]["guidance_weight"] == 0.5

@@ -31,10 +31,10 @@ score = partial(scaled_score, size=SIZE, pairs=8)
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(mlflow_store, tmp_path, monkeypatch):
     """Versions 1 (factor 0.3) and 2 (0.45, the better one: champion) of `facades`; the params folder."""
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = tmp_path / "params"
     params.mkdir()

@@ -7,6 +7,22 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]
 
+# What a person must not see in `pairgan train`'s output (Ray's and MLflow's own lines).
+LIBRARY_INTERNALS = [
+    "TrainingReport(",  # Ray Train's echo of every ray.train.report
+    "Checkpoint successfully created",
+    "Failed to query Ray Train Controller",  # the placement group cleaner, without a dashboard
+    "core_worker.cc",
+    "Started a local Ray instance",
+    "Requesting resources",
+    "Setting up process group",
+    "Wrapping provided model",
+    "mlflow.system_metrics",
+    "Creating initial MLflow database tables",
+    "broadcast_buffers",
+    "(RayTrainWorker pid=",
+]
+
 
 def run_pairgan_train(params: Path, data: Path, out: Path, extra_env: dict[str, str] | None = None,
                       ) -> subprocess.CompletedProcess:

@@ -1,13 +1,14 @@
-"""What a person reads while `pairgan train` runs: one line per epoch, progress in long epochs, no noise."""
+"""What a person reads while `pairgan train` runs: one line per epoch, progress in long epochs, no noise.
+
+What a real `pairgan train` prints off a terminal is checked on the demo, in
+tests/pipeline/test_pipeline_e2e.py.
+"""
 
 import logging
-import re
 
 import pytest
 
 from components.console import EPOCH_LINE_FIELDS, EpochField, StepProgress, epoch_line, format_duration
-from support.cli import run_pairgan_train
-from support.params import write_shipped
 
 # --- the epoch line and the progress lines -------------------------------------------
 
@@ -109,47 +110,3 @@ def test_on_a_terminal_the_steps_go_to_a_bar_that_is_closed_after_the_epoch(capl
     assert [(bar.description, bar.total, bar.done, bar.closed) for bar in bars] == [
         ("epoch 1/2", 5, 5, True), ("epoch 2/2", 5, 5, True)]
     assert caplog.records == []  # the bar replaces the periodic lines
-
-
-# --- a real `pairgan train`, its output a pipe as under CI or `dvc repro > log` -------
-
-RAY_INTERNALS = [
-    "TrainingReport(",  # Ray Train's echo of every ray.train.report
-    "Checkpoint successfully created",
-    "Failed to query Ray Train Controller",  # the placement group cleaner, without a dashboard
-    "core_worker.cc",
-    "Started a local Ray instance",
-    "Requesting resources",
-    "Setting up process group",
-    "Wrapping provided model",
-    "mlflow.system_metrics",
-    "Creating initial MLflow database tables",
-    "broadcast_buffers",
-    "(RayTrainWorker pid=",
-]
-
-
-@pytest.mark.slow
-def test_train_output_off_a_terminal_is_one_plain_line_per_epoch(tmp_path, prepared_builtin):
-    params = tmp_path / "params"
-    write_shipped(params, "model", method={"generator": {"ngf": 8, "max_multiplier": 2},
-                                           "discriminator": {"ndf": 8, "n_layers": 2}})
-    write_shipped(params, "train", epochs=2, batch_size=2,
-                  run={"storage_path": str(tmp_path / "checkpoints"), "scaling": {"use_gpu": False},
-                       "tracking": {"sample_grid_every_epochs": 0, "system_metrics": True}})
-    write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})  # the data's 32 px
-
-    result = run_pairgan_train(params, prepared_builtin, tmp_path)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-
-    assert "\x1b[" not in output  # no colour codes in a file or a pipe
-    for internal in RAY_INTERNALS:
-        assert internal not in output, f"{internal!r} reached the console:\n{output}"
-    epoch_lines = [line for line in output.splitlines() if re.search(r"\bepoch \d+/2 \|", line)]
-    assert len(epoch_lines) == 2, output
-    for number, line in enumerate(epoch_lines, start=1):
-        assert re.search(rf"epoch {number}/2 \| [\d.]+ s \| [\d.]+ images/s \| ETA \d+:\d\d \| loss G ", line), line
-    # What is left is ours: the MLflow run, the Ray job, the epochs and the result.
-    assert re.search(r"MLflow: sqlite:.*, experiment 'pairgan', run 'pix2pix [0-9a-f]{8} #1'", output), output
-    assert "trained 2 epochs" in output

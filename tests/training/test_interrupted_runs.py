@@ -3,7 +3,6 @@ as FAILED and removes the checkpoint folders Ray no longer tracks; runs are name
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,13 +27,14 @@ from components.tracking import (
 from components.training.report import read_train_report
 from components.training.run_folder import SNAPSHOT_FILE, remove_unlisted_checkpoints
 from support.params import shipped_yaml, write_shipped
+from support.process_trees import kill_every_process_marked, marked
 
 PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def tracking(tmp_path) -> tuple[str, MlflowClient, str]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking(mlflow_store, tmp_path) -> tuple[str, MlflowClient, str]:
+    uri = mlflow_store
     client = MlflowClient(tracking_uri=uri)
     return uri, client, client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
 
@@ -126,7 +126,7 @@ def test_a_run_whose_training_process_still_runs_here_is_left_alone(tracking):
     assert client.get_run(running).info.status == "RUNNING"
 
 
-def test_train_refuses_a_run_folder_another_live_training_is_using(tmp_path, prepared_builtin, monkeypatch, capsys):
+def test_train_refuses_a_run_folder_another_live_training_is_using(mlflow_store, tmp_path, prepared_builtin, monkeypatch, capsys):
     from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -134,7 +134,7 @@ def test_train_refuses_a_run_folder_another_live_training_is_using(tmp_path, pre
     write_shipped(params, "model", method={"generator": {"ngf": 8}, "discriminator": {"ndf": 8}})
     write_shipped(params, "train", run={"name": "job", "storage_path": str(tmp_path / "checkpoints")})
     write_shipped(params, "data", image_size=32)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_store)
     experiment_id = client.create_experiment("pairgan", artifact_location=(tmp_path / "artifacts").as_uri())
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -215,7 +215,7 @@ def test_unlisted_checkpoints_are_removed_from_s3_storage(tmp_path, s3_endpoint,
 
 
 @pytest.mark.slow
-def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(tmp_path, prepared_builtin):
+def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(mlflow_store, tmp_path, prepared_builtin):
     storage = tmp_path / "checkpoints"
     params = tmp_path / "params"
     params.mkdir()
@@ -239,20 +239,21 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     # Far more epochs than it will get: killed, with everything it started, once Ray lists a checkpoint.
     write_train(epochs=1000)
     log = (tmp_path / "killed.log").open("w")
-    killed = subprocess.Popen([*command[:3], "--verbose", *command[3:]], cwd=tmp_path, env=env, stdout=log,
+    killed_env, tree = marked(env)
+    killed = subprocess.Popen([*command[:3], "--verbose", *command[3:]], cwd=tmp_path, env=killed_env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     snapshot = storage / "job" / SNAPSHOT_FILE
     deadline = time.monotonic() + 300
     while not (snapshot.exists() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
         assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
         time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)
+    kill_every_process_marked(tree)
     killed.wait()
     log.close()
     # --verbose shows what Ray Train says about itself.
     assert "Setting up process group" in (tmp_path / "killed.log").read_text()
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_store)
     [interrupted] = client.search_runs(client.get_experiment_by_name("pairgan").experiment_id)
     assert interrupted.info.status == "RUNNING" and interrupted.info.run_name.endswith(" #1")
     # What a kill during an upload leaves: a checkpoint folder Ray's list does not name.
@@ -260,9 +261,9 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     orphan.mkdir()
     (orphan / "state.pt").write_bytes(b"half-written")
 
-    # The next start, with epochs set to those of the newest checkpoint written (Ray's own
-    # processes may still record one after the kill), so that it resumes at or before it and
-    # finishes within an epoch or two (an unfinished run may not be cut below what it trained).
+    # The next start, with epochs set to those of the newest checkpoint written (a checkpoint
+    # Ray had not listed yet may be among them), so that it resumes at or before it and finishes
+    # within an epoch or two (an unfinished run may not be cut below what it trained).
     written = [json.loads(info.read_text())["epoch"] for info in (storage / "job").glob("checkpoint_*/checkpoint.json")]
     write_train(epochs=max(written))
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

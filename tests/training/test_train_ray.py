@@ -172,9 +172,9 @@ def record_steps(rank: int, step: int, *, log: str) -> None:
 
 
 def test_two_workers_train_atme_with_ddp_checkpoints_in_s3_export_and_mlflow(
-    ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, s3_endpoint
+    mlflow_store, ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, s3_endpoint
 ):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pairgan-runs")
@@ -222,10 +222,10 @@ def test_two_workers_train_atme_with_ddp_checkpoints_in_s3_export_and_mlflow(
     assert not any("password" in key.lower() or "secret" in key.lower() for key in run.data.params)
 
 
-def test_a_killed_worker_recovers_from_the_last_checkpoint(ray_local, tmp_path, prepared_builtin):
+def test_a_killed_worker_recovers_from_the_last_checkpoint(mlflow_store, ray_local, tmp_path, prepared_builtin):
     from components.tracking import start_job_run
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store
     storage = tmp_path / "checkpoints"
     train = train_params(storage, epochs=4, run={"checkpoint": {"every_epochs": 2, "num_to_keep": 2}})
     # Killed in epoch 4, after the checkpoint of epoch 2 (epoch 3 was trained but not saved).
@@ -243,11 +243,11 @@ def test_a_killed_worker_recovers_from_the_last_checkpoint(ray_local, tmp_path, 
 
 
 def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
-    ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, capsys
+    mlflow_store, ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, capsys
 ):
     from ray.train import TrainingFailedError
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     storage = tmp_path / "checkpoints"
     train = train_params(storage, epochs=4, run={"max_failures": 0})
@@ -291,9 +291,9 @@ def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
 
 
 def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(
-    ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, capfd
+    mlflow_store, ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, capfd
 ):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     # Any D loss is below this floor: the detector fires at the first check on every rank.
     train = train_params(tmp_path / "checkpoints", epochs=3,

@@ -64,8 +64,8 @@ def test_a_missing_or_foreign_report_is_named(tmp_path):
         read_train_report(tmp_path / "train.json")
 
 
-def test_epoch_history_has_one_row_per_epoch_the_later_value_of_a_retrained_epoch_and_no_system_metrics(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_epoch_history_has_one_row_per_epoch_the_later_value_of_a_retrained_epoch_and_no_system_metrics(mlflow_store, tmp_path):
+    uri = mlflow_store
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("curves")).info.run_id
     now = int(time.time() * 1000)

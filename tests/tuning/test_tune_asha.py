@@ -75,14 +75,14 @@ def one_cpu_cluster():
 EPOCHS = 6
 
 
-def test_asha_stops_a_weak_trial_on_the_cluster_and_frees_its_resources(tmp_path, one_cpu_cluster):
+def test_asha_stops_a_weak_trial_on_the_cluster_and_frees_its_resources(mlflow_store, tmp_path, one_cpu_cluster):
     # 6 epochs of 12 steps: a stop asked for after epoch 1 reaches the workers well before the
     # end, also on a busy machine (with 3, a late stop could find the trial finished).
     write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "trial": {"epochs": EPOCHS},
                              "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2.0},
                              "space": {LR: {"choice": [2.0e-4, 1.0e-9, 1.0e-4]}}}, train_pairs=24)
     environment = {**os.environ, "RAY_ADDRESS": one_cpu_cluster, "RAY_AUTH_MODE": "disabled",
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "MLFLOW_TRACKING_URI": mlflow_store,
                    "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
 
     result = subprocess.run([sys.executable, "-m", "pipelines.cli", *tune_args(tmp_path)], cwd=tmp_path,

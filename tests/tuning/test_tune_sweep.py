@@ -2,14 +2,14 @@
 
 The trials train the small built-in set at 32 px with a 1-worker Ray Train run each, two
 trials at a time; a trial is forced to diverge by a health threshold that fires at its first
-check. The resume test runs `pairgan tune` as a real process, kills it with SIGKILL while its
-second trial trains, and runs the same command again.
+check. One sweep of three trials, run as a real process, is killed with SIGKILL while its third
+trial trains, and the same command is run again: one story, as a user would meet it (ASHA is
+tests/tuning/test_tune_asha.py).
 """
 
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,75 +24,40 @@ from components.tuning.outcomes import merged_history
 from components.tuning.sweep import TRAIN_RUNS, trial_records
 from components.tuning.tracking import TAG_PARENT, TAG_SWEEP_TRIAL
 from pipelines.cli import main as pairgan
+from support.process_trees import kill_every_process_marked, marked
 from support.sweeps import PROJECT, sweep_runs, tune_args, write_project
 
 pytestmark = pytest.mark.slow
 
 FLOOR = "train.health.d_loss_floor"
-EPOCHS = 6  # of the resume test's trials
+EPOCHS = 6  # of the sweep story's trials
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+def test_the_trials_train_runs_and_the_compile_cache_live_under_the_sweeps_storage(mlflow_store, tmp_path, monkeypatch):
+    """What the trials are handed (no Ray started: the sweep is stopped where it would begin)."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
-    yield
-    ray.shutdown()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    write_project(tmp_path, {"space": {FLOOR: {"choice": [0.001, 0.002]}}})
+    plans = []
 
+    class Planned(Exception):
+        pass
 
-def test_a_sweep_of_three_trials_with_one_diverging(ray_local, tmp_path, monkeypatch):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    # A D loss below 1000 for one step is "D has won": that trial diverges at its first check.
-    write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "max_concurrent_trials": 2,
-                             "fixed": {"train.health.check_interval": 1, "train.health.patience_steps": 1,
-                                       "train.health.stop_on_perfect_d": False},
-                             "space": {FLOOR: {"choice": [0.001, 0.002, 1000.0]}}})
+    def capture(tune, plan, *rest):
+        plans.append(plan)
+        raise Planned
 
-    plans = []  # what the trials are handed
-    run_sweep = sweep.run_sweep
-    monkeypatch.setattr(sweep, "run_sweep", lambda tune, plan, *rest: plans.append(plan) or run_sweep(tune, plan, *rest))
-
-    assert pairgan(tune_args(tmp_path)) == 0
+    monkeypatch.setattr(sweep, "run_sweep", capture)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(Planned):
+        pairgan(tune_args(tmp_path))
 
     (plan,) = plans
     storage = plan.train_storage.removesuffix(f"/{plan.sweep_id}/{TRAIN_RUNS}")
-    assert Path(storage).is_relative_to(tmp_path)
+    assert storage == str(tmp_path / "sweeps")  # tune.yaml's run.storage_path
     assert plan.compile_cache == f"{storage}/compile-cache"  # shared by the trials and the next sweeps
-    reports = tmp_path / "reports/tune"
-    with (reports / "results.csv").open() as table:
-        rows = {float(row[FLOOR]): row for row in csv.DictReader(table)}
-    assert {floor: row["outcome"] for floor, row in rows.items()} == {0.001: "finished", 0.002: "finished", 1000.0: "diverged"}
-    assert "discriminator loss stayed below 1000.0" in rows[1000.0]["reason"]
-    assert rows[0.001]["epochs"] == "2" and float(rows[0.001]["val/psnr last"]) > 0
-    summary = json.loads((reports / "summary.json").read_text())
-    assert (summary["finished"], summary["stopped"], summary["diverged"], summary["failed"]) == (2, 0, 1, 0)
-    best = yaml.safe_load((reports / "best_params.yaml").read_text())
-    assert best["model.yaml"]["method.diffusion_gan.t_max"] == 50  # the fixed values are part of the result
-    assert best["train.yaml"]["health.d_loss_floor"] in (0.001, 0.002)
-    assert (reports / "metric_vs_params.png").read_bytes().startswith(b"\x89PNG")
-
-    client, parents, children = sweep_runs(tracking_uri)
-    (parent,) = parents
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_diverged"] == 1
-    assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {
-        "results.csv", "metric_vs_params.png", "best_params.yaml", "summary.json"}
-    assert len(children) == 3 and {child.data.tags[TAG_PARENT] for child in children} == {parent.info.run_id}
-    by_floor = {float(child.data.params[FLOOR]): child for child in children}
-    for floor in (0.001, 0.002):
-        child = by_floor[floor]
-        assert child.info.status == "FINISHED" and child.data.tags[TAG_OUTCOME] == "finished"
-        assert child.data.params["model.method.diffusion_gan.t_max"] == "50"
-        # every epoch of both trials that ran side by side is in its own run
-        history = client.get_metric_history(child.info.run_id, "val/psnr")
-        assert sorted(point.step for point in history) == [1, 2]
-        assert "sweep/score" in child.data.metrics
-    diverged = by_floor[1000.0]
-    assert diverged.info.status == "FAILED" and diverged.data.tags[TAG_OUTCOME] == "diverged"
-    assert diverged.data.tags[TAG_SWEEP_TRIAL] == rows[1000.0]["trial"]
 
 
 def experiment_state(folder: Path) -> dict[str, str]:
@@ -123,22 +88,33 @@ def checkpointed_epoch(train_run: Path) -> int:
     return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
 
 
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    environment = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+def folder_names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_sweep_with_a_diverging_trial_killed_mid_trial_resumes_without_rerunning_ended_trials(mlflow_store, tmp_path):
+    tracking_uri = mlflow_store
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
                    "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
                    # Tune saves the sweep's state every 10 s or more by default, longer than the
-                   # second trial may take here: every second, the kill below finds it mid-run.
+                   # last trial may take here: every second, the kill below finds it mid-run.
                    "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    # One trial at a time; 40 pairs and 6 epochs give the second trial time to be killed mid-run.
-    write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "max_concurrent_trials": 1,
+    # Two trials at a time, in the grid's order: a D loss below 1000 for one step is "D has won",
+    # so the first trial diverges at its first check while the second trains; the third starts
+    # in its place. 40 pairs and 6 epochs give the third time to be killed mid-run.
+    write_project(tmp_path, {"search": {"algorithm": "grid", "seed": 0}, "num_samples": 1, "max_concurrent_trials": 2,
                              "trial": {"epochs": EPOCHS}, "scheduler": {"kind": "none"},
-                             "space": {FLOOR: {"choice": [0.001, 0.002]}}}, train_pairs=40)
+                             "fixed": {"train.health.check_interval": 1, "train.health.patience_steps": 1,
+                                       "train.health.stop_on_perfect_d": False},
+                             "space": {FLOOR: {"choice": [1000.0, 0.001, 0.002]}}}, train_pairs=40)
     command = [sys.executable, "-m", "pipelines.cli", *tune_args(tmp_path)]
     log = (tmp_path / "first.log").open("w")
-    # Its own process group: SIGKILL reaches the driver and the local Ray it started, nothing else.
-    first = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=log, stderr=subprocess.STDOUT,
+    # Marked: the SIGKILL below reaches the driver and every process of the local Ray it started
+    # (as a machine's crash would), nothing else.
+    first_environment, tree = marked(environment)
+    first = subprocess.Popen(command, cwd=tmp_path, env=first_environment, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
-    finished, running = None, None
+    ended, running = [], None
     deadline = time.monotonic() + 400
     try:
         while time.monotonic() < deadline and first.poll() is None:
@@ -146,24 +122,23 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
             states = experiment_state(folders[0]) if folders else {}
             done = [trial for trial, status in states.items() if status == "TERMINATED"]
             others = [trial for trial in states if trial not in done]
-            # Killed once the first trial is recorded as finished and the second has a registered
+            # Killed once two trials are recorded as ended and the third has a registered
             # checkpoint before its last epoch and a result in the sweep's folder.
-            if (len(done) == 1 and others
+            if (len(done) == 2 and others
                     and 1 <= checkpointed_epoch(folders[0] / "train_runs" / others[0]) < EPOCHS
                     and reported_epochs(folders[0] / others[0])):
-                finished, running = done[0], others[0]
+                ended, running = done, others[0]
                 break
             time.sleep(0.05)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        kill_every_process_marked(tree)
         first.wait(timeout=60)
         log.close()
-    assert finished is not None, "the sweep was not caught between its trials:\n" + (tmp_path / "first.log").read_text()[-3000:]
-    sweep = folders[0]
-    finished_results = (sweep / finished / "result.json").read_bytes()
-    finished_checkpoints = sorted(path.name for path in (sweep / "train_runs" / finished).iterdir())
-    killed_at = checkpointed_epoch(sweep / "train_runs" / running)
+    assert running is not None, "the sweep was not caught in its last trial:\n" + (tmp_path / "first.log").read_text()[-3000:]
+    sweep_folder = folders[0]
+    ended_results = {trial: (sweep_folder / trial / "result.json").read_bytes() for trial in ended}
+    ended_checkpoints = {trial: folder_names(sweep_folder / "train_runs" / trial) for trial in ended}
+    killed_at = checkpointed_epoch(sweep_folder / "train_runs" / running)
     assert 1 <= killed_at < EPOCHS
 
     second = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
@@ -173,23 +148,51 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert "resuming the sweep" in second.stdout + second.stderr
     assert "Configuration for experiment" not in second.stdout + second.stderr
     assert "tensorboard" not in (second.stdout + second.stderr).lower()
-    # The finished trial was not run again: no new result, no new checkpoint.
-    assert (sweep / finished / "result.json").read_bytes() == finished_results
-    assert sorted(path.name for path in (sweep / "train_runs" / finished).iterdir()) == finished_checkpoints
+    # The ended trials, the finished and the diverged, were not run again: no new result, no new checkpoint.
+    for trial in ended:
+        assert (sweep_folder / trial / "result.json").read_bytes() == ended_results[trial]
+        assert folder_names(sweep_folder / "train_runs" / trial) == ended_checkpoints[trial]
     # The interrupted one resumed its training run from its latest checkpoint (no epoch trained
     # twice before it) and finished; the sweep's record of it has every epoch.
-    resumed_epochs = reported_epochs(sweep / running)
+    resumed_epochs = reported_epochs(sweep_folder / running)
     assert resumed_epochs[-1] == EPOCHS and min(resumed_epochs) > killed_at, resumed_epochs
-    records = {record.trial_id: record for record in trial_records(str(sweep))}
+    records = {record.trial_id: record for record in trial_records(str(sweep_folder))}
     history = sorted(merged_history(records[running].results))
     assert history[0] == 1 and history[-1] == EPOCHS, history
-    summary = json.loads((tmp_path / "reports/tune/summary.json").read_text())
-    assert (summary["trials"], summary["finished"], summary["unfinished"]) == (2, 2, 0)
-    # One parent run for the sweep, used by both commands; both children closed, each epoch logged once.
-    client, parents, children = sweep_runs(environment["MLFLOW_TRACKING_URI"])
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(child.data.tags[TAG_SWEEP_TRIAL] for child in children) == sorted([finished, running])
-    assert {child.info.status for child in children} == {"FINISHED"}
-    (resumed,) = [child for child in children if child.data.tags[TAG_SWEEP_TRIAL] == running]
-    steps = sorted(point.step for point in client.get_metric_history(resumed.info.run_id, "val/psnr"))
-    assert steps[0] == 1 and steps.count(1) == 1 and steps[-1] == EPOCHS, steps
+
+    # The sweep's files: each trial's outcome, the best of the finished ones with the fixed values.
+    reports = tmp_path / "reports/tune"
+    with (reports / "results.csv").open() as table:
+        rows = {float(row[FLOOR]): row for row in csv.DictReader(table)}
+    assert {floor: row["outcome"] for floor, row in rows.items()} == {0.001: "finished", 0.002: "finished", 1000.0: "diverged"}
+    assert rows[0.002]["trial"] == running and {rows[0.001]["trial"], rows[1000.0]["trial"]} == set(ended)
+    assert "discriminator loss stayed below 1000.0" in rows[1000.0]["reason"]
+    assert rows[0.001]["epochs"] == str(EPOCHS) and float(rows[0.001]["val/psnr last"]) > 0
+    summary = json.loads((reports / "summary.json").read_text())
+    assert (summary["trials"], summary["finished"], summary["stopped"], summary["diverged"], summary["failed"],
+            summary["unfinished"]) == (3, 2, 0, 1, 0, 0)
+    best = yaml.safe_load((reports / "best_params.yaml").read_text())
+    assert best["model.yaml"]["method.diffusion_gan.t_max"] == 50  # the fixed values are part of the result
+    assert best["train.yaml"]["health.d_loss_floor"] in (0.001, 0.002)
+    assert (reports / "metric_vs_params.png").read_bytes().startswith(b"\x89PNG")
+
+    # One parent run for the sweep, used by both commands, with the sweep's files; a child per
+    # trial, each closed, each epoch logged once in its own run (two trials ran side by side).
+    client, parents, children = sweep_runs(tracking_uri)
+    (parent,) = parents
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_diverged"] == 1
+    assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {
+        "results.csv", "metric_vs_params.png", "best_params.yaml", "summary.json"}
+    assert len(children) == 3 and {child.data.tags[TAG_PARENT] for child in children} == {parent.info.run_id}
+    by_floor = {float(child.data.params[FLOOR]): child for child in children}
+    assert {floor: child.data.tags[TAG_SWEEP_TRIAL] for floor, child in by_floor.items()} == {
+        floor: row["trial"] for floor, row in rows.items()}
+    for floor in (0.001, 0.002):
+        child = by_floor[floor]
+        assert child.info.status == "FINISHED" and child.data.tags[TAG_OUTCOME] == "finished"
+        assert child.data.params["model.method.diffusion_gan.t_max"] == "50"
+        assert "sweep/score" in child.data.metrics
+        steps = sorted(point.step for point in client.get_metric_history(child.info.run_id, "val/psnr"))
+        assert steps == list(range(1, EPOCHS + 1)), (floor, steps)
+    diverged = by_floor[1000.0]
+    assert diverged.info.status == "FAILED" and diverged.data.tags[TAG_OUTCOME] == "diverged"
