@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,16 +84,21 @@ def two_nodes(s3_endpoint) -> Iterator[Cluster]:
     # Unix socket paths under the temp dir must stay short: not under pytest's tmp_path.
     temp_dirs = [Path(tempfile.mkdtemp(prefix="pg-head-")), Path(tempfile.mkdtemp(prefix="pg-node-"))]
     common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    # Each node's dashboard agent on a port of its own: Ray's default (52365) is one fixed port,
+    # which the other node's agent, or a local Ray another test starts, may hold first; the head's
+    # agent then serves no HTTP and the head refuses every job ("No available agent").
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dirs[0]}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--dashboard-agent-listen-port={free_port()}", *common],
         env=node_environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     nodes = [head]
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for(lambda: alive_nodes(dashboard) == 1, "the head node")
         nodes.append(subprocess.Popen(
-            [RAY, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}", *common],
+            [RAY, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}",
+             f"--dashboard-agent-listen-port={free_port()}", *common],
             env=node_environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         wait_for(lambda: alive_nodes(dashboard) == 2, "the second node")
         yield Cluster(f"127.0.0.1:{port}", dashboard, temp_dirs)
@@ -137,11 +141,11 @@ def files_holding(folders: list[Path], text: str) -> list[str]:
 
 
 def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_register_from_s3(
-    mlflow_store, two_nodes, s3_endpoint, tmp_path, monkeypatch
+    two_nodes, s3_endpoint, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="cluster")
     params = write_params(tmp_path / "params", checkpoints="s3://cluster/checkpoints")
     data = "s3://cluster/prepared"
@@ -227,22 +231,6 @@ print("SEEN " + json.dumps(ray.get(seen.remote())))
 '''
 
 
-def submit_once_an_agent_answers(client, timeout_s: float = 180, **job) -> str:
-    """Submit as a person retrying `ray job submit` would: the head refuses with "No available
-    agent" while its dashboard agent does not answer within 10 s (a busy machine), nothing else."""
-    submission_id = f"probe-{uuid.uuid4().hex}"  # a retry after a lost answer cannot start a second job
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return client.submit_job(submission_id=submission_id, **job)
-        except RuntimeError as refused:
-            if "already exists" in str(refused):
-                return submission_id
-            if "No available agent" not in str(refused) or time.monotonic() > deadline:
-                raise
-        time.sleep(2)
-
-
 def test_a_job_submitted_to_the_head_keeps_its_own_settings_and_gets_the_projects(two_nodes, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -251,8 +239,8 @@ def test_a_job_submitted_to_the_head_keeps_its_own_settings_and_gets_the_project
     client = JobSubmissionClient(two_nodes.dashboard)
     # As a RayJob or `ray job submit --runtime-env-json` would: the job sets AWS_REGION itself,
     # which the driver's ray.init would set too (Ray refuses two values of one variable).
-    job = submit_once_an_agent_answers(client, entrypoint=f"{sys.executable} {probe}",
-                                       runtime_env={"env_vars": {"AWS_REGION": "eu-test-1", "AWS_ENDPOINT_URL": "http://s3.test"}})
+    job = client.submit_job(entrypoint=f"{sys.executable} {probe}",
+                            runtime_env={"env_vars": {"AWS_REGION": "eu-test-1", "AWS_ENDPOINT_URL": "http://s3.test"}})
     wait_for(lambda: client.get_job_status(job) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED},
              "the submitted job", timeout_s=240)
     logs = client.get_job_logs(job)

@@ -63,10 +63,10 @@ def ray_with_s3(s3_endpoint):
     ray.shutdown()
 
 
-def test_prepare_train_evaluate_register_from_s3_only(mlflow_store, ray_with_s3, s3_endpoint, tmp_path, monkeypatch):
+def test_prepare_train_evaluate_register_from_s3_only(ray_with_s3, s3_endpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="stages")
     params = write_project_params(tmp_path / "params", workers=1, checkpoints=tmp_path / "checkpoints")
     data = "s3://stages/prepared"

@@ -48,7 +48,8 @@ def one_cpu_cluster():
     temp_dir = tempfile.mkdtemp(prefix="pairgan-ray-")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         f"--dashboard-agent-listen-port={free_port()}"],  # not Ray's fixed default, which another test's Ray may hold
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # no draining on SIGTERM: nothing to hand over when the test is done
         env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
