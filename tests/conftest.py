@@ -164,23 +164,17 @@ def _empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def new_mlflow_store(folder: Path, empty_store: Path) -> str:
-    """folder/mlflow.db, a new empty store (a copy of `empty_store`), as its tracking URI; its
-    Default experiment keeps artifacts in folder/mlruns/0, as a store made from folder would."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "mlflow.db"
-    shutil.copyfile(empty_store, path)
-    with sqlite3.connect(path) as database:
-        database.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                         (str(folder / "mlruns" / "0"),))
-    database.close()
-    return f"sqlite:///{path}"
-
-
 @pytest.fixture
 def mlflow_store(tmp_path: Path, _empty_mlflow_store: Path) -> str:
-    """The tracking URI of a new, empty MLflow store at tmp_path/mlflow.db."""
-    return new_mlflow_store(tmp_path, _empty_mlflow_store)
+    """A new, empty MLflow store at tmp_path/mlflow.db (a copy of the session's), as its tracking
+    URI; its Default experiment keeps artifacts in tmp_path/mlruns/0, as a store made there would."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_store, path)
+    with sqlite3.connect(path) as database:
+        database.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                         (str(tmp_path / "mlruns" / "0"),))
+    database.close()
+    return f"sqlite:///{path}"
 
 
 def _free_port() -> int:

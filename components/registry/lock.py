@@ -66,7 +66,10 @@ class RegistryLock:
                 f"A lock left by a process that died is removed by the next one after {self.stale_after_s:.0f} s.",
             )
         except MlflowException as error:
-            if error.error_code == "RESOURCE_ALREADY_EXISTS":
+            # Taken. MLflow's SQL store reads the holder's model to word its "already exists"
+            # error; a holder that releases in between turns that into "not found" (two
+            # registers at once met it): taken when we tried, free now, so try again.
+            if error.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 return False
             raise
         return True

@@ -125,3 +125,28 @@ def test_a_lock_whose_holder_was_killed_is_taken_over_after_it_goes_stale(mlflow
         lock.confirm()
         assert client.get_registered_model(lock_name(MODEL)).tags["pairgan.lock.token"] == lock.token
     assert client.search_registered_models(f"name='{lock_name(MODEL)}'") == []
+
+
+def test_a_lock_released_while_mlflow_words_its_already_exists_error_is_taken_on_the_next_try(mlflow_store, monkeypatch):
+    # What two registers at once met: the waiter's create fails on the unique name, MLflow's SQL
+    # store then reads the existing model to word the error, and the holder has just released
+    # it: "not found". Here the holder releases at exactly that moment.
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    holder = RegistryLock(client, MODEL, wait_s=0)
+    holder.acquire()
+    read_existing = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def release_first(store, name):
+        if name == lock_name(MODEL) and not released:
+            released.append(name)
+            holder.release()
+        return read_existing(store, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", release_first)
+    with RegistryLock(client, MODEL, wait_s=5, poll_s=0.1) as waiter:
+        assert released == [lock_name(MODEL)]  # the race happened
+        waiter.confirm()
+    assert client.search_registered_models(f"name='{lock_name(MODEL)}'") == []
