@@ -10,8 +10,8 @@ crashed worker: the rank that meets it records it in the box, and workers that f
 error recorded stop at once (`data_error_recorded`), whatever Ray's failure policy.
 
 torch is imported where it is used: the box's own Ray actor imports this module and nothing
-else of the project, and without torch it is a Python process of a few tens of MB started in
-a fraction of a second, not one of hundreds of MB and seconds of CPU on every job.
+else of the project, so on every job it is a plain Ray worker process, not one that spends
+seconds of CPU and hundreds of MB importing torch.
 """
 
 from __future__ import annotations
