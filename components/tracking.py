@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import psutil
-import torch
 
 from components.config.flatten import flatten
 from components.config.model import ATMEParams, DDGANParams, ModelParams, Pix2PixParams
-from components.evaluation.grid import sample_grid
 from components.redaction import redact_text, redact_uri
 
 if TYPE_CHECKING:
+    import torch
     from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
@@ -278,7 +277,9 @@ class EpochLogger:
         for start in range(0, len(items), 1000):
             self._client.log_batch(self._run_id, metrics=items[start : start + 1000])
 
-    def log_sample_grid(self, epoch: int, source: torch.Tensor, generated: torch.Tensor, target: torch.Tensor) -> None:
+    def log_sample_grid(self, epoch: int, source: "torch.Tensor", generated: "torch.Tensor", target: "torch.Tensor") -> None:
+        from components.evaluation.grid import sample_grid  # torch: only the processes that draw grids import it
+
         grid = sample_grid(list(zip(source, generated, target, strict=True)))
         self._client.log_image(self._run_id, grid, artifact_file=f"samples/epoch_{epoch:04d}.png")
 

@@ -13,22 +13,49 @@ from types import ModuleType
 
 from components.config import ParamsError
 from components.console import LOG_DATE_FORMAT, LOG_FORMAT
-from pipelines import builtin_data, environment, evaluate, predict, prepare, register, retrain, rollback, train, tune
+from pipelines import environment
 from pipelines.exit_status import ExitStatus
 
-# name -> module with `add_arguments(parser)` and `run(args) -> int`, listed explicitly so a
-# reader sees every stage here (no discovery by string).
-STAGES: dict[str, ModuleType] = {
-    "builtin-data": builtin_data,
-    "prepare": prepare,
-    "train": train,
-    "tune": tune,
-    "evaluate": evaluate,
-    "register": register,
-    "rollback": rollback,
-    "retrain": retrain,
-    "predict": predict,
+# Every stage, with what `pairgan --help` says of it: the first line of its module's doc (a test
+# checks they agree). A stage's module is imported only when it runs or shows its own help, in
+# `stage_module`: most of them import torch, which `pairgan prepare`, `pairgan --help` or a
+# params error need not wait for.
+STAGES: dict[str, str] = {
+    "builtin-data": "Stage builtin-data: write the built-in example pairs (edge map | photo) as a pix2pix folder.",
+    "prepare": "Stage prepare: turn paired images (folder, A/B folders, s3://, or the built-in set) into WebDataset shards.",
+    "train": "Stage train: train the method of params/model.yaml on the prepared shards with Ray Train, tracked in MLflow.",
+    "tune": "Stage tune: a Ray Tune sweep over params/model.yaml and params/train.yaml, as params/tune.yaml says.",
+    "evaluate": "Stage evaluate: score the trained generator on the held-out split.",
+    "register": "Stage register: log the generator to MLflow, register it as `challenger`, and gate `champion`.",
+    "rollback": "Move @champion back to an earlier registered version and record why.",
+    "retrain": "Retrain when there is something new: the one command every scheduler runs (CronJob, systemd timer, cron).",
+    "predict": "Translate a folder of source images with a registered or saved generator.",
 }
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of stage `name`: `add_arguments(parser)` and `run(args) -> int`."""
+    if name == "builtin-data":
+        from pipelines import builtin_data as module
+    elif name == "prepare":
+        from pipelines import prepare as module
+    elif name == "train":
+        from pipelines import train as module
+    elif name == "tune":
+        from pipelines import tune as module
+    elif name == "evaluate":
+        from pipelines import evaluate as module
+    elif name == "register":
+        from pipelines import register as module
+    elif name == "rollback":
+        from pipelines import rollback as module
+    elif name == "retrain":
+        from pipelines import retrain as module
+    elif name == "predict":
+        from pipelines import predict as module
+    else:
+        raise KeyError(f"no stage {name!r}")
+    return module
 
 
 VERBOSE_HELP = "also show what the libraries underneath say (Ray's internals, MLflow), and debug lines"
@@ -41,14 +68,25 @@ def _version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_stage(argv: list[str]) -> str | None:
+    """The stage a command line names: its first word that is not an option (the top-level
+    options take no values), if that is a stage."""
+    first_word = next((word for word in argv if not word.startswith("-")), None)
+    return first_word if first_word in STAGES else None
+
+
+def build_parser(stage: str | None) -> argparse.ArgumentParser:
+    """The whole command line; only `stage`'s own arguments are added (the others' modules stay unimported)."""
     parser = argparse.ArgumentParser(prog="pairgan", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pairgan {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for name, module in STAGES.items():
-        doc = (module.__doc__ or name).strip()
-        stage_parser = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
+    for name, summary in STAGES.items():
+        if name != stage:
+            commands.add_parser(name, help=summary, description=summary)
+            continue
+        module = stage_module(name)
+        stage_parser = commands.add_parser(name, help=summary, description=module.__doc__.strip())
         stage_parser.add_argument(
             "--params-dir", default="params", help="folder holding the stages' YAML params (default: params)"
         )
@@ -69,7 +107,8 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(requested_stage(argv)).parse_args(argv)
     configure_logging(args.verbose)
     environment.configure_process()
     try:

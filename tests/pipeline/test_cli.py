@@ -1,6 +1,7 @@
 """The `pairgan` console script as a user meets it."""
 
 import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import STAGES, build_parser
+from pipelines.cli import STAGES, build_parser, stage_module
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -19,22 +20,45 @@ def pairgan(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def test_top_level_help_lists_every_stage():
+def test_top_level_help_lists_every_stage_with_its_summary():
     result = pairgan("--help")
     assert result.returncode == 0
+    listed = " ".join(result.stdout.split())  # argparse wraps the summaries
     for name in STAGES:
-        assert name in result.stdout
+        first_words = " ".join(stage_module(name).__doc__.split(":")[0].split()[:3])
+        assert name in result.stdout and first_words in listed, (name, result.stdout)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_stage_has_help(stage, capsys):
+def test_every_stage_has_help_and_its_summary_is_its_modules(stage, capsys):
+    assert STAGES[stage] == stage_module(stage).__doc__.strip().splitlines()[0]
     # the parser the console script builds, in this process (the help above runs the script itself)
     with pytest.raises(SystemExit) as exited:
-        build_parser().parse_args([stage, "--help"])
+        build_parser(stage).parse_args([stage, "--help"])
     assert exited.value.code == 0
     shown = capsys.readouterr().out
     assert f"usage: pairgan {stage}" in shown and "--params-dir" in shown
     assert "placeholder" not in shown.lower()
+
+
+def test_only_the_stage_that_runs_is_imported_and_prepare_does_without_torch(tmp_path):
+    # `pairgan prepare`, `pairgan --help` and a bad params folder answer without importing
+    # torch (seconds of CPU); a stage's module is imported when that stage runs.
+    probe = (
+        "import json, sys\nfrom pipelines.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'pipelines'))))\n"
+    )
+
+    def imported(*argv: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=PROJECT, timeout=120)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    common = ["pipelines", "pipelines.cli", "pipelines.environment", "pipelines.exit_status"]
+    assert imported("--help") == common
+    assert imported("prepare", "--params-dir", str(tmp_path / "none")) == sorted([*common, "pipelines.prepare"])
+    trained = imported("train", "--params-dir", str(tmp_path / "none"))
+    assert "pipelines.train" in trained and "torch" in trained and "pipelines.prepare" not in trained
 
 
 def test_unknown_stage_is_a_usage_error():
@@ -64,4 +88,4 @@ def test_version_comes_from_the_installed_package():
 @pytest.mark.parametrize(("argv", "verbose"), [(["train"], False), (["-v", "train"], True), (["train", "--verbose"], True),
                                                (["--verbose", "evaluate", "-v"], True)])
 def test_verbose_is_accepted_before_or_after_the_stage(argv, verbose):
-    assert build_parser().parse_args(argv).verbose is verbose
+    assert build_parser("train" if "train" in argv else "evaluate").parse_args(argv).verbose is verbose
