@@ -50,6 +50,10 @@ PROCESS_SETTINGS = {
 }
 DVC_REMOTE_URL = "PAIRGAN_DVC_REMOTE_URL"
 START_WEIGHTS = "PAIRGAN_START_WEIGHTS"
+# Ray Train's preemption watcher follows node drains, which a one-machine Ray never has: an
+# actor process of its own per job, and Ray's core worker logs an error each time it is created.
+LOCAL_RAY_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 # Set by Ray in the driver of a submitted job: the job's own runtime_env, which ray.init merges with ours.
 _SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -119,7 +123,5 @@ def ray_console(console: ConsoleOptions, address: str) -> dict[str, str]:
     # start, does not answer), MLflow's info lines off.
     workers = {"RAY_LOGGER_LEVEL": "error", "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
     if address == "local":
-        # Ray Train's preemption watcher follows node drains, which a one-machine Ray never
-        # has, and Ray's core worker logs an error each time the watcher is created.
-        workers["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        workers.update(LOCAL_RAY_WORKER_ENV)
     return workers

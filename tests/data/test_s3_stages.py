@@ -22,6 +22,7 @@ from components.training.driver import run_training
 from components.training.job import TrainingJob
 from components.training.report import read_train_report
 from pipelines.cli import main as pairgan
+from pipelines.environment import LOCAL_RAY_WORKER_ENV
 from support.params import shipped, write_shipped
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,8 @@ def ray_with_s3(s3_endpoint):
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}})
+             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true",
+                                       **LOCAL_RAY_WORKER_ENV}})
     yield
     ray.shutdown()
 

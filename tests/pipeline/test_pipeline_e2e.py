@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from components.config.flatten import flatten
@@ -133,6 +134,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     third = run(["dvc", "repro"], repo, env)
     assert "prepare" not in ran_stages(third.stdout)
     assert {"train", "evaluate", "register"} <= ran_stages(third.stdout)
+    # The finished 10-epoch run is not a 1-epoch model: a new one is trained from scratch (not
+    # refused, not answered with the old weights), and every record says 1 epoch.
+    retrained = json.loads((repo / "reports/train.json").read_text())
+    retrained_info = json.loads((repo / "reports/train_info.json").read_text())
+    generator_epoch = torch.load(repo / "models/generator.pt", weights_only=True)["metadata"]["epoch"]
+    assert (retrained["epoch"], generator_epoch) == (1, 1), retrained
+    assert len((repo / "reports/train_curves.csv").read_text().splitlines()) == 1 + 1
+    assert retrained_info["mlflow_run_id"] != train_info["mlflow_run_id"]
+    assert [point.value for point in client.get_metric_history(retrained_info["mlflow_run_id"], "epoch")] == [1]
 
     metrics_diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout)
     assert "psnr" in metrics_diff["reports/evaluate/metrics.json"]
