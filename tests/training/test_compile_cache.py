@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import boto3
 import pytest
 import torch
+from conftest import _prepare_small
 
 from components.networks.atme_w import ATMEW
 from components.training.compile_cache import (
@@ -189,7 +190,9 @@ def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_pairgan_train_loads_and_keeps_the_compiled_code_under_its_storage(tmp_path, prepared_builtin):
+def test_pairgan_train_loads_and_keeps_the_compiled_code_under_its_storage(tmp_path):
+    # 16 px pairs: a U-Net of four levels, one fewer block shape to compile than at 32 px
+    data = _prepare_small(tmp_path / "prepared", image_size=16)
     params = tmp_path / "params"
     write_shipped(params, "model", method={"generator": {"ngf": 8, "max_multiplier": 2},
                                            "discriminator": {"ndf": 8, "n_layers": 2}})
@@ -198,9 +201,9 @@ def test_pairgan_train_loads_and_keeps_the_compiled_code_under_its_storage(tmp_p
                   validation={"samples": 0},
                   run={"storage_path": str(storage), "scaling": {"num_workers": 1, "use_gpu": False},
                        "tracking": {"system_metrics": False}})
-    write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})  # the data's 32 px
+    write_shipped(params, "data", image_size=16, loader={"load_scale": 1.125, "num_threads": 1})  # the data's 16 px
 
-    result = run_pairgan_train(params, prepared_builtin, tmp_path, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    result = run_pairgan_train(params, data, tmp_path, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     folder = storage / "compile-cache"
