@@ -15,7 +15,8 @@ from PIL import Image
 
 from components.config import with_overrides
 from support.images import pair_halves, pair_seed
-from support.params import shipped, write_shipped
+from support.params import write_shipped
+from support.prepared_sets import SMALL_DATA, prepare_small
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -133,15 +134,6 @@ def write_paired_folders() -> Callable[..., Path]:
     return write
 
 
-# params/data.yaml for tests: a few built-in pairs at 32 px (load size 36).
-SMALL_DATA = {
-    "source": {"kind": "builtin", "path": None, "builtin": {"train_pairs": 12, "val_pairs": 3, "test_pairs": 3}},
-    "image_size": 32,
-    "shard_max_count": 5,
-    "loader": {"load_scale": 1.125, "num_threads": 1},
-}
-
-
 @pytest.fixture
 def write_params() -> Callable[..., Path]:
     """write_params(folder, **overrides) writes folder/data.yaml: the shipped file, SMALL_DATA, the overrides."""
@@ -201,25 +193,15 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
-def _prepare_small(folder: Path, **overrides: object) -> Path:
-    from components.data.sources import open_source
-    from components.data.writer import prepare_dataset
-
-    counts = {"source": {"builtin": {"train_pairs": 13, "val_pairs": 2, "test_pairs": 2}}}
-    params = shipped("data", **with_overrides(with_overrides(SMALL_DATA, counts), overrides))
-    prepare_dataset(params, open_source(params, Path.cwd()), folder / "data", progress=False)
-    return folder / "data"
-
-
 @pytest.fixture(scope="session")
 def prepared_builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small prepared data set (built-in source, 32 px, 13 train pairs in 3 shards): the
     folder holding manifest.json. Shared read-only by tests of the loaders."""
-    return _prepare_small(tmp_path_factory.mktemp("prepared"))
+    return prepare_small(tmp_path_factory.mktemp("prepared"))
 
 
 @pytest.fixture(scope="session")
 def prepared_subsampled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepared_builtin's pairs with the sources stored at 4:2:2 chroma and the targets at 4:2:0:
     each decoder upsamples the colour planes its own way."""
-    return _prepare_small(tmp_path_factory.mktemp("prepared"), jpeg_chroma={"source": "4:2:2", "target": "4:2:0"})
+    return prepare_small(tmp_path_factory.mktemp("prepared"), jpeg_chroma={"source": "4:2:2", "target": "4:2:0"})

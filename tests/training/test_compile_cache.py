@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import boto3
 import pytest
 import torch
-from conftest import _prepare_small
 
 from components.networks.atme_w import ATMEW
 from components.training.compile_cache import (
@@ -31,6 +30,7 @@ from components.training.compile_cache import (
 from support.cli import run_pairgan_train
 from support.compile_child import cache_key, small_w
 from support.params import shipped, write_shipped
+from support.prepared_sets import prepare_small
 
 TESTS = Path(__file__).resolve().parents[1]
 REPOSITORY = TESTS.parent
@@ -192,7 +192,7 @@ def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path, monkey
 @pytest.mark.slow
 def test_pairgan_train_loads_and_keeps_the_compiled_code_under_its_storage(tmp_path):
     # 16 px pairs: a U-Net of four levels, one fewer block shape to compile than at 32 px
-    data = _prepare_small(tmp_path / "prepared", image_size=16)
+    data = prepare_small(tmp_path / "prepared", image_size=16)
     params = tmp_path / "params"
     write_shipped(params, "model", method={"generator": {"ngf": 8, "max_multiplier": 2},
                                            "discriminator": {"ndf": 8, "n_layers": 2}})
