@@ -68,6 +68,19 @@ def _process_settings_restored() -> Iterator[None]:
             os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def _checkout_keeps_no_mlflow_store(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A command run from the checkout without MLFLOW_TRACKING_URI writes the default store,
+    ./mlflow.db, next to the developer's own: each test runs its commands in its own folder."""
+    store = request.config.rootpath / "mlflow.db"
+    existed = store.exists()
+    yield
+    if not existed and store.exists():
+        store.unlink()
+        pytest.fail(f"the test wrote MLflow's default store into the checkout ({store}): run its commands "
+                    "in a folder of its own (monkeypatch.chdir) or give them MLFLOW_TRACKING_URI")
+
+
 # The modules that run for minutes, longest first (`--durations`, on two processes). Under the
 # README's `-n 2 --dist loadscope --no-loadscope-reorder`, each process takes the next module in
 # collection order: these start first and the many short modules even out the end, instead of

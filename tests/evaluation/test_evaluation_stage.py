@@ -31,6 +31,12 @@ def project(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def in_project(project, monkeypatch):
+    # where a user runs pairgan: the default MLflow store, which evaluate reads, is the project's
+    monkeypatch.chdir(project)
+
+
 def evaluate(project, *extra):
     return pairgan(["evaluate", "--params-dir", str(project / "params"), "--data", str(project / "data/prepared"),
                     "--train-report", str(project / "reports/train.json"), *extra])
