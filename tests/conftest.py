@@ -77,8 +77,9 @@ def _checkout_keeps_no_mlflow_store(request: pytest.FixtureRequest) -> Iterator[
     yield
     if not existed and store.exists():
         store.unlink()
-        pytest.fail(f"the test wrote MLflow's default store into the checkout ({store}): run its commands "
-                    "in a folder of its own (monkeypatch.chdir) or give them MLFLOW_TRACKING_URI")
+        pytest.fail(f"MLflow's default store was written into the checkout ({store}) by this test or, under "
+                    "pytest-xdist, one running beside it: run its commands in a folder of its own "
+                    "(monkeypatch.chdir) or give them MLFLOW_TRACKING_URI")
 
 
 # The modules that run for minutes, longest first (`--durations`, on two processes). Under the
