@@ -41,8 +41,8 @@ def test_every_stage_has_help_and_its_summary_is_its_modules(stage, capsys):
 
 
 def test_only_the_stage_that_runs_is_imported_and_prepare_does_without_torch(tmp_path):
-    # `pairgan prepare`, `pairgan --help` and a bad params folder answer without importing
-    # torch (seconds of CPU); a stage's module is imported when that stage runs.
+    # `pairgan --help` and `pairgan prepare` (here with a missing params folder) answer without
+    # importing torch (seconds of CPU); a stage's module is imported when that stage runs.
     probe = (
         "import json, sys\nfrom pipelines.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
