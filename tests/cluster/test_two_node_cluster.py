@@ -12,6 +12,7 @@ way the RayJob manifest submits one gets the project's settings next to its own.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +72,93 @@ def alive_nodes(dashboard: str) -> int:
     return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
 
+@dataclass
+class Node:
+    """One `ray start --block` in a process group of its own, with its temp dir and console."""
+    process: subprocess.Popen
+    temp_dir: Path
+
+    @property
+    def console(self) -> Path:
+        return self.temp_dir / "ray-start.log"
+
+    def has_started(self) -> bool:  # `ray start` says so once its raylet is registered
+        return "Ray runtime started" in self.console.read_text(errors="replace")
+
+    def signal(self, number: int) -> None:
+        try:
+            os.killpg(self.process.pid, number)
+        except ProcessLookupError:
+            pass  # the whole group has exited
+
+    def stop(self) -> None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+
+    def what_it_said(self) -> str:
+        """The end of `ray start`'s console and of the logs of the processes it started."""
+        parts = [f"`ray start` (exit code {self.process.poll()}), {self.console}:", *tail(self.console, 15)]
+        for log in ("raylet.out", "gcs_server.out", "dashboard_agent.log"):
+            path = self.temp_dir / "session_latest" / "logs" / log
+            if path.exists():
+                parts += [f"{path}:", *tail(path, 8, keep=lambda line: line.startswith("[") or "ray::" in line)]
+        return "\n".join(parts)
+
+
+def tail(path: Path, lines: int, keep: Callable[[str], bool] = lambda line: True) -> list[str]:
+    """The file's last `lines` lines that `keep` accepts (Ray's logs: log lines and Ray's own frames)."""
+    return [line for line in path.read_text(errors="replace").splitlines() if keep(line)][-lines:]
+
+
+def start_node(arguments: list[str], environment: dict[str, str], prefix: str) -> Node:
+    # Unix socket paths under the temp dir must stay short: not under pytest's tmp_path.
+    temp_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    with (temp_dir / "ray-start.log").open("wb") as console:
+        process = subprocess.Popen(
+            [RAY, "start", f"--temp-dir={temp_dir}", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+             "--disable-usage-stats", *arguments],
+            env=environment, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+    return Node(process, temp_dir)
+
+
+def join(start: Callable[[], Node], dashboard: Callable[[], str], nodes: int, what: str, attempts: int = 3) -> Node:
+    """Start a node until it joins as the cluster's `nodes`-th, as KubeRay restarts a failed pod.
+
+    A node's raylet waits 15 s for its dashboard and runtime-env agents (Python processes) to
+    report their ports, then stops (`WaitForDashboardAgentPorts` in raylet.out), and `ray start`
+    gives up ("The current node timed out during startup"); on a loaded 2-core machine an
+    agent's start can take longer. Such a node is started again, with a warning in pytest's
+    summary that shows what it said; a node that neither joins nor exits within 180 s fails
+    the setup at once.
+    """
+    said = []
+    for attempt in range(1, attempts + 1):
+        node = start()
+        deadline = time.monotonic() + 180
+        while not (node.has_started() and alive_nodes(dashboard()) == nodes):
+            if node.process.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        else:
+            return node
+        gave_up = node.process.poll() is not None
+        said.append(f"{what}, attempt {attempt} of {attempts}:\n{node.what_it_said()}")
+        node.stop()
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        if not gave_up:
+            break  # it hung rather than gave up: starting it again would hang too
+        if attempt < attempts:
+            warnings.warn(f"starting it again: {said[-1]}", stacklevel=1)
+    raise RuntimeError(f"{what} did not join the cluster\n" + "\n".join(said))
+
+
 @pytest.fixture(scope="module")
 def two_nodes(s3_endpoint) -> Iterator[Cluster]:
     """Head and worker node on 127.0.0.1, each `ray start --block` in its own process group."""
-    port, dashboard_port = free_port(), free_port()
     node_environment = {name: value for name, value in os.environ.items() if name not in S3_SETTINGS}
     node_environment.update({
         "RAY_AUTH_MODE": "disabled",  # `ray start` turns token authentication on by default
@@ -81,36 +166,33 @@ def two_nodes(s3_endpoint) -> Iterator[Cluster]:
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
     })
-    # Unix socket paths under the temp dir must stay short: not under pytest's tmp_path.
-    temp_dirs = [Path(tempfile.mkdtemp(prefix="pg-head-")), Path(tempfile.mkdtemp(prefix="pg-node-"))]
-    common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    ports = {}
+
+    def start_head() -> Node:  # fresh ports on every attempt, in case another process took one
+        ports.update(gcs=free_port(), dashboard=free_port())
+        return start_node(
+            ["--head", f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={ports['dashboard']}", f"--dashboard-agent-listen-port={free_port()}"],
+            node_environment, "pg-head-")
+
+    def dashboard() -> str:
+        return f"http://127.0.0.1:{ports['dashboard']}"
+
     # Each node's dashboard agent on a port of its own: Ray's default (52365) is one fixed port,
     # which the other node's agent, or a local Ray another test starts, may hold first; the head's
     # agent then serves no HTTP and the head refuses every job ("No available agent").
-    head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dirs[0]}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--dashboard-agent-listen-port={free_port()}", *common],
-        env=node_environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    nodes = [head]
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    nodes = [join(start_head, dashboard, 1, "the head node")]
     try:
-        wait_for(lambda: alive_nodes(dashboard) == 1, "the head node")
-        nodes.append(subprocess.Popen(
-            [RAY, "start", f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}",
-             f"--dashboard-agent-listen-port={free_port()}", *common],
-            env=node_environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        wait_for(lambda: alive_nodes(dashboard) == 2, "the second node")
-        yield Cluster(f"127.0.0.1:{port}", dashboard, temp_dirs)
+        nodes.append(join(lambda: start_node([f"--address=127.0.0.1:{ports['gcs']}",
+                                              f"--dashboard-agent-listen-port={free_port()}"],
+                                             node_environment, "pg-node-"),
+                          dashboard, 2, "the second node"))
+        yield Cluster(f"127.0.0.1:{ports['gcs']}", dashboard(), [node.temp_dir for node in nodes])
     finally:
         for node in reversed(nodes):
-            os.killpg(node.pid, signal.SIGTERM)
-        for node in reversed(nodes):
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
+            node.stop()
+        for node in nodes:
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def write_params(folder: Path, checkpoints: str) -> Path:
