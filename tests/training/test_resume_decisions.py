@@ -66,6 +66,8 @@ def test_an_unfinished_run_with_other_params_is_refused_naming_them():
     assert decision.action == "refuse" and [change.key for change in decision.changes] == ["train.seed"]
 
 
+# The epochs here end without a training step, which PyTorch warns about; a real epoch steps first.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 def test_a_run_continued_to_more_epochs_trains_at_the_new_schedules_rate():
     # linear_decay over the last epoch of 2: the LR after epoch 2 is 0. Continued to 4 epochs
     # (decay over the last one), epoch 3 must train at the full rate, not at the saved 0.
