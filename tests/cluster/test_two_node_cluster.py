@@ -85,27 +85,30 @@ class Node:
     def has_started(self) -> bool:  # `ray start` says so once its raylet is registered
         return "Ray runtime started" in self.console.read_text(errors="replace")
 
-    def signal(self, number: int) -> None:
+    def send(self, number: int) -> None:
         try:
             os.killpg(self.process.pid, number)
         except ProcessLookupError:
             pass  # the whole group has exited
 
     def stop(self) -> None:
-        self.signal(signal.SIGTERM)
+        self.send(signal.SIGTERM)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
+            self.send(signal.SIGKILL)
             self.process.wait()
 
     def what_it_said(self) -> str:
-        """The end of `ray start`'s console and of the logs of the processes it started."""
-        parts = [f"`ray start` (exit code {self.process.poll()}), {self.console}:", *tail(self.console, 15)]
+        """The end of `ray start`'s console and of the logs of the processes it started.
+
+        Named by file only: a node that did not join has its temp dir removed.
+        """
+        parts = [f"`ray start` (exit code {self.process.poll()}), {self.console.name}:", *tail(self.console, 15)]
         for log in ("raylet.out", "gcs_server.out", "dashboard_agent.log"):
             path = self.temp_dir / "session_latest" / "logs" / log
             if path.exists():
-                parts += [f"{path}:", *tail(path, 8, keep=lambda line: line.startswith("[") or "ray::" in line)]
+                parts += [f"{log}:", *tail(path, 8, keep=lambda line: line.startswith("[") or "ray::" in line)]
         return "\n".join(parts)
 
 
