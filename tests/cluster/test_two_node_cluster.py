@@ -72,6 +72,9 @@ def alive_nodes(dashboard: str) -> int:
     return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
 
+CONSOLE = "ray-start.log"  # what a node's `ray start` prints, in its temp dir
+
+
 @dataclass
 class Node:
     """One `ray start --block` in a process group of its own, with its temp dir and console."""
@@ -80,7 +83,7 @@ class Node:
 
     @property
     def console(self) -> Path:
-        return self.temp_dir / "ray-start.log"
+        return self.temp_dir / CONSOLE
 
     def has_started(self) -> bool:  # `ray start` says so once its raylet is registered
         return "Ray runtime started" in self.console.read_text(errors="replace")
@@ -120,7 +123,7 @@ def tail(path: Path, lines: int, keep: Callable[[str], bool] = lambda line: True
 def start_node(arguments: list[str], environment: dict[str, str], prefix: str) -> Node:
     # Unix socket paths under the temp dir must stay short: not under pytest's tmp_path.
     temp_dir = Path(tempfile.mkdtemp(prefix=prefix))
-    with (temp_dir / "ray-start.log").open("wb") as console:
+    with (temp_dir / CONSOLE).open("wb") as console:
         process = subprocess.Popen(
             [RAY, "start", f"--temp-dir={temp_dir}", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
              "--disable-usage-stats", *arguments],
