@@ -87,17 +87,17 @@ def _checkout_keeps_no_mlflow_store(request: pytest.FixtureRequest) -> Iterator[
 # collection order: these start first and the many short modules even out the end, instead of
 # a long module starting last while the other process has nothing left to run.
 LONGEST_MODULES = (
-    "tests/training/test_train_ray.py",
     "tests/pipeline/test_pipeline_e2e.py",
-    "tests/operations/test_retrain.py",
     "tests/training/test_compile_cache.py",
-    "tests/tuning/test_tune_sweep.py",
-    "tests/cluster/test_two_node_cluster.py",
+    "tests/operations/test_retrain.py",
     "tests/bench/test_gpu_check_cpu.py",
-    "tests/data/test_s3_stages.py",
+    "tests/tuning/test_tune_sweep.py",
+    "tests/training/test_train_ray.py",
+    "tests/cluster/test_two_node_cluster.py",
     "tests/tuning/test_tune_asha.py",
     "tests/training/test_interrupted_runs.py",
     "tests/methods/test_methods.py",
+    "tests/data/test_s3_stages.py",
 )
 
 

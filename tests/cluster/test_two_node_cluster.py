@@ -275,7 +275,8 @@ def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_regi
     common = ["--params-dir", str(params), "--data", data, "--model", "models/generator.pt",
               "--train-report", "reports/train.json"]
     assert pairgan(["evaluate", *common, "--out", "reports/evaluate"]) == 0
-    assert json.loads((tmp_path / "reports/evaluate/info.json").read_text())["samples"] == 3
+    evaluation = json.loads((tmp_path / "reports/evaluate/info.json").read_text())
+    assert evaluation["samples"] == 3 and evaluation["data_manifest_checksum"] == manifest.checksum
     assert pairgan(["register", *common, "--evaluation", "reports/evaluate", "--out", "reports/register.json"]) == 0
     assert json.loads((tmp_path / "reports/register.json").read_text())["decision"] == "first_champion"
 

@@ -1,26 +1,23 @@
-"""The stages on a data set that lives only on S3, and a damaged shard in training: one clear error, no retry.
+"""A damaged shard in training: one clear error, no retry.
 
 One local Ray instance serves the module; its workers reach the moto S3 server through
-AWS_ENDPOINT_URL, the way they would reach MinIO.
+AWS_ENDPOINT_URL, the way they would reach MinIO. (The stages on a data set that lives only on
+S3: tests/cluster/test_two_node_cluster.py, whose nodes read it too.)
 """
 
 import functools
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 from mlflow import MlflowClient
 
 from components.data.integrity import DataError, read_tar_samples
 from components.data.manifest import load_manifest
-from components.evaluation.report import read_evaluation
 from components.training.driver import run_training
 from components.training.job import TrainingJob
-from components.training.report import read_train_report
 from pipelines.cli import main as pairgan
 from pipelines.environment import LOCAL_RAY_WORKER_ENV
 from support.params import shipped, write_shipped
@@ -63,34 +60,6 @@ def ray_with_s3(s3_endpoint):
                                        **LOCAL_RAY_WORKER_ENV}})
     yield
     ray.shutdown()
-
-
-def test_prepare_train_evaluate_register_from_s3_only(ray_with_s3, s3_endpoint, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="stages")
-    params = write_project_params(tmp_path / "params", workers=1, checkpoints=tmp_path / "checkpoints")
-    data = "s3://stages/prepared"
-    common = ["--params-dir", str(params), "--data", data, "--model", "models/generator.pt",
-              "--train-report", "reports/train.json"]
-
-    assert pairgan(["prepare", "--params-dir", str(params), "--out", data, "--no-progress"]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["params", "reports"]  # nothing of the data set on this disk
-    manifest = load_manifest(data)
-
-    assert pairgan(["train", "--params-dir", str(params), "--data", data, "--model-out", "models/generator.pt",
-                    "--report", "reports/train.json"]) == 0
-    assert read_train_report("reports/train.json").data_checksum == manifest.checksum
-    cache = Path(os.environ["XDG_CACHE_HOME"]) / "pairgan/shards/shards"
-    assert {s.sha256 for s in manifest.split("train").shards} <= {p.stem for p in cache.glob("*.tar")}
-
-    assert pairgan(["evaluate", *common, "--out", "reports/evaluate"]) == 0
-    evaluation = read_evaluation("reports/evaluate").info
-    assert evaluation.samples == 3 and evaluation.data_manifest_checksum == manifest.checksum
-
-    assert pairgan(["register", *common, "--evaluation", "reports/evaluate", "--out", "reports/register.json"]) == 0
-    assert json.loads(Path("reports/register.json").read_text())["decision"] == "first_champion"
 
 
 def damage_jpeg(shard: Path, sample: int, keep_mtime: bool = False) -> None:

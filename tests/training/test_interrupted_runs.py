@@ -1,5 +1,6 @@
 """A training killed without warning (SIGKILL, a lost machine): the next start closes its MLflow run
-as FAILED and removes the checkpoint folders Ray no longer tracks; runs are named after what they train."""
+as FAILED and removes the checkpoint folders Ray no longer tracks, refuses params the checkpoint
+cannot continue with, and resumes with its own; runs are named after what they train."""
 
 import json
 import os
@@ -219,13 +220,18 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     storage = tmp_path / "checkpoints"
     params = tmp_path / "params"
     params.mkdir()
-    write_shipped(params, "model", method={"generator": {"ngf": 8, "max_multiplier": 2},
-                                           "discriminator": {"ndf": 8, "n_layers": 2}})
+
+    def write_model(generator_width: int) -> None:
+        write_shipped(params, "model", method={"generator": {"ngf": generator_width, "max_multiplier": 2},
+                                               "discriminator": {"ndf": 8, "n_layers": 2}})
+
+    write_model(8)
     write_shipped(params, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})
 
     def write_train(epochs: int) -> None:
+        # one worker: what is tested is the run's record and its checkpoints, not DDP
         write_shipped(params, "train", epochs=epochs, batch_size=2,
-                      run={"name": "job", "storage_path": str(storage), "scaling": {"use_gpu": False},
+                      run={"name": "job", "storage_path": str(storage), "scaling": {"num_workers": 1, "use_gpu": False},
                            "checkpoint": {"every_epochs": 1, "num_to_keep": 2},
                            "tracking": {"sample_grid_every_epochs": 0, "system_metrics": False}})
 
@@ -261,20 +267,41 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     orphan.mkdir()
     (orphan / "state.pt").write_bytes(b"half-written")
 
-    # The next start, with epochs set to those of the newest checkpoint written (a checkpoint
+    # The next starts, with epochs set to those of the newest checkpoint written (a checkpoint
     # Ray had not listed yet may be among them), so that it resumes at or before it and finishes
     # within an epoch or two (an unfinished run may not be cut below what it trained).
     written = [json.loads(info.read_text())["epoch"] for info in (storage / "job").glob("checkpoint_*/checkpoint.json")]
     write_train(epochs=max(written))
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
 
+    # First with a wider generator, which these weights cannot continue: it closes the
+    # interrupted run and removes the orphan (and a checkpoint written after Ray's last list,
+    # also unlisted), then refuses with the file and the key, the listed checkpoints left as
+    # they were and no model written.
+    checkpoints = {path: path.read_bytes() for path in (storage / "job").glob("checkpoint_*/*")}
+    latest_listed = storage / "job" / json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    write_model(16)
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{params / 'model.yaml'}: method.generator.ngf: checkpoint has 8, now 16" in refused.stderr
+    assert "run.name" in refused.stderr
+    assert f"MLflow run {interrupted.info.run_id} of {storage / 'job'} was left RUNNING" in refused.stderr
+    assert not orphan.exists()
+    kept = {path: path.read_bytes() for path in (storage / "job").glob("checkpoint_*/*")}
+    assert latest_listed in {path.parent for path in kept} and set(kept) <= set(checkpoints)
+    assert all(content == checkpoints[path] for path, content in kept.items())
+    assert not (tmp_path / "generator.pt").exists()
     closed = client.get_run(interrupted.info.run_id)
     assert closed.info.status == "FAILED"
     assert closed.data.tags[TAG_OUTCOME] == "failed" and "interrupted" in closed.data.tags[TAG_FAILURE]
-    assert not orphan.exists()
-    assert f"MLflow run {interrupted.info.run_id} of {storage / 'job'} was left RUNNING" in result.stderr
+
+    # Then with the run's own params: it continues after a checkpoint instead of starting over.
+    write_model(8)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout + result.stderr
-    [finished] = [run for run in client.search_runs([closed.info.experiment_id]) if run.info.run_id != closed.info.run_id]
+    report = read_train_report(tmp_path / "train.json")
+    assert report.status == "finished" and report.metrics["epoch"] == max(written)
+    finished = client.get_run(report.mlflow_run_id)
     assert finished.info.status == "FINISHED" and finished.info.run_name.startswith("pix2pix ")
-    assert read_train_report(tmp_path / "train.json").status == "finished"
+    trained = sorted(int(point.value) for point in client.get_metric_history(report.mlflow_run_id, "epoch"))
+    assert 1 not in trained and trained == list(range(max(written) - len(trained) + 1, max(written) + 1)), trained

@@ -1,4 +1,6 @@
-"""`pairgan train` on Ray Train with 2 CPU workers (gloo DDP): training, recovery, resume, divergence, MLflow.
+"""`pairgan train` on Ray Train with 2 CPU workers (gloo DDP): training, recovery, divergence, MLflow.
+(Resuming a stopped run, and refusing params its checkpoint cannot continue with:
+tests/training/test_interrupted_runs.py; every resume decision: test_resume_decisions.py.)
 
 One local Ray instance serves every test of this module (its start-up is the expensive part);
 each test uses its own storage folder and MLflow store. The data is the session's small
@@ -159,12 +161,6 @@ def kill_worker_once(rank: int, step: int, *, at_step: int, after_checkpoint: in
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def crash_job(rank: int, step: int, *, at_step: int, after_checkpoint: int, storage: str, name: str) -> None:
-    if step == at_step:
-        _wait_for_registered_checkpoint(Path(storage), name, after_checkpoint)
-        raise RuntimeError("simulated crash of the whole job")
-
-
 def record_steps(rank: int, step: int, *, log: str) -> None:
     with open(log, "a") as handle:
         handle.write(f"{rank} {step}\n")
@@ -242,45 +238,6 @@ def test_a_killed_worker_recovers_from_the_last_checkpoint(mlflow_store, ray_loc
     assert outcome.status == "finished" and outcome.epoch == 4 and outcome.step == 4 * STEPS_PER_EPOCH
     # Epochs 1 and 2 (up to the checkpoint) ran once; epoch 3, done after it, ran again.
     assert epochs_logged(tracking_uri, run_id) == [1, 2, 3, 3, 4]
-
-
-def test_a_stopped_job_resumes_when_run_again_unless_its_params_changed(
-    mlflow_store, ray_local, tmp_path, monkeypatch, write_params, prepared_builtin, capsys
-):
-    from ray.train import TrainingFailedError
-
-    tracking_uri = mlflow_store
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    storage = tmp_path / "checkpoints"
-    train = train_params(storage, epochs=4, run={"max_failures": 0})
-    hook = functools.partial(crash_job, at_step=2 * STEPS_PER_EPOCH + 1, after_checkpoint=2,
-                             storage=str(storage), name="tiny")
-    with pytest.raises(TrainingFailedError):
-        run_training(job_for(prepared_builtin, TINY_PIX2PIX, train, step_hook=hook), shipped("train", **train).run,
-                     str(storage))
-    stopped = latest_state(storage, "tiny")[0]
-    assert stopped["epoch"] == 2
-
-    # Run again with a wider generator: these weights cannot continue; a clear error naming
-    # the file and key, and the checkpoint is left as it was.
-    wider = {**TINY_PIX2PIX, "method": {**TINY_PIX2PIX["method"], "generator": {"ngf": 16, "max_multiplier": 2,
-                                                                                 "norm": "instance"}}}
-    params = write_stage_params(tmp_path / "params", write_params, wider, train)
-    capsys.readouterr()
-    assert cli_train(params, prepared_builtin, tmp_path / "out") == 2
-    message = capsys.readouterr().err
-    assert "model.yaml: method.generator.ngf: checkpoint has 8, now 16" in message and "run.name" in message
-    assert latest_state(storage, "tiny")[0] == stopped
-    assert not (tmp_path / "out/generator.pt").exists()
-
-    # The stage again with the job's own params: continues after epoch 2 instead of starting over.
-    write_stage_params(tmp_path / "params", write_params, TINY_PIX2PIX, train)
-    assert cli_train(params, prepared_builtin, tmp_path / "out") == 0
-    report = read_train_report(tmp_path / "out/train.json")
-    assert report.metrics["epoch"] == 4 and report.steps == 4 * STEPS_PER_EPOCH
-    assert epochs_logged(tracking_uri, report.mlflow_run_id) == [3, 4]
-    # (A finished run with epochs lowered trains a new model: the quick experiment of
-    # tests/pipeline/test_pipeline_e2e.py; every decision: test_resume_decisions.py.)
 
 
 def test_divergence_ends_the_job_with_exit_3_and_a_tag_without_retry(
