@@ -258,6 +258,10 @@ def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_regi
     stored = [item["Key"] for item in boto3.client("s3", endpoint_url=s3_endpoint)
               .list_objects_v2(Bucket="cluster", Prefix="checkpoints/two-nodes/")["Contents"]]
     assert any(key.endswith("/generator.pt") for key in stored)
+    # the workers fetched the training shards into the shard cache (the nodes have this
+    # process's XDG_CACHE_HOME)
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "pairgan/shards/shards"
+    assert {shard.sha256 for shard in manifest.split("train").shards} <= {path.stem for path in cache.glob("*.tar")}
 
     # one training worker on each node (each node's own logs name the worker actor it ran)
     for temp_dir in two_nodes.temp_dirs:

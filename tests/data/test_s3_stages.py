@@ -32,18 +32,15 @@ TINY_MODEL = {
 LOADER = {"backend": "torch", "load_scale": 1.125, "num_threads": 1}
 
 
-def write_project_params(folder: Path, workers: int, checkpoints: Path) -> Path:
-    write_shipped(folder, "data",
-                  source={"kind": "builtin", "path": None, "builtin": {"train_pairs": 8, "val_pairs": 0, "test_pairs": 3}},
-                  image_size=32, shard_max_count=3, loader={"load_scale": 1.125, "num_threads": 1})
+def write_train_params(folder: Path, checkpoints: Path) -> Path:
+    """The params of `pairgan train` on the session's prepared set (32 px), on 2 workers."""
+    write_shipped(folder, "data", image_size=32, loader={"load_scale": 1.125, "num_threads": 1})
     write_shipped(folder, "model", **TINY_MODEL)
     write_shipped(folder, "train", epochs=1, batch_size=2,
                   run={"name": "s3-data", "storage_path": str(checkpoints), "max_failures": 2,
-                       "scaling": {"num_workers": workers, "use_gpu": False},
+                       "scaling": {"num_workers": 2, "use_gpu": False},
                        "tracking": {"experiment": "tests", "sample_grid_every_epochs": 0, "sample_grid_pairs": 2,
                                     "system_metrics": False}})
-    write_shipped(folder, "evaluate", latency={"warmup": 0, "repeats": 1}, guidance_sweep={"weights": [0.0]})
-    write_shipped(folder, "register")
     return folder
 
 
@@ -80,7 +77,7 @@ def test_a_damaged_shard_fails_training_once_with_shard_and_sample(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     data = shutil.copytree(prepared_builtin, tmp_path / "data")
     damage_jpeg(data / "train/train-000002.tar", 1)  # sample 11: rank 1's share only (13 pairs, 2 workers)
-    params = write_project_params(tmp_path / "params", workers=2, checkpoints=tmp_path / "checkpoints")
+    params = write_train_params(tmp_path / "params", checkpoints=tmp_path / "checkpoints")
 
     # --verbose: Ray Train's own lines, which say how many worker groups it started
     assert pairgan(["train", "--verbose", "--params-dir", str(params), "--data", str(data), "--model-out",
