@@ -57,6 +57,7 @@ from components.training.report import TrainReport, compared_metrics, write_trai
 from components.training.warm_start import read_start_weights, start_weights_mismatch
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
+from pipelines.ray_connection import RayStartFailed, connect_ray
 
 logger = logging.getLogger("pairgan.train")
 # the start-weights file a run started from (PAIRGAN_START_WEIGHTS), on its MLflow run
@@ -128,7 +129,6 @@ def run(args: argparse.Namespace) -> int:
     ray_address = environment.ray_address()
     ray_workers_environment = environment.ray_console(console, ray_address)
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
-    import ray
     from ray.train import TrainingFailedError
 
     from components.training.checkpoints import GENERATOR_FILE
@@ -176,6 +176,15 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("removed %d checkpoint folder(s) of %s that Ray no longer tracks (left by a killed "
                        "training): %s", len(removed), run_folder, ", ".join(removed))
 
+    # Started before the MLflow run: a Ray that does not start leaves no run behind.
+    try:
+        # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the
+        # runtime_env; credentials come from each node's own environment (docs/training.md).
+        connect_ray(ray_address, environment.ray_runtime_env(ray_workers_environment), console.verbose)
+    except RayStartFailed as error:
+        print(f"pairgan train: {error}", file=sys.stderr)
+        return ExitStatus.FAILED
+
     tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name,
             TAG_PARAMS_HASH: trained_hash, TAG_RUN_FOLDER: run_folder, TAG_DRIVER: driver_identity()}
     if dvc_experiment:
@@ -195,12 +204,6 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console, start_weights=start_weights,
         compile_cache=compile_cache_location(storage),
     )
-    if not ray.is_initialized():
-        # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the
-        # runtime_env; credentials come from each node's own environment (docs/training.md).
-        ray.init(address=ray_address, include_dashboard=False,
-                 logging_level=logging.INFO if console.verbose else logging.ERROR,
-                 runtime_env=environment.ray_runtime_env(ray_workers_environment))
     try:
         outcome = run_training(job, train.run, storage)
     except CheckpointIncompatible as error:

@@ -54,6 +54,7 @@ from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command
 from components.tuning.space import SweepSpace
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
+from pipelines.ray_connection import RayStartFailed, connect_ray
 
 logger = logging.getLogger("pairgan.tune")
 
@@ -166,6 +167,13 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     from components.tuning.tracking import SweepTracker, finish_runs, start_parent_run
     from components.tuning.trial import TrialPlan
 
+    # Started before the sweep's MLflow run: a Ray that does not start leaves no run behind.
+    try:
+        # the trials' workers reach the stores as `pairgan train`'s do (docs/operations.md)
+        connect_ray(ray_address, environment.ray_runtime_env(ray_workers_environment), console.verbose)
+    except RayStartFailed as error:
+        print(f"pairgan tune: {error}", file=sys.stderr)
+        return ExitStatus.FAILED
     # Trials report the metric only on validated epochs, and a diverged trial's last report has
     # none: Tune must not treat a result without it as an error.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -179,10 +187,6 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     parent_params = flatten_params({"tune": tune.model_dump(mode="json")})
     start_parent_run(tune.run.experiment, sweep_id, parent_params, tags)
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False,
-                 logging_level=logging.INFO if console.verbose else logging.ERROR,
-                 runtime_env={"env_vars": ray_workers_environment} if ray_workers_environment else None)
     cluster = ray.cluster_resources()
     use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
     plan = TrialPlan(space=space, loader=data.loader,

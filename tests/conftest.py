@@ -98,6 +98,7 @@ LONGEST_MODULES = (
     "tests/training/test_interrupted_runs.py",
     "tests/methods/test_methods.py",
     "tests/data/test_s3_stages.py",
+    "tests/operations/test_ray_connection.py",
 )
 
 

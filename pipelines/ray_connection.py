@@ -1,0 +1,68 @@
+"""Starting a local Ray, or joining a cluster, for `pairgan train` and `pairgan tune`.
+
+A local Ray can give up while it starts: its raylet stops when its Python agents take more than
+15 s to come up, and `ray.init` then waits out its own 30 s and raises "The current node timed
+out during startup". Neither wait has a setting, and a busy machine (a laptop compiling, a CI
+runner at full load) can meet them; the node is then started once more, after the half-started
+one's processes are stopped. Joining a cluster (RAY_ADDRESS) is never retried: that failure is
+the cluster's, and a second try would only hide it.
+"""
+
+import logging
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+# The text of the exception `ray.init` raises (a bare Exception) when its local node does not
+# come up in time; nothing else tells this failure apart.
+NODE_START_TIMEOUT = "The current node timed out during startup"
+LOCAL_START_ATTEMPTS = 2
+
+
+class RayStartFailed(RuntimeError):
+    """The local Ray did not start, after every attempt."""
+
+
+def connect_ray(address: str, runtime_env: dict | None, verbose: bool) -> None:
+    """`ray.init` at `address` ("local": a fresh local Ray) unless this process is connected already."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    options = {"address": address, "include_dashboard": False, "runtime_env": runtime_env,
+               "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address != "local":
+        ray.init(**options)
+        return
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        running_before = _child_processes()
+        try:
+            ray.init(**options)
+            return
+        except Exception as error:
+            if NODE_START_TIMEOUT not in str(error):
+                raise
+            # The failed node's processes (GCS, log monitor, a dead raylet) stay until this
+            # process exits, and `ray.shutdown` does not know them: stop them here.
+            _kill(set(_child_processes()) - set(running_before))
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise RayStartFailed(
+                    f"the local Ray did not start ({attempt} attempt{'s' if attempt > 1 else ''}): {error} On a busy machine Ray's "
+                    "processes can take longer to start than Ray waits for them; run it again when the "
+                    "machine is less loaded") from error
+            logger.warning("the local Ray did not start in time (%s); its processes were stopped and it is "
+                           "started once more", NODE_START_TIMEOUT.lower())
+
+
+def _child_processes() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def _kill(processes: set[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(processes), timeout=10)  # reaps them: no zombies left beside the next node

@@ -1,0 +1,201 @@
+"""A local Ray that gives up while it starts (its agents slower than Ray waits, on a busy machine)
+is started once more, after the half-started node's processes are stopped; a Ray that does not
+start at all fails `pairgan train` and `pairgan tune` with the reason, before any MLflow run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+import pipelines.ray_connection as ray_connection
+from pipelines.cli import main as pairgan
+from pipelines.ray_connection import NODE_START_TIMEOUT, RayStartFailed
+from support.params import write_shipped
+from support.sweeps import tune_args, write_project
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+# Loaded by every Python process started with this folder on PYTHONPATH: the first dashboard
+# agent (the one of the first node) sleeps past the raylet's 15 s wait for it, then exits.
+SLOW_FIRST_AGENT = """
+import os
+import time
+
+if any(part.endswith(b"dashboard/agent.py") for part in open("/proc/self/cmdline", "rb").read().split(b"\\0")):
+    try:
+        os.close(os.open(os.environ["SLOW_AGENT_SENTINEL"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        pass
+    else:
+        time.sleep(25)
+        os._exit(1)
+"""
+
+# Connects as `pairgan train` does, then says what it got and which processes it has under it.
+CONNECT = """
+import json, sys
+import psutil, ray
+from pipelines import ray_connection
+
+ray_connection.LOCAL_START_ATTEMPTS = int(sys.argv[1])
+try:
+    ray_connection.connect_ray("local", None, verbose=False)
+    outcome = {"answer": ray.get(ray.remote(lambda: 42).remote())}
+except ray_connection.RayStartFailed as error:
+    outcome = {"failed": str(error)}
+processes = []
+for process in psutil.Process().children(recursive=True):
+    try:
+        processes.append([process.name(), process.status()])
+    except psutil.NoSuchProcess:
+        pass
+outcome["processes"] = processes
+print(json.dumps(outcome))
+"""
+
+
+def connect_with_a_slow_first_agent(tmp_path: Path, attempts: int) -> tuple[dict, str]:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_FIRST_AGENT)
+    env = {**os.environ, "SLOW_AGENT_SENTINEL": str(tmp_path / "slowed"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(PROJECT), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-c", CONNECT, str(attempts)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "slowed").exists()  # the fault was injected
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+@pytest.mark.slow
+def test_a_local_ray_that_gives_up_at_start_is_started_once_more_without_the_first_nodes_processes(tmp_path):
+    outcome, stderr = connect_with_a_slow_first_agent(tmp_path, attempts=2)
+    assert outcome.get("answer") == 42, outcome
+    assert stderr.count("the local Ray did not start in time") == 1, stderr[-3000:]
+    assert "started once more" in stderr
+    names = [name for name, _ in outcome["processes"]]
+    assert names.count("gcs_server") == 1 and names.count("raylet") == 1, outcome["processes"]
+    assert not [name for name, status in outcome["processes"] if status == "zombie"], outcome["processes"]
+
+
+@pytest.mark.slow
+def test_a_local_ray_that_does_not_start_fails_with_the_reason_and_leaves_no_process(tmp_path):
+    outcome, stderr = connect_with_a_slow_first_agent(tmp_path, attempts=1)
+    assert "answer" not in outcome
+    assert outcome["failed"].startswith("the local Ray did not start (1 attempt): " + NODE_START_TIMEOUT)
+    assert "less loaded" in outcome["failed"]
+    assert outcome["processes"] == []  # nor a GCS, nor a zombie raylet
+    assert "started once more" not in stderr
+
+
+class FakeInit:
+    """ray.init that fails as given, counting its calls (the retry's decisions, without a Ray)."""
+
+    def __init__(self, error: Exception):
+        self.error, self.calls = error, []
+
+    def __call__(self, **options):
+        self.calls.append(options["address"])
+        raise self.error
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+    def install(error: Exception) -> FakeInit:
+        init = FakeInit(error)
+        monkeypatch.setattr(ray, "init", init)
+        return init
+
+    return install
+
+
+def test_joining_a_cluster_that_times_out_is_not_retried(fake_ray):
+    init = fake_ray(Exception(NODE_START_TIMEOUT + ". This could happen because ..."))
+    with pytest.raises(Exception, match=NODE_START_TIMEOUT):
+        ray_connection.connect_ray("ray://head:10001", None, verbose=False)
+    assert init.calls == ["ray://head:10001"]
+
+
+def test_a_local_start_failing_for_another_reason_is_not_retried(fake_ray):
+    init = fake_ray(ValueError("object_store_memory is too small"))
+    with pytest.raises(ValueError, match="object_store_memory"):
+        ray_connection.connect_ray("local", None, verbose=False)
+    assert init.calls == ["local"]
+
+
+def test_a_local_start_timing_out_each_time_is_tried_twice_then_reported(fake_ray):
+    init = fake_ray(Exception(NODE_START_TIMEOUT + ". This could happen because ..."))
+    with pytest.raises(RayStartFailed, match=r"did not start \(2 attempts\)"):
+        ray_connection.connect_ray("local", None, verbose=False)
+    assert init.calls == ["local", "local"]
+
+
+# --- the stages -------------------------------------------------------------------------
+
+
+def refuse_to_start(monkeypatch, stage_module) -> list[tuple[str, dict]]:
+    """The stage's connect_ray fails as after its last attempt; returns what the stage asked for."""
+    calls = []
+
+    def connect_ray(address, runtime_env, verbose):
+        calls.append((address, runtime_env))
+        raise RayStartFailed("the local Ray did not start (2 attempts): " + NODE_START_TIMEOUT)
+
+    monkeypatch.setattr(stage_module, "connect_ray", connect_ray)
+    # what every worker, a sweep's trials included, must get to reach the stores (docs/operations.md)
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    return calls
+
+
+def assert_asked_for_a_local_ray_with_the_worker_settings(calls: list[tuple[str, dict]]) -> None:
+    assert len(calls) == 1
+    address, runtime_env = calls[0]
+    assert address == "local"
+    assert runtime_env["env_vars"]["AWS_REGION"] == "eu-west-1"
+    assert runtime_env["env_vars"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # the console's, on a local Ray
+
+
+def test_pairgan_train_without_a_ray_fails_with_the_reason_and_leaves_no_run(
+        mlflow_store, tmp_path, prepared_builtin, monkeypatch, capsys):
+    import pipelines.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    calls = refuse_to_start(monkeypatch, pipelines.train)
+    params = tmp_path / "params"
+    write_shipped(params, "model", method={"generator": {"ngf": 8}, "discriminator": {"ndf": 8}})
+    write_shipped(params, "train", run={"name": "job", "storage_path": str(tmp_path / "checkpoints")})
+    write_shipped(params, "data", image_size=32)
+    status = pairgan(["train", "--params-dir", str(params), "--data", str(prepared_builtin),
+                      "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")])
+    assert status == 1
+    assert_asked_for_a_local_ray_with_the_worker_settings(calls)
+    assert f"pairgan train: the local Ray did not start (2 attempts): {NODE_START_TIMEOUT}" in capsys.readouterr().err
+    experiment = MlflowClient(tracking_uri=mlflow_store).get_experiment_by_name("pairgan")
+    assert experiment is None or not MlflowClient(tracking_uri=mlflow_store).search_runs([experiment.experiment_id])
+    assert not (tmp_path / "train.json").exists() and not (tmp_path / "generator.pt").exists()
+
+
+def test_pairgan_tune_without_a_ray_fails_with_the_reason_and_leaves_no_run(mlflow_store, tmp_path, monkeypatch, capsys):
+    import pipelines.tune
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    write_project(tmp_path, {"space": {"model.method.diffusion_gan.d_target": {"choice": [0.5, 0.6]}}})
+    calls = refuse_to_start(monkeypatch, pipelines.tune)
+    assert pairgan(tune_args(tmp_path)) == 1
+    assert_asked_for_a_local_ray_with_the_worker_settings(calls)
+    assert f"pairgan tune: the local Ray did not start (2 attempts): {NODE_START_TIMEOUT}" in capsys.readouterr().err
+    experiment = MlflowClient(tracking_uri=mlflow_store).get_experiment_by_name("pairgan-tune")
+    assert experiment is None or not MlflowClient(tracking_uri=mlflow_store).search_runs([experiment.experiment_id])
+    assert not (tmp_path / "reports" / "tune").exists()
