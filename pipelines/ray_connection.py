@@ -47,10 +47,11 @@ def connect_ray(address: str, runtime_env: dict | None, verbose: bool) -> None:
             # process exits, and `ray.shutdown` does not know them: stop them here.
             _kill(set(_child_processes()) - set(running_before))
             if attempt == LOCAL_START_ATTEMPTS:
+                attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
                 raise RayStartFailed(
-                    f"the local Ray did not start ({attempt} attempt{'s' if attempt > 1 else ''}): {error} On a busy machine Ray's "
-                    "processes can take longer to start than Ray waits for them; run it again when the "
-                    "machine is less loaded") from error
+                    f"the local Ray did not start ({attempts}): {error} On a busy machine Ray's processes can "
+                    "take longer to start than Ray waits for them; run it again when the machine is less loaded"
+                ) from error
             logger.warning("the local Ray did not start in time (%s); its processes were stopped and it is "
                            "started once more", NODE_START_TIMEOUT.lower())
 

@@ -156,6 +156,12 @@ def refuse_to_start(monkeypatch, stage_module) -> list[tuple[str, dict]]:
     return calls
 
 
+def runs_of(tracking_uri: str, experiment_name: str) -> list:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
 def assert_asked_for_a_local_ray_with_the_worker_settings(calls: list[tuple[str, dict]]) -> None:
     assert len(calls) == 1
     address, runtime_env = calls[0]
@@ -181,12 +187,12 @@ def test_pairgan_train_without_a_ray_fails_with_the_reason_and_leaves_no_run(
     assert status == 1
     assert_asked_for_a_local_ray_with_the_worker_settings(calls)
     assert f"pairgan train: the local Ray did not start (2 attempts): {NODE_START_TIMEOUT}" in capsys.readouterr().err
-    experiment = MlflowClient(tracking_uri=mlflow_store).get_experiment_by_name("pairgan")
-    assert experiment is None or not MlflowClient(tracking_uri=mlflow_store).search_runs([experiment.experiment_id])
+    assert runs_of(mlflow_store, "pairgan") == []
     assert not (tmp_path / "train.json").exists() and not (tmp_path / "generator.pt").exists()
 
 
-def test_pairgan_tune_without_a_ray_fails_with_the_reason_and_leaves_no_run(mlflow_store, tmp_path, monkeypatch, capsys):
+def test_pairgan_tune_without_a_ray_fails_with_the_reason_and_leaves_no_run(
+        mlflow_store, tmp_path, monkeypatch, capsys):
     import pipelines.tune
 
     monkeypatch.chdir(tmp_path)
@@ -196,6 +202,5 @@ def test_pairgan_tune_without_a_ray_fails_with_the_reason_and_leaves_no_run(mlfl
     assert pairgan(tune_args(tmp_path)) == 1
     assert_asked_for_a_local_ray_with_the_worker_settings(calls)
     assert f"pairgan tune: the local Ray did not start (2 attempts): {NODE_START_TIMEOUT}" in capsys.readouterr().err
-    experiment = MlflowClient(tracking_uri=mlflow_store).get_experiment_by_name("pairgan-tune")
-    assert experiment is None or not MlflowClient(tracking_uri=mlflow_store).search_runs([experiment.experiment_id])
+    assert runs_of(mlflow_store, "pairgan-tune") == []
     assert not (tmp_path / "reports" / "tune").exists()
