@@ -54,7 +54,6 @@ from components.tracking import (
     start_job_run,
 )
 from components.training.report import TrainReport, compared_metrics, write_train_report
-from components.training.warm_start import read_start_weights, start_weights_mismatch
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
 from pipelines.ray_connection import RayStartFailed, connect_ray
@@ -107,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     check_prepared_size(data, manifest.image_size, data_path, args.data)
     start_weights = environment.start_weights()
     if start_weights is not None:
+        # Imported here: it loads torch (seconds), which a params error above need not wait for.
+        from components.training.warm_start import read_start_weights, start_weights_mismatch
+
         # Checked here, before Ray starts: a worker failing on it would only be retried.
         try:
             mismatch = start_weights_mismatch(read_start_weights(start_weights), model)

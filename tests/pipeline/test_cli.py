@@ -41,8 +41,8 @@ def test_every_stage_has_help_and_its_summary_is_its_modules(stage, capsys):
 
 
 def test_only_the_stage_that_runs_is_imported_and_prepare_does_without_torch(tmp_path):
-    # `pairgan --help` and `pairgan prepare` (here with a missing params folder) answer without
-    # importing torch (seconds of CPU); a stage's module is imported when that stage runs.
+    # `pairgan --help`, `pairgan prepare` and `pairgan train` (here with a missing params folder)
+    # answer without importing torch (seconds of CPU); a stage's module is imported when that stage runs.
     probe = (
         "import json, sys\nfrom pipelines.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
@@ -57,7 +57,9 @@ def test_only_the_stage_that_runs_is_imported_and_prepare_does_without_torch(tmp
     assert imported("--help") == common
     assert imported("prepare", "--params-dir", str(tmp_path / "none")) == sorted([*common, "pipelines.prepare"])
     trained = imported("train", "--params-dir", str(tmp_path / "none"))
-    assert "pipelines.train" in trained and "torch" in trained and "pipelines.prepare" not in trained
+    assert trained == sorted([*common, "pipelines.ray_connection", "pipelines.train"])
+    scored = imported("evaluate", "--params-dir", str(tmp_path / "none"))
+    assert "pipelines.evaluate" in scored and "torch" in scored and "pipelines.train" not in scored
 
 
 def test_unknown_stage_is_a_usage_error():
