@@ -12,6 +12,8 @@ import logging
 
 import psutil
 
+from pipelines import environment
+
 logger = logging.getLogger(__name__)
 
 # The text of the exception `ray.init` raises (a bare Exception) when its local node does not
@@ -24,13 +26,19 @@ class RayStartFailed(RuntimeError):
     """The local Ray did not start, after every attempt."""
 
 
-def connect_ray(address: str, runtime_env: dict | None, verbose: bool) -> None:
-    """`ray.init` at `address` ("local": a fresh local Ray) unless this process is connected already."""
+def connect_ray(address: str, workers_environment: dict[str, str], verbose: bool) -> None:
+    """`ray.init` at `address` ("local": a fresh local Ray) unless this process is connected already.
+
+    Every worker gets `environment.ray_runtime_env(workers_environment)`: on other nodes that is
+    how they reach the stores the job names (docs/operations.md); credentials come from each
+    node's own environment.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    options = {"address": address, "include_dashboard": False, "runtime_env": runtime_env,
+    options = {"address": address, "include_dashboard": False,
+               "runtime_env": environment.ray_runtime_env(workers_environment),
                "logging_level": logging.INFO if verbose else logging.ERROR}
     if address != "local":
         ray.init(**options)

@@ -180,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Started before the MLflow run: a Ray that does not start leaves no run behind.
     try:
-        # Workers on other nodes get the S3 endpoint and region and MLflow's settings from the
-        # runtime_env; credentials come from each node's own environment (docs/training.md).
-        connect_ray(ray_address, environment.ray_runtime_env(ray_workers_environment), console.verbose)
+        connect_ray(ray_address, ray_workers_environment, console.verbose)
     except RayStartFailed as error:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED

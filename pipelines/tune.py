@@ -169,8 +169,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
 
     # Started before the sweep's MLflow run: a Ray that does not start leaves no run behind.
     try:
-        # the trials' workers reach the stores as `pairgan train`'s do (docs/operations.md)
-        connect_ray(ray_address, environment.ray_runtime_env(ray_workers_environment), console.verbose)
+        connect_ray(ray_address, ray_workers_environment, console.verbose)
     except RayStartFailed as error:
         print(f"pairgan tune: {error}", file=sys.stderr)
         return ExitStatus.FAILED

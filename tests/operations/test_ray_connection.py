@@ -43,7 +43,7 @@ from pipelines import ray_connection
 
 ray_connection.LOCAL_START_ATTEMPTS = int(sys.argv[1])
 try:
-    ray_connection.connect_ray("local", None, verbose=False)
+    ray_connection.connect_ray("local", {}, verbose=False)
     outcome = {"answer": ray.get(ray.remote(lambda: 42).remote())}
 except ray_connection.RayStartFailed as error:
     outcome = {"failed": str(error)}
@@ -97,10 +97,11 @@ class FakeInit:
     """ray.init that fails as given, counting its calls (the retry's decisions, without a Ray)."""
 
     def __init__(self, error: Exception):
-        self.error, self.calls = error, []
+        self.error, self.calls, self.runtime_envs = error, [], []
 
     def __call__(self, **options):
         self.calls.append(options["address"])
+        self.runtime_envs.append(options["runtime_env"])
         raise self.error
 
 
@@ -121,39 +122,32 @@ def fake_ray(monkeypatch):
 def test_joining_a_cluster_that_times_out_is_not_retried(fake_ray):
     init = fake_ray(Exception(NODE_START_TIMEOUT + ". This could happen because ..."))
     with pytest.raises(Exception, match=NODE_START_TIMEOUT):
-        ray_connection.connect_ray("ray://head:10001", None, verbose=False)
+        ray_connection.connect_ray("ray://head:10001", {}, verbose=False)
     assert init.calls == ["ray://head:10001"]
 
 
 def test_a_local_start_failing_for_another_reason_is_not_retried(fake_ray):
     init = fake_ray(ValueError("object_store_memory is too small"))
     with pytest.raises(ValueError, match="object_store_memory"):
-        ray_connection.connect_ray("local", None, verbose=False)
+        ray_connection.connect_ray("local", {}, verbose=False)
     assert init.calls == ["local"]
 
 
 def test_a_local_start_timing_out_each_time_is_tried_twice_then_reported(fake_ray):
     init = fake_ray(Exception(NODE_START_TIMEOUT + ". This could happen because ..."))
     with pytest.raises(RayStartFailed, match=r"did not start \(2 attempts\)"):
-        ray_connection.connect_ray("local", None, verbose=False)
+        ray_connection.connect_ray("local", {}, verbose=False)
     assert init.calls == ["local", "local"]
 
 
 # --- the stages -------------------------------------------------------------------------
 
 
-def refuse_to_start(monkeypatch, stage_module) -> list[tuple[str, dict]]:
-    """The stage's connect_ray fails as after its last attempt; returns what the stage asked for."""
-    calls = []
-
-    def connect_ray(address, runtime_env, verbose):
-        calls.append((address, runtime_env))
-        raise RayStartFailed("the local Ray did not start (2 attempts): " + NODE_START_TIMEOUT)
-
-    monkeypatch.setattr(stage_module, "connect_ray", connect_ray)
+def refuse_to_start(fake_ray, monkeypatch) -> FakeInit:
+    """Ray's start times out on every attempt; returns what the stage asked Ray for."""
     # what every worker, a sweep's trials included, must get to reach the stores (docs/operations.md)
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    return calls
+    return fake_ray(Exception(NODE_START_TIMEOUT + ". This could happen because ..."))
 
 
 def runs_of(tracking_uri: str, experiment_name: str) -> list:
@@ -162,22 +156,19 @@ def runs_of(tracking_uri: str, experiment_name: str) -> list:
     return [] if experiment is None else client.search_runs([experiment.experiment_id])
 
 
-def assert_asked_for_a_local_ray_with_the_worker_settings(calls: list[tuple[str, dict]]) -> None:
-    assert len(calls) == 1
-    address, runtime_env = calls[0]
-    assert address == "local"
-    assert runtime_env["env_vars"]["AWS_REGION"] == "eu-west-1"
-    assert runtime_env["env_vars"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
-    assert runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # the console's, on a local Ray
+def assert_asked_for_a_local_ray_with_the_worker_settings(init: FakeInit) -> None:
+    assert init.calls == ["local"] * ray_connection.LOCAL_START_ATTEMPTS
+    for runtime_env in init.runtime_envs:
+        assert runtime_env["env_vars"]["AWS_REGION"] == "eu-west-1"
+        assert runtime_env["env_vars"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+        assert runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # the console's, on a local Ray
 
 
 def test_pairgan_train_without_a_ray_fails_with_the_reason_and_leaves_no_run(
-        mlflow_store, tmp_path, prepared_builtin, monkeypatch, capsys):
-    import pipelines.train
-
+        mlflow_store, tmp_path, prepared_builtin, fake_ray, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-    calls = refuse_to_start(monkeypatch, pipelines.train)
+    init = refuse_to_start(fake_ray, monkeypatch)
     params = tmp_path / "params"
     write_shipped(params, "model", method={"generator": {"ngf": 8}, "discriminator": {"ndf": 8}})
     write_shipped(params, "train", run={"name": "job", "storage_path": str(tmp_path / "checkpoints")})
@@ -185,22 +176,20 @@ def test_pairgan_train_without_a_ray_fails_with_the_reason_and_leaves_no_run(
     status = pairgan(["train", "--params-dir", str(params), "--data", str(prepared_builtin),
                       "--model-out", str(tmp_path / "generator.pt"), "--report", str(tmp_path / "train.json")])
     assert status == 1
-    assert_asked_for_a_local_ray_with_the_worker_settings(calls)
+    assert_asked_for_a_local_ray_with_the_worker_settings(init)
     assert f"pairgan train: the local Ray did not start (2 attempts): {NODE_START_TIMEOUT}" in capsys.readouterr().err
     assert runs_of(mlflow_store, "pairgan") == []
     assert not (tmp_path / "train.json").exists() and not (tmp_path / "generator.pt").exists()
 
 
 def test_pairgan_tune_without_a_ray_fails_with_the_reason_and_leaves_no_run(
-        mlflow_store, tmp_path, monkeypatch, capsys):
-    import pipelines.tune
-
+        mlflow_store, tmp_path, fake_ray, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     write_project(tmp_path, {"space": {"model.method.diffusion_gan.d_target": {"choice": [0.5, 0.6]}}})
-    calls = refuse_to_start(monkeypatch, pipelines.tune)
+    init = refuse_to_start(fake_ray, monkeypatch)
     assert pairgan(tune_args(tmp_path)) == 1
-    assert_asked_for_a_local_ray_with_the_worker_settings(calls)
+    assert_asked_for_a_local_ray_with_the_worker_settings(init)
     assert f"pairgan tune: the local Ray did not start (2 attempts): {NODE_START_TIMEOUT}" in capsys.readouterr().err
     assert runs_of(mlflow_store, "pairgan-tune") == []
     assert not (tmp_path / "reports" / "tune").exists()
