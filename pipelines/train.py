@@ -16,9 +16,11 @@ diverged (not retried).
 """
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components.atomic_files import copy_file_atomic
 from components.config import load_params
@@ -58,10 +60,12 @@ from pipelines import environment
 from pipelines.exit_status import ExitStatus
 from pipelines.ray_connection import RayStartFailed, connect_ray
 
+if TYPE_CHECKING:
+    from components.training.compatibility import CheckpointIncompatible
+
 logger = logging.getLogger("pairgan.train")
 # the start-weights file a run started from (PAIRGAN_START_WEIGHTS), on its MLflow run
 TAG_START_WEIGHTS = "pairgan.start_weights"
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +91,20 @@ def _epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
     except (MlflowException, OSError) as error:
         logger.warning("per-epoch curves not written: MLflow run %s could not be read (%s)", run_id, error)
         return []
+
+
+def _incompatible_message(error: "CheckpointIncompatible", files: dict[str, Path | str], data_path: Path) -> str:
+    """The refusal, each changed key named in the params file that sets it."""
+    # The model's sizes are set in data.yaml.
+    sizes = {"model.image_size": (data_path, "image_size"),
+             "model.load_size": (data_path, "loader.load_scale, the load size")}
+    lines = []
+    for change in error.changes:
+        file, key = sizes.get(change.key) or (files[change.key.split(".", 1)[0]], change.key.split(".", 1)[1])
+        lines.append(f"  {file}: {key}: checkpoint has {change.checkpoint}, now {change.now}")
+    return (f"pairgan train: the unfinished run in {error.checkpoint_path} was trained with other params:\n"
+            + "\n".join(lines)
+            + f"\nrestore them to resume it, or start over: change run.name in {files['train']}, or delete that folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,11 +152,11 @@ def run(args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from components.training.checkpoints import GENERATOR_FILE
-    from components.training.compatibility import CheckpointIncompatible
+    from components.training.compatibility import CheckpointIncompatible, decide_resume, job_record
     from components.training.compile_cache import compile_cache_location
     from components.training.driver import run_training
     from components.training.job import TrainingJob
-    from components.training.run_folder import remove_unlisted_checkpoints
+    from components.training.run_folder import latest_checkpoint_info, remove_unlisted_checkpoints
     from components.training.shared_data import share_prepared, shared_location
 
     config = {"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
@@ -178,6 +196,25 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("removed %d checkpoint folder(s) of %s that Ray no longer tracks (left by a killed "
                        "training): %s", len(removed), run_folder, ", ".join(removed))
 
+    job = TrainingJob(
+        model=model, train=train, loader=data.loader,
+        data_location=data_location,
+        data_checksum=manifest.checksum, dataset_size=dataset_size,
+        tracking_uri=tracking_uri, console=console, start_weights=start_weights,
+        compile_cache=compile_cache_location(storage),
+    )
+    files = {"model": model_path, "train": train_path, "data": manifest.file_location()}
+    # Params the run's unfinished checkpoint cannot continue with are refused here, before Ray
+    # starts and before an MLflow run is opened; the workers, which load the checkpoint, decide
+    # again (a checkpoint that could not be read here, or one written since).
+    latest = latest_checkpoint_info(storage, train.run.name)
+    if latest is not None:
+        decision = decide_resume(latest.info, job_record(job), train.epochs, latest.path)
+        if decision.action == "refuse":
+            print(_incompatible_message(CheckpointIncompatible(latest.path, decision.changes), files, data_path),
+                  file=sys.stderr)
+            return ExitStatus.BAD_PARAMS
+
     # Started before the MLflow run: a Ray that does not start leaves no run behind.
     try:
         connect_ray(ray_address, ray_workers_environment, console.verbose)
@@ -197,31 +234,11 @@ def run(args: argparse.Namespace) -> int:
     run_id = start_job_run(tracking_uri, tracking.experiment, run_name, flatten_params(config), tags)
     logger.info("MLflow: %s, experiment %r, run %r", redact_uri(tracking_uri), tracking.experiment, run_name)
 
-    job = TrainingJob(
-        model=model, train=train, loader=data.loader,
-        data_location=data_location,
-        data_checksum=manifest.checksum, dataset_size=dataset_size,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id, console=console, start_weights=start_weights,
-        compile_cache=compile_cache_location(storage),
-    )
     try:
-        outcome = run_training(job, train.run, storage)
+        outcome = run_training(dataclasses.replace(job, mlflow_run_id=run_id), train.run, storage)
     except CheckpointIncompatible as error:
         finish_job_run(tracking_uri, run_id, "failed", {TAG_FAILURE: "checkpoint incompatible with params"})
-        files = {"model": model_path, "train": train_path, "data": manifest.file_location()}
-        # The model's sizes are set in data.yaml.
-        sizes = {"model.image_size": (data_path, "image_size"),
-                 "model.load_size": (data_path, "loader.load_scale, the load size")}
-        lines = []
-        for change in error.changes:
-            file, key = sizes.get(change.key) or (files[change.key.split(".", 1)[0]], change.key.split(".", 1)[1])
-            lines.append(f"  {file}: {key}: checkpoint has {change.checkpoint}, now {change.now}")
-        print(
-            f"pairgan train: the unfinished run in {error.checkpoint_path} was trained with other params:\n"
-            + "\n".join(lines)
-            + f"\nrestore them to resume it, or start over: change run.name in {train_path}, or delete that folder",
-            file=sys.stderr,
-        )
+        print(_incompatible_message(error, files, data_path), file=sys.stderr)
         return ExitStatus.BAD_PARAMS
     except DataError as error:
         # a damaged shard: deterministic, so reported once instead of retried

@@ -5,12 +5,17 @@ run folder; a resumed run continues from the latest checkpoint listed there and 
 ones beyond `num_to_keep` as it reports new ones. A training killed while a checkpoint was
 being written, or between Ray's update of that list and its deletion of the old checkpoints,
 leaves `checkpoint_*` folders the list does not name: no run ever reads or deletes them again.
+The latest checkpoint listed there is the one a resumed run continues from, so the driver can
+read its record (`latest_checkpoint_info`) before it starts any Ray worker.
 """
 
 import json
 import logging
+from dataclasses import dataclass
 
 import pyarrow.fs
+
+from components.training.checkpoints import INFO_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +30,37 @@ def _listed_checkpoints(snapshot: dict) -> set[str]:
     return {result["checkpoint_dir_name"] for result in results}
 
 
+def _read_snapshot(filesystem: pyarrow.fs.FileSystem, folder: str) -> dict:
+    with filesystem.open_input_stream(f"{folder}/{SNAPSHOT_FILE}") as stream:
+        return json.loads(stream.read())
+
+
+@dataclass(frozen=True)
+class LatestCheckpoint:
+    path: str  # as Ray's Checkpoint.path names it: a local folder, or bucket/prefix/... on S3
+    info: dict  # its checkpoint.json: the job record, the epoch, whether it is the run's last
+
+
+def latest_checkpoint_info(storage_path: str, run_name: str) -> LatestCheckpoint | None:
+    """The checkpoint a run of storage_path/run_name resumes from, with its checkpoint.json; None when the
+    run has none, or its files cannot be read (the workers, which load it, then decide alone)."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    folder = f"{root.rstrip('/')}/{run_name}"
+    try:
+        latest = _read_snapshot(filesystem, folder).get("latest_checkpoint_result")
+        if not latest:
+            return None
+        path = f"{folder}/{latest['checkpoint_dir_name']}"
+        with filesystem.open_input_stream(f"{path}/{INFO_FILE}") as stream:
+            info = json.loads(stream.read())
+    except (OSError, ValueError, KeyError, TypeError) as error:  # FileNotFoundError is an OSError
+        if not isinstance(error, FileNotFoundError):
+            logger.info("cannot read the latest checkpoint of %s/%s before training (%s); the workers decide "
+                        "whether to resume it", storage_path, run_name, error)
+        return None
+    return LatestCheckpoint(path, info)
+
+
 def remove_unlisted_checkpoints(storage_path: str, run_name: str) -> list[str]:
     """Delete the `checkpoint_*` folders of storage_path/run_name that Ray's checkpoint list does
     not name; returns their names. storage_path: an absolute local folder or s3://bucket/prefix.
@@ -36,8 +72,7 @@ def remove_unlisted_checkpoints(storage_path: str, run_name: str) -> list[str]:
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
     folder = f"{root.rstrip('/')}/{run_name}"
     try:
-        with filesystem.open_input_stream(f"{folder}/{SNAPSHOT_FILE}") as stream:
-            listed = _listed_checkpoints(json.loads(stream.read()))
+        listed = _listed_checkpoints(_read_snapshot(filesystem, folder))
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError) as error:

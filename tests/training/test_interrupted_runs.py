@@ -3,6 +3,7 @@ as FAILED and removes the checkpoint folders Ray no longer tracks, refuses param
 cannot continue with, and resumes with its own; runs are named after what they train."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -25,8 +26,9 @@ from components.tracking import (
     method_label,
     params_hash,
 )
+from components.training.checkpoints import INFO_FILE
 from components.training.report import read_train_report
-from components.training.run_folder import SNAPSHOT_FILE, remove_unlisted_checkpoints
+from components.training.run_folder import SNAPSHOT_FILE, latest_checkpoint_info, remove_unlisted_checkpoints
 from support.params import shipped_yaml, write_shipped
 from support.process_trees import kill_every_process_marked, marked
 
@@ -196,6 +198,43 @@ def test_without_a_readable_list_nothing_is_deleted(tmp_path, caplog, snapshot):
         assert "cannot read Ray's checkpoint_manager_snapshot.json" in caplog.text
 
 
+def write_info(checkpoint: Path, epoch: int) -> dict:
+    info = {"job": {"model.method.name": '"pix2pix"'}, "method": "pix2pix", "epoch": epoch, "step": 6 * epoch,
+            "final": False}
+    (checkpoint / INFO_FILE).write_text(json.dumps(info))
+    return info
+
+
+def test_the_driver_reads_the_record_of_the_checkpoint_ray_resumes_from(tmp_path):
+    folder = tmp_path / "job"
+    write_run_folder(folder, ["checkpoint_a", "checkpoint_b"], "checkpoint_a", ["checkpoint_c"])
+    for epoch, name in enumerate(["checkpoint_a", "checkpoint_b", "checkpoint_c"], start=1):
+        write_info(folder / name, epoch)
+    # Ray's latest, not the newest folder nor the last one in its list
+    latest = latest_checkpoint_info(str(tmp_path), "job")
+    assert latest is not None and latest.path == str(folder / "checkpoint_a") and latest.info["epoch"] == 1
+    assert latest_checkpoint_info(str(tmp_path), "never-ran") is None
+
+
+@pytest.mark.parametrize("damage", ["no-latest", "no-info", "unreadable-info", "unreadable-list"])
+def test_a_checkpoint_record_the_driver_cannot_read_leaves_the_decision_to_the_workers(tmp_path, caplog, damage):
+    folder = tmp_path / "job"
+    write_run_folder(folder, ["checkpoint_a"], "checkpoint_a", [])
+    write_info(folder / "checkpoint_a", 1)
+    if damage == "no-latest":
+        snapshot = json.loads((folder / SNAPSHOT_FILE).read_text())
+        (folder / SNAPSHOT_FILE).write_text(json.dumps({**snapshot, "latest_checkpoint_result": None}))
+    elif damage == "no-info":
+        (folder / "checkpoint_a" / INFO_FILE).unlink()
+    elif damage == "unreadable-info":
+        (folder / "checkpoint_a" / INFO_FILE).write_text("{cut sho")
+    else:
+        (folder / SNAPSHOT_FILE).write_text("{cut sho")
+    with caplog.at_level(logging.INFO, logger="components.training.run_folder"):
+        assert latest_checkpoint_info(str(tmp_path), "job") is None
+    assert ("the workers decide whether to resume it" in caplog.text) == damage.startswith("unreadable")
+
+
 def test_unlisted_checkpoints_are_removed_from_s3_storage(tmp_path, s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # pyarrow's S3 reads it, as Ray's storage does
     bucket = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -210,6 +249,11 @@ def test_unlisted_checkpoints_are_removed_from_s3_storage(tmp_path, s3_endpoint,
     # (pyarrow leaves an empty "prefix/job/" marker object where it deleted inside a folder)
     keys = sorted(item["Key"] for item in bucket.list_objects_v2(Bucket="runs")["Contents"] if not item["Key"].endswith("/"))
     assert keys == ["prefix/job/checkpoint_a/state.pt", f"prefix/job/{SNAPSHOT_FILE}"]
+
+    # the checkpoint's record, read where Ray's S3 storage keeps it (Checkpoint.path: bucket/prefix/...)
+    bucket.put_object(Bucket="runs", Key=f"prefix/job/checkpoint_a/{INFO_FILE}", Body=json.dumps({"epoch": 3}).encode())
+    latest = latest_checkpoint_info("s3://runs/prefix", "job")
+    assert latest is not None and (latest.path, latest.info) == ("runs/prefix/job/checkpoint_a", {"epoch": 3})
 
 
 # --- the whole story with a real `pairgan train` and a real SIGKILL --------------------
@@ -282,6 +326,9 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     write_model(16)
     refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2, refused.stdout + refused.stderr
+    # refused before any work: no Ray started, no MLflow run opened for it
+    assert "MLflow:" not in refused.stderr and "Ray worker(s)" not in refused.stderr
+    assert [run.info.run_id for run in client.search_runs(interrupted.info.experiment_id)] == [interrupted.info.run_id]
     assert f"{params / 'model.yaml'}: method.generator.ngf: checkpoint has 8, now 16" in refused.stderr
     assert "run.name" in refused.stderr
     assert f"MLflow run {interrupted.info.run_id} of {storage / 'job'} was left RUNNING" in refused.stderr
