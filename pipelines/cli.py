@@ -19,7 +19,8 @@ from pipelines.exit_status import ExitStatus
 # Every stage, with what `pairgan --help` says of it: the first line of its module's doc (a test
 # checks they agree). A stage's module is imported only when it runs or shows its own help, in
 # `stage_module`: most of them import torch, which `pairgan --help` and `pairgan prepare`
-# (and builtin-data) need not wait for; `pairgan train` imports it after checking its params.
+# (and builtin-data) need not wait for; train, tune, evaluate and register import it after
+# checking their params.
 STAGES: dict[str, str] = {
     "builtin-data": "Stage builtin-data: write the built-in example pairs (edge map | photo) as a pix2pix folder.",
     "prepare": "Stage prepare: turn paired images (folder, A/B folders, s3://, or the built-in set) into WebDataset shards.",

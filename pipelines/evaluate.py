@@ -11,16 +11,12 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components.config import load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams, check_prepared_size, check_trained_size
 from components.config.evaluate import EvaluateParams
-from components.data.batch import Batch
-from components.data.loaders import make_loader
 from components.data.manifest import load_manifest
-from components.evaluation.features import FeaturesUnavailable, load_inception
-from components.evaluation.grid import sample_grid
-from components.evaluation.held_out import evaluate_translator, pick_device
 from components.evaluation.report import (
     GRID_FILE,
     INFO_FILE,
@@ -35,11 +31,13 @@ from components.evaluation.report import (
     quality_metrics,
     write_evaluation,
 )
-from components.methods.translator import load_translator
 from components.tracking import TrackingUnavailable, log_evaluation
 from components.training.report import read_train_report
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
+
+if TYPE_CHECKING:
+    from components.data.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
     data_path = params_dir / "data.yaml"
     data_params = load_params(data_path, DataParams, context=READS_SHARDS_ONLY)
+    # Imported here: they load torch (seconds), which a params error above need not wait for.
+    from components.data.loaders import make_loader
+    from components.evaluation.features import FeaturesUnavailable, load_inception
+    from components.evaluation.grid import sample_grid
+    from components.evaluation.held_out import evaluate_translator, pick_device
+    from components.methods.translator import load_translator
 
-    def held_out() -> Iterable[Batch]:
+    def held_out() -> Iterable["Batch"]:
         return make_loader(args.data, params.split, data_params.loader, params.batch_size, train=False, device=device,
                            expected_checksum=manifest.checksum)
 

@@ -20,24 +20,15 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 from components.atomic_files import write_json_atomic
 from components.config import load_params
 from components.config.data import READS_SHARDS_ONLY, DataParams
 from components.config.evaluate import EvaluateParams
 from components.config.flatten import flatten
 from components.config.register import RegisterParams
-from components.data.loaders import make_loader
 from components.data.manifest import load_manifest
-from components.evaluation.held_out import pick_device, score_held_out
 from components.evaluation.report import METRICS_FILE, read_evaluation
-from components.methods.translator import load_translator
 from components.redaction import redact_text, redact_uri
-from components.registry.flavor import TranslatorCard
-from components.registry.gate import ChampionUnusable, RegistrationRefused, refuse_unless_healthy, register_with_gate
-from components.registry.lock import LockLost, RegistryBusy
-from components.registry.model_card import Provenance
 from components.tracking import TrackingUnavailable, check_tracking_reachable, git_commit
 from components.training.report import read_train_report
 from pipelines import environment
@@ -87,6 +78,21 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(params_dir / "register.yaml", RegisterParams)
     evaluate_params = load_params(params_dir / "evaluate.yaml", EvaluateParams)
     data_params = load_params(params_dir / "data.yaml", DataParams, context=READS_SHARDS_ONLY)
+    # Imported here: they load torch and MLflow (seconds), which a params error above need not wait for.
+    import torch
+
+    from components.data.loaders import make_loader
+    from components.evaluation.held_out import pick_device, score_held_out
+    from components.methods.translator import load_translator
+    from components.registry.flavor import TranslatorCard
+    from components.registry.gate import (
+        ChampionUnusable,
+        RegistrationRefused,
+        refuse_unless_healthy,
+        register_with_gate,
+    )
+    from components.registry.lock import LockLost, RegistryBusy
+    from components.registry.model_card import Provenance
 
     try:
         train_report = read_train_report(Path(args.train_report))

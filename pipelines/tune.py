@@ -49,7 +49,6 @@ from components.tracking import (
     flatten_params,
     git_commit,
 )
-from components.training.validation import VALIDATION_SPLIT
 from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command
 from components.tuning.space import SweepSpace
 from pipelines import environment
@@ -124,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise ParamsError(train_path, [("validation.samples", f"is 0, but {tune_path} ranks trials on {tune.metric}, "
                                         "the validation score: set it to 8 or more")])
 
+    # Imported here: they load Ray and torch (seconds), which a params error above need not wait for.
+    from components.training.validation import VALIDATION_SPLIT
     from components.tuning.sweep import SearchUnavailable, check_search_available
 
     try:

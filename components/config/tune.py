@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
 
 from components.config.loading import StrictModel
-from components.evaluation.held_out import HIGHER_IS_BETTER
+from components.evaluation.report import HIGHER_IS_BETTER
 
 PositiveInt = Annotated[int, Field(gt=0)]
 

@@ -26,10 +26,6 @@ from components.evaluation.progress import EvaluationProgress
 
 log = logging.getLogger(__name__)
 
-# direction of every metric the gate can use: True when higher is better
-HIGHER_IS_BETTER: dict[str, bool] = {"l1": False, "psnr": True, "ssim": True, "fid": False, "kid": False}
-
-
 @dataclass
 class HeldOutScores:
     """What one pass over the held-out split measured."""

@@ -32,6 +32,8 @@ PER_IMAGE_FILE, SWEEP_FILE, GRID_FILE = "per_image.csv", "guidance_sweep.csv", "
 PER_IMAGE_COLUMNS = ("index", "l1", "psnr", "ssim")
 # computed for every generator, and only with the Inception features
 IMAGE_METRICS, FEATURE_METRICS = ("psnr", "ssim", "l1"), ("fid", "kid", "kid_std")
+# direction of every metric the gate and a sweep can use: True when higher is better
+HIGHER_IS_BETTER: dict[str, bool] = {"l1": False, "psnr": True, "ssim": True, "fid": False, "kid": False}
 
 
 class _Report(BaseModel):

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from components.config.register import RegisterParams
-from components.evaluation.held_out import HIGHER_IS_BETTER, HeldOutScores
+from components.evaluation.held_out import HeldOutScores
+from components.evaluation.report import HIGHER_IS_BETTER
 from components.redaction import redact_uri
 from components.registry.comparison import Comparison, paired_bootstrap, per_image_improvement
 from components.registry.flavor import TranslatorCard

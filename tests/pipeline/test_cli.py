@@ -40,9 +40,10 @@ def test_every_stage_has_help_and_its_summary_is_its_modules(stage, capsys):
     assert "placeholder" not in shown.lower()
 
 
-def test_only_the_stage_that_runs_is_imported_and_prepare_does_without_torch(tmp_path):
-    # `pairgan --help`, `pairgan prepare` and `pairgan train` (here with a missing params folder)
-    # answer without importing torch (seconds of CPU); a stage's module is imported when that stage runs.
+def test_only_the_stage_that_runs_is_imported_and_params_errors_come_without_torch(tmp_path):
+    # `pairgan --help`, `pairgan prepare`, and the stages that train or score with a missing
+    # params folder, answer without importing torch (seconds of CPU); a stage's module is
+    # imported when that stage runs.
     probe = (
         "import json, sys\nfrom pipelines.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
@@ -56,10 +57,14 @@ def test_only_the_stage_that_runs_is_imported_and_prepare_does_without_torch(tmp
     common = ["pipelines", "pipelines.cli", "pipelines.environment", "pipelines.exit_status"]
     assert imported("--help") == common
     assert imported("prepare", "--params-dir", str(tmp_path / "none")) == sorted([*common, "pipelines.prepare"])
-    trained = imported("train", "--params-dir", str(tmp_path / "none"))
-    assert trained == sorted([*common, "pipelines.ray_connection", "pipelines.train"])
-    scored = imported("evaluate", "--params-dir", str(tmp_path / "none"))
-    assert "pipelines.evaluate" in scored and "torch" in scored and "pipelines.train" not in scored
+    for stage in ("train", "tune"):
+        expected = sorted([*common, "pipelines.ray_connection", f"pipelines.{stage}"])
+        assert imported(stage, "--params-dir", str(tmp_path / "none")) == expected, stage
+    for stage in ("evaluate", "register"):
+        assert imported(stage, "--params-dir", str(tmp_path / "none")) == sorted([*common, f"pipelines.{stage}"]), stage
+    # and a stage that gets past its params does load it: the probe sees torch when it is there
+    predicted = imported("predict", "--model", str(tmp_path / "none.pt"), "--input", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert "torch" in predicted and "pipelines.predict" in predicted
 
 
 def test_unknown_stage_is_a_usage_error():
