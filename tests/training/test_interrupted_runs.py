@@ -198,11 +198,10 @@ def test_without_a_readable_list_nothing_is_deleted(tmp_path, caplog, snapshot):
         assert "cannot read Ray's checkpoint_manager_snapshot.json" in caplog.text
 
 
-def write_info(checkpoint: Path, epoch: int) -> dict:
+def write_info(checkpoint: Path, epoch: int) -> None:
     info = {"job": {"model.method.name": '"pix2pix"'}, "method": "pix2pix", "epoch": epoch, "step": 6 * epoch,
             "final": False}
     (checkpoint / INFO_FILE).write_text(json.dumps(info))
-    return info
 
 
 def test_the_driver_reads_the_record_of_the_checkpoint_ray_resumes_from(tmp_path):
