@@ -26,7 +26,7 @@ from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.console import StepProgress, epoch_line
 from components.data.batch import Batch
-from components.methods.base import MethodContext, Player, unwrap
+from components.methods.base import MethodContext, Player, eager, unwrap
 from components.methods.registry import build_method
 from components.training.health import DivergenceDetector
 from components.training.performance import apply_switches, configure_backends, resolve_switches
@@ -177,11 +177,14 @@ class TrainingSession:
 
     @torch.no_grad()
     def sample(self, source: torch.Tensor) -> torch.Tensor:
-        """Translate with the current weights as the exported Translator would."""
+        """Translate with the current weights as the exported Translator would, eagerly: with
+        `compile` on, a sample grid's few pairs (a batch size of their own, shapes are static)
+        would compile every block once more, seconds to minutes for a handful of images."""
         sampler = self.method.make_sampler()
         was_training = sampler.training
         sampler.eval()
-        images = sampler(source.to(self.device)).clamp(-1, 1)
+        with eager():
+            images = sampler(source.to(self.device)).clamp(-1, 1)
         sampler.train(was_training)
         return images
 

@@ -206,7 +206,7 @@ def train_worker(config: dict) -> None:
                 pairs = {key: value[: run.tracking.sample_grid_pairs] for key, value in loader.first_batch.items()}
                 epoch_logger.log_sample_grid(epoch, pairs["source"], session.sample(pairs["source"]), pairs["target"])
         if compile_cache is not None and rank == 0 and epoch >= epochs:
-            compile_cache.save()  # once, when the training, validation and sampling shapes have compiled
+            compile_cache.save()  # once, when the training and validation shapes have compiled
         if checkpoint_due(epoch, epochs, run.checkpoint.every_epochs):
             save_and_report(metrics, final=epoch >= epochs)
         else:

@@ -189,6 +189,25 @@ def test_only_a_compiling_session_with_a_location_keeps_a_cache(tmp_path, monkey
     assert shipped("train").performance.compile_cache is False  # opt-in: the cache is code the workers run
 
 
+def test_a_sample_grid_runs_the_compiled_generator_eagerly(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from components.training.loop import TrainingSession
+
+    # dynamo's eager backend: what dynamo would compile is counted, nothing reaches Inductor
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    train = shipped("train", performance={"compile": True})
+    session = TrainingSession(shipped("model", image_size=32), train, 8, torch.device("cpu"))
+    source = torch.rand(3, 3, 32, 32) * 2 - 1
+    torch._dynamo.reset()
+    counters.clear()
+    images = session.sample(source)
+    assert images.shape == source.shape and counters["frames"]["total"] == 0
+    with torch.no_grad():  # the control: the same generator called as training would call it compiles
+        session.method.make_sampler()(source)
+    assert counters["frames"]["total"] > 0
+
+
 @pytest.mark.slow
 def test_pairgan_train_loads_and_keeps_the_compiled_code_under_its_storage(tmp_path):
     # 16 px pairs: a U-Net of four levels, one fewer block shape to compile than at 32 px
