@@ -30,6 +30,11 @@ def _listed_checkpoints(snapshot: dict) -> set[str]:
     return {result["checkpoint_dir_name"] for result in results}
 
 
+def _run_folder(storage_path: str, run_name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    return filesystem, f"{root.rstrip('/')}/{run_name}"
+
+
 def _read_snapshot(filesystem: pyarrow.fs.FileSystem, folder: str) -> dict:
     with filesystem.open_input_stream(f"{folder}/{SNAPSHOT_FILE}") as stream:
         return json.loads(stream.read())
@@ -44,8 +49,7 @@ class LatestCheckpoint:
 def latest_checkpoint_info(storage_path: str, run_name: str) -> LatestCheckpoint | None:
     """The checkpoint a run of storage_path/run_name resumes from, with its checkpoint.json; None when the
     run has none, or its files cannot be read (the workers, which load it, then decide alone)."""
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    folder = f"{root.rstrip('/')}/{run_name}"
+    filesystem, folder = _run_folder(storage_path, run_name)
     try:
         latest = _read_snapshot(filesystem, folder).get("latest_checkpoint_result")
         if not latest:
@@ -69,8 +73,7 @@ def remove_unlisted_checkpoints(storage_path: str, run_name: str) -> list[str]:
     run afresh and these folders are the only trace of the killed run, so they stay for a person
     to look at.
     """
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    folder = f"{root.rstrip('/')}/{run_name}"
+    filesystem, folder = _run_folder(storage_path, run_name)
     try:
         listed = _listed_checkpoints(_read_snapshot(filesystem, folder))
     except FileNotFoundError:

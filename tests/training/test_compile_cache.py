@@ -203,7 +203,7 @@ def test_a_sample_grid_runs_the_compiled_generator_eagerly(monkeypatch):
     counters.clear()
     images = session.sample(source)
     assert images.shape == source.shape and counters["frames"]["total"] == 0
-    with torch.no_grad():  # the control: the same generator called as training would call it compiles
+    with torch.no_grad():  # the control: the same generator called without the eager stance compiles
         session.method.make_sampler()(source)
     assert counters["frames"]["total"] > 0
 
