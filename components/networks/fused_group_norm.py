@@ -13,6 +13,9 @@ convolutions, are most of a step (docs/benchmarks.md). Here:
   activations whose mean is large against their spread);
 - backward: one pass sums the gradient per channel, one writes dx, both recomputing the SiLU
   from x. Only x (and the small factors) is kept, not the norm's output or the SiLU's input.
+  It is differentiable once: a gradient penalty through it (R1 differentiates D's gradient)
+  raises instead of returning a wrong second derivative. The networks that have these norms
+  (the DDPM U-Net, ATME's W) are generators, which R1 does not differentiate twice.
 
 Any 4-D layout whose height and width merge into one stride (NCHW and channels_last, NHWC)
 is read in place, so channels_last needs no copy either. The statistics accumulate in
@@ -29,6 +32,7 @@ import importlib.util
 from types import ModuleType, SimpleNamespace
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -151,7 +155,11 @@ class _GroupNormActivation(torch.autograd.Function):
         return passes.affine_activation(x, a, beta, mean, silu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        # Not differentiable itself: the statistics are saved as constants, and the Triton
+        # kernels record nothing, so a second-order gradient through it (a gradient penalty)
+        # would be silently wrong. once_differentiable makes differentiating it an error.
         x, gamma, beta, a, mean, rstd = ctx.saved_tensors
         passes = _passes(x)
         grad_out = _merged_layout(grad_out)

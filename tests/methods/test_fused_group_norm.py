@@ -54,6 +54,23 @@ def test_backward_pass_matches_autograd_in_float64(channels_last, film, silu):
     torch.testing.assert_close(fused(*differentiable), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_a_second_order_gradient_through_it_is_an_error_not_a_wrong_number():
+    # A gradient penalty (R1) differentiates a network's gradient once more. The hand-written
+    # backward pass treats the statistics as constants (and on CUDA runs Triton kernels autograd
+    # cannot see), so its own derivative would be wrong: it must refuse, not answer.
+    x, weight, bias, scale, shift = inputs(film=False)
+    for norm in (unfused, group_norm_activation):
+        out = norm(x, 3, weight, bias, 1e-5, silu=True)
+        # as R1 does: the gradient at the input, with its graph, then the penalty's backward pass
+        (gradient,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        if norm is unfused:  # the control: the unfused ops differentiate twice
+            gradient.square().sum().backward()
+            assert weight.grad is not None and weight.grad.abs().sum() > 0
+            continue
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gradient.square().sum().backward()
+
+
 @pytest.mark.parametrize("groups", [1, 2, 8])
 def test_groups_from_one_to_one_per_channel_match_group_norm(groups):
     x, weight, bias, scale, shift = inputs(channels=8, dtype=torch.float32)
