@@ -53,10 +53,12 @@ SMALL_METHODS = {
 }
 
 
-def session_for(method: str, switches: dict, device: torch.device, data: SyntheticPairs) -> TrainingSession:
-    """A small network of `method` at 32 px with the shipped params and these performance switches."""
+def session_for(method: str, switches: dict, device: torch.device, data: SyntheticPairs,
+                method_overrides: dict | None = None) -> TrainingSession:
+    """A small network of `method` at 32 px with the shipped params and these performance switches
+    (`method_overrides`: keys of its `method:` block replaced)."""
     model = ModelParams.model_validate({**shipped("model.yaml"), "image_size": 32, "load_size": 36,
-                                        "method": SMALL_METHODS[method]})
+                                        "method": {**SMALL_METHODS[method], **(method_overrides or {})}})
     train = shipped("train.yaml")
     train["performance"].update(switches)
     return TrainingSession(model, TrainParams.model_validate(train), len(data), device)
@@ -315,6 +317,54 @@ def test_a_session_with_switches_trains_like_the_plain_one(method):
     for plain_step, switched_step in zip(curves["plain"], curves["switched"]):
         for key in ("loss/G", "loss/D", "loss/G_L1"):
             assert switched_step[key] == pytest.approx(plain_step[key], rel=1e-4, abs=1e-5), key
+
+
+# The networks each phase runs (a method's begin_step shares its forward passes with the phases).
+PHASE_NETWORKS = {
+    "pix2pix": {("begin_step", "G"), ("D-main", "D"), ("D-reg", "D"), ("G-main", "D")},
+    "atme": {("begin_step", "G"), ("begin_step", "W"), ("D-main", "D"), ("D-reg", "D"), ("G-main", "D")},
+    "ddgan": {("D-main", "G"), ("D-main", "D"), ("D-reg", "D"), ("G-main", "G"), ("G-main", "D")},
+}
+
+
+@pytest.mark.parametrize("method", ["pix2pix", "atme", "ddgan"])
+def test_bf16_channels_last_and_fused_adam_reach_every_network_in_every_phase(method):
+    # A phase that left out its autocast, or a batch left in NCHW, trains as well on the CPU and
+    # only runs slower on a GPU, where no test runs it: every convolution of every network, in
+    # every phase, must compute in bf16 on a channels_last input. (pix2pix with batch norms:
+    # PyTorch's instance norm returns NCHW whatever its input, docs/training.md.)
+    data = SyntheticPairs(8, 32, 2, load_size=36)
+    overrides = {"loss": {**SMALL_METHODS[method]["loss"], "r1_gamma": 0.05, "r1_interval": 2}}  # D-reg at step 0
+    if method == "pix2pix":
+        overrides["generator"] = {**SMALL_METHODS["pix2pix"]["generator"], "norm": "batch"}
+    session = session_for(method, {"autocast": "bf16", "channels_last": True, "fused_adam": True}, CPU, data, overrides)
+    assert all(optimizer.defaults["fused"] for optimizer in session.optimizers.values())
+    convolutions = []  # (phase, network, output dtype, input in channels_last)
+    phase = "begin_step"
+
+    def record(network: str):
+        def hook(module, inputs, output):
+            convolutions.append((phase, network, output.dtype, inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        return hook
+
+    for name, network in session.method.networks().items():
+        for module in unwrap(network).modules():
+            if isinstance(module, torch.nn.modules.conv._ConvNd):
+                module.register_forward_hook(record(name))
+    accumulate = session.method.accumulate_gradients
+
+    def in_phase(name, *args):
+        nonlocal phase
+        phase = name
+        return accumulate(name, *args)
+
+    session.method.accumulate_gradients = in_phase
+    for batch in data.steps(2):
+        phase = "begin_step"
+        session.train_step(batch)
+    assert {(phase, network) for phase, network, _, _ in convolutions} == PHASE_NETWORKS[method]
+    assert [entry for entry in convolutions if entry[2] != torch.bfloat16] == []
+    assert [entry for entry in convolutions if not entry[3]] == []
 
 
 @pytest.mark.cuda
