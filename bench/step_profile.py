@@ -13,6 +13,10 @@ time, the device time by kind of kernel (convolution, matrix product, norm, layo
 elementwise, compiled), and the N places with the most copy time (layout changes and casts),
 each named by the operator that made the copy and its callers. Results go to
 OUT/step_profile.json and OUT/kernels_<variant>.txt.
+`--method-overrides JSON` replaces keys of the reference preset's `method:` block (merged, as
+`--variant` does for the switches), e.g. `'{"generator": {"norm": "instance"}}'` for pix2pix
+with the instance norms of the shipped params/model.yaml; the row records the `method:` block
+measured.
 `--compile-cache FOLDER` loads the compile cache kept there before the variants and saves it
 after them, as a training run does with `performance.compile_cache`: run a compiled variant
 twice, each time with a new empty TORCHINDUCTOR_CACHE_DIR, and the second warm-up is what a new
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 import workloads
 
+from components.config.model import ModelParams
 from components.training.compile_cache import CompileCache
 from components.training.loop import TrainingSession
 
@@ -124,11 +129,11 @@ def kernel_table(session: TrainingSession, batch: dict, steps: int, rows: int) -
     return "\n".join(lines), {kind: round(ms, 2) for kind, ms in by_kind.items()}
 
 
-def measure(name: str, overrides: dict, args: argparse.Namespace, batch: dict, kernels: int) -> dict:
+def measure(name: str, overrides: dict, args: argparse.Namespace, model: ModelParams, batch: dict,
+            kernels: int) -> dict:
     device = torch.device(args.device)
     before = workloads.compile_counts()
     workloads.release_device(device)  # each variant's warm-up includes its own compilation
-    model = workloads.model_params(args.method, args.image_size)
     session = TrainingSession(model, workloads.train_params(args.batch_size, overrides), args.batch_size, device)
     started = time.perf_counter()
     warmup_s, _ = workloads.time_steps(session, itertools.repeat(batch), args.warmup, device)
@@ -137,6 +142,7 @@ def measure(name: str, overrides: dict, args: argparse.Namespace, batch: dict, k
     finite = all(bool(torch.isfinite(value)) for value in session.stats.step_values.values())
     result = {
         "variant": name, "overrides": overrides, "switches": session.switches.summary(), "method": args.method,
+        "model": model.method.model_dump(mode="json"),
         "batch_size": args.batch_size, "image_size": args.image_size, "images_per_s": round(images / seconds, 1),
         "step_ms": round(1000 * seconds / args.steps, 1), "warmup_s": round(warmup_s, 1),
         "peak_memory_gib": round(peak, 2), "gib_per_image": round(peak / args.batch_size, 3), "losses_finite": finite,
@@ -162,6 +168,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN's search, compilation)")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True,
                         help="a name and the performance switches it overrides, as JSON ({} for the shipped ones)")
+    parser.add_argument("--method-overrides", default="{}", metavar="JSON",
+                        help="keys of the reference preset's method: block to replace, as JSON")
     parser.add_argument("--kernels", type=int, default=0, help="profile these many heaviest kernels of --profile-variants")
     parser.add_argument("--profile-variants", nargs="*", default=None, help="variants to profile (default: the first)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants that start after this many seconds")
@@ -171,6 +179,13 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [(name, json.loads(text)) for name, text in args.variant]
+    try:
+        method_overrides = json.loads(args.method_overrides)
+        if not isinstance(method_overrides, dict):
+            raise ValueError(f"not a JSON object: {args.method_overrides}")
+        model = workloads.model_params(args.method, args.image_size, method_overrides)
+    except ValueError as error:  # not JSON, not an object, or a key the preset does not have (a ParamsError)
+        parser.error(f"--method-overrides: {error}")
     profiled = set(args.profile_variants) if args.profile_variants is not None else {variants[0][0]}
     batch = workloads.random_batch(args.batch_size, args.image_size, args.batch_size, torch.device(args.device))
     compile_cache = None
@@ -183,7 +198,7 @@ def main() -> None:
             results.append({"variant": name, "status": "skipped", "reason": "time budget"})
             continue
         try:
-            results.append({"status": "ok", **measure(name, overrides, args, batch, args.kernels if name in profiled else 0)})
+            results.append({"status": "ok", **measure(name, overrides, args, model, batch, args.kernels if name in profiled else 0)})
         except Exception as error:  # one variant's failure (out of memory, a compiler error) is a row, not the end
             results.append({"variant": name, "status": "error", "error": f"{type(error).__name__}: {error}"[:1500]})
         print(json.dumps(results[-1]), flush=True)

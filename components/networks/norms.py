@@ -1,5 +1,6 @@
 """Group normalisation that keeps bf16 activations in bf16, with float32 statistics, and can
-apply the FiLM and SiLU that follow it in the same operation."""
+apply the FiLM and SiLU that follow it in the same operation; instance normalisation that can
+keep its input's layout."""
 
 import torch
 from torch import nn
@@ -44,3 +45,24 @@ class GroupNorm(nn.GroupNorm):
         if scale is not None:
             h = torch.addcmul(shift.to(h.dtype), h, 1 + scale.to(h.dtype))
         return F.silu(h) if silu else h
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """`nn.InstanceNorm2d` (no affine, no running statistics: pix2pix's) that can keep its input's layout.
+
+    PyTorch's instance norm normalises a contiguous (NCHW) copy of its input, viewed as one
+    sample of batch x channels channels, and returns NCHW: with channels_last, each one copies
+    the activation to NCHW and the next convolution copies it back to NHWC. `fused` (set by the
+    `fused_norm` switch) runs it as the fused group norm with one group per channel
+    (fused_group_norm.py), which reads and writes any layout in place; same statistics, same
+    eps, no state_dict entries either way.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return group_norm_activation(x, self.num_features, self.weight, self.bias, self.eps)
+        return super().forward(x)

@@ -7,6 +7,7 @@ from torch import nn
 
 from components.networks.embedding import sinusoidal_embedding
 from components.networks.init import init_normal_
+from components.networks.norms import InstanceNorm
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -14,7 +15,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":
-        return nn.InstanceNorm2d(channels)
+        return InstanceNorm(channels)
     return nn.Identity()
 
 

@@ -33,8 +33,11 @@
   one more forward pass of those blocks.
 - fused_norm: the DDPM U-Net's group norms, with the FiLM and SiLU that follow them, run as
   one operation with its own backward pass (components/networks/fused_group_norm.py; Triton
-  kernels on CUDA, in any layout, channels_last included). For eager mode: with compile,
-  Inductor fuses those ops itself and the switch is off.
+  kernels on CUDA, in any layout, channels_last included); the pix2pix U-Net's instance norms
+  run as the same operation (one group per channel), which keeps channels_last where PyTorch's
+  instance norm returns NCHW. PatchGAN's norms stay PyTorch's: R1 differentiates twice
+  through D, and the fused operation's backward pass is differentiable once. For eager mode:
+  with compile, Inductor fuses those ops itself and the switch is off.
 
 Compiling and checkpointing happen in place (`module.compile()` and a bound `forward`), so
 state_dict keys, `unwrap`, DDP and deep copies (DDGAN's EMA) see the plain network.
@@ -52,8 +55,8 @@ from components.config.train import PerformanceParams
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
 from components.networks.fused_group_norm import triton_available
-from components.networks.norms import GroupNorm
-from components.networks.pix2pix import UNetBlock, UNetGenerator
+from components.networks.norms import GroupNorm, InstanceNorm
+from components.networks.pix2pix import PatchGAN, UNetBlock, UNetGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +209,12 @@ def apply_switches(network: nn.Module, switches: Switches) -> nn.Module:
     """
     if switches.channels_last:
         network = network.to(memory_format=torch.channels_last)
+    fused_norms = switches.fused_norm and not isinstance(network, PatchGAN)  # R1: see the module doc
     for module in network.modules():
         if isinstance(module, FullAttention):
             module.use_sdpa = switches.sdpa
-        if isinstance(module, GroupNorm):
-            module.fused = switches.fused_norm
+        if isinstance(module, GroupNorm | InstanceNorm):
+            module.fused = fused_norms
     if switches.activation_checkpointing:
         for block in repeated_blocks(network):
             # bound to the block, so a deep copy (an EMA of G) rebinds it to the copy

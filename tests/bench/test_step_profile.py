@@ -1,5 +1,6 @@
-"""bench/step_profile.py on the CPU: each variant measured with the switches it asked for, the
-profiled one's heaviest operators written out, a bad variant a row of its own."""
+"""bench/step_profile.py on the CPU: each variant measured with the switches it asked for, on the
+networks asked for, the profiled one's heaviest operators written out, a bad variant a row of
+its own, a bad network refused before anything runs."""
 
 import json
 import os
@@ -11,16 +12,23 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 BF16 = "bf16 autocast, a name longer than the others together"
 
 
+ENVIRONMENT = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), str(REPOSITORY / "bench")])}
+PIX2PIX = [sys.executable, str(REPOSITORY / "bench" / "step_profile.py"), "--method", "pix2pix", "--batch-size", "2",
+           "--image-size", "32", "--steps", "1", "--warmup", "1"]
+INSTANCE_NORMS = '{"generator": {"norm": "instance"}, "discriminator": {"norm": "instance"}}'
+
+
 def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_path):
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), str(REPOSITORY / "bench")])}
-    command = [sys.executable, str(REPOSITORY / "bench" / "step_profile.py"), "--method", "pix2pix", "--batch-size", "2",
-               "--image-size", "32", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--kernels", "5",
+    command = [*PIX2PIX, "--out", str(tmp_path), "--kernels", "5", "--method-overrides", INSTANCE_NORMS,
                "--variant", "shipped", "{}", "--variant", "misspelt", '{"channel_last": true}',
                "--variant", BF16, '{"autocast": "bf16"}', "--compile-cache", str(tmp_path / "compile-cache")]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, env=ENVIRONMENT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads((tmp_path / "step_profile.json").read_text())}
     assert list(rows) == ["shipped", "misspelt", BF16]
+    # the reference preset's batch norms replaced, and the row says which networks it measured
+    assert rows["shipped"]["model"]["generator"]["norm"] == rows[BF16]["model"]["discriminator"]["norm"] == "instance"
+    assert rows["shipped"]["model"]["generator"]["ngf"] == 64  # the rest of the preset kept
     assert rows["shipped"]["status"] == "ok" and rows["shipped"]["images_per_s"] > 0
     assert rows["shipped"]["switches"]["autocast"] == "none"  # auto is off on the CPU
     assert rows[BF16]["status"] == "ok" and rows[BF16]["switches"]["autocast"] == "bf16"
@@ -44,3 +52,12 @@ def test_variants_are_measured_profiled_and_a_bad_one_is_a_row_not_the_end(tmp_p
     # nothing compiled: the cache is looked for, and nothing is written
     assert f"compile cache: 0 entries loaded from {tmp_path / 'compile-cache'}" in completed.stdout
     assert "compile cache: unchanged at" in completed.stdout and not (tmp_path / "compile-cache").exists()
+
+
+def test_networks_the_method_cannot_build_are_refused_before_anything_runs(tmp_path):
+    command = [*PIX2PIX, "--out", str(tmp_path), "--variant", "shipped", "{}",
+               "--method-overrides", '{"generator": {"norm": "instanse"}}']
+    completed = subprocess.run(command, env=ENVIRONMENT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 2
+    assert "--method-overrides" in completed.stderr and "method.generator.norm" in completed.stderr
+    assert not (tmp_path / "step_profile.json").exists()

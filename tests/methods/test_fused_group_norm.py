@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from components.networks import fused_group_norm
 from components.networks.fused_group_norm import group_norm_activation
-from components.networks.norms import GroupNorm
+from components.networks.norms import GroupNorm, InstanceNorm
 
 TESTS = Path(__file__).resolve().parents[1]
 REPOSITORY = TESTS.parent
@@ -123,6 +123,27 @@ def test_bf16_activations_stay_bf16_and_match_the_unfused_norm_under_autocast():
     torch.testing.assert_close(actual_dx.float(), expected_dx.float(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_a_fused_instance_norm_equals_pytorchs_and_keeps_the_layout(channels_last):
+    torch.manual_seed(0)
+    plain, fused = InstanceNorm(16), InstanceNorm(16)
+    fused.fused = True
+    assert list(fused.state_dict()) == list(torch.nn.InstanceNorm2d(16).state_dict()) == []
+    x = torch.randn(3, 16, 8, 6, dtype=torch.float64) * 3 + 2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)  # in x's layout, as the next convolution's backward pass hands it over
+    expected, actual = plain(x), fused(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    (expected_dx,), (actual_dx,) = torch.autograd.grad(expected, x, grad), torch.autograd.grad(actual, x, grad)
+    torch.testing.assert_close(actual_dx, expected_dx, rtol=1e-10, atol=1e-10)
+    if channels_last:  # PyTorch's returns NCHW whatever the input's layout: what fusing it avoids
+        assert not expected.is_contiguous(memory_format=torch.channels_last)
+    assert actual.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert actual_dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 @pytest.mark.parametrize(("shape", "groups", "film", "message"), [
     ((2, 8, 16), 2, False, r"takes a 4-D tensor, got shape \(2, 8, 16\)"),
     ((2, 6, 4, 4), 4, False, "6 channels do not split into 4 groups"),
@@ -201,3 +222,29 @@ def test_triton_kernels_match_the_pytorch_passes_on_cuda(dtype, channels_last):
     torch.testing.assert_close(out, fused_group_norm.affine_activation(x, a, b, center, True), **tolerance)
     torch.testing.assert_close(group_norm_triton.input_gradient(x, grad, a, b, center, p, q, r, True),
                                fused_group_norm.input_gradient(x, grad, a, b, center, p, q, r, True), **tolerance)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_a_fused_instance_norm_equals_pytorchs_at_the_pix2pix_unet_sizes_on_cuda(dtype, channels_last):
+    # the (channels, side) of every instance norm of pix2pix's 256 px U-Net (ngf 64), down and
+    # up: one group per channel, from 16,384 positions down to 4
+    tolerance = {"rtol": 2**-6, "atol": 2**-6} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.manual_seed(0)
+    for channels, side in ((128, 64), (256, 32), (512, 16), (512, 8), (512, 4), (512, 2), (64, 128)):
+        x = (torch.randn(2, channels, side, side, device="cuda") * 2 + 1).to(dtype)
+        grad = torch.randn(x.shape, device="cuda").to(dtype)
+        if channels_last:
+            x, grad = x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        fused, plain = InstanceNorm(channels), torch.nn.InstanceNorm2d(channels)
+        fused.fused = True
+        actual = fused(x)
+        assert actual.dtype == dtype and actual.stride() == x.stride(), (channels, side)
+        (actual_dx,) = torch.autograd.grad(actual, x, grad)
+        reference = x.detach().float().requires_grad_()  # PyTorch's in float32: the precision the fused one keeps
+        expected = plain(reference)
+        (expected_dx,) = torch.autograd.grad(expected, reference, grad.float())
+        torch.testing.assert_close(actual.float(), expected, **tolerance, msg=f"{channels} x {side}^2")
+        torch.testing.assert_close(actual_dx.float(), expected_dx, **tolerance, msg=f"{channels} x {side}^2 dx")

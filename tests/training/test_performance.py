@@ -21,7 +21,7 @@ from components.networks import norms
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
 from components.networks.fused_group_norm import triton_available
-from components.networks.norms import GroupNorm
+from components.networks.norms import GroupNorm, InstanceNorm
 from components.networks.pix2pix import PatchGAN, UNetGenerator
 from components.training import performance
 from components.training.loop import TrainingSession
@@ -296,6 +296,25 @@ def test_fused_norm_runs_each_norm_with_its_film_and_silu_as_one_operation(monke
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_fused_norm_takes_the_pix2pix_generators_instance_norms_and_leaves_patchgan_alone():
+    torch.manual_seed(0)
+    plain = UNetGenerator(3, 3, 32, ngf=8, norm="instance", dropout=0.0)  # dropout: other draws either way
+    fused = apply_switches(copy.deepcopy(plain), dataclasses.replace(PLAIN, fused_norm=True, channels_last=True))
+    norms = [module for module in fused.modules() if isinstance(module, InstanceNorm)]
+    assert norms and all(norm.fused for norm in norms)
+    # R1 differentiates D's gradient, which the fused operation refuses to: D keeps PyTorch's norms
+    discriminator = apply_switches(PatchGAN(6, ndf=8, norm="instance"), dataclasses.replace(PLAIN, fused_norm=True))
+    d_norms = [module for module in discriminator.modules() if isinstance(module, InstanceNorm)]
+    assert d_norms and not any(norm.fused for norm in d_norms)
+    x = torch.randn(2, 3, 32, 32)
+    expected, actual = plain(x), fused(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    expected.square().mean().backward()
+    actual.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("method", ["atme", "ddgan"])
 def test_a_session_with_switches_trains_like_the_plain_one(method):
     # DDGAN draws diffusion noise for channels_last tensors: the same draws either way
@@ -328,16 +347,16 @@ PHASE_NETWORKS = {
 
 
 @pytest.mark.parametrize("method", ["pix2pix", "atme", "ddgan"])
-def test_bf16_channels_last_and_fused_adam_reach_every_network_in_every_phase(method):
-    # A phase that left out its autocast, or a batch left in NCHW, trains as well on the CPU and
-    # only runs slower on a GPU, where no test runs it: every convolution of every network, in
-    # every phase, must compute in bf16 on a channels_last input. (pix2pix with batch norms:
-    # PyTorch's instance norm returns NCHW whatever its input, docs/training.md.)
+def test_bf16_nhwc_end_to_end_and_fused_adam_reach_every_network_in_every_phase(method):
+    # A phase that left out its autocast, a batch left in NCHW or a norm that returns NCHW trains
+    # as well on the CPU and only runs slower on a GPU, where no test runs it: with bf16,
+    # channels_last and fused_norm, every convolution of every network, in every phase, must
+    # compute in bf16 on a channels_last input. (pix2pix's generator has instance norms, which
+    # only the fused norm keeps in NHWC; its discriminator here, batch norms.)
     data = SyntheticPairs(8, 32, 2, load_size=36)
     overrides = {"loss": {**SMALL_METHODS[method]["loss"], "r1_gamma": 0.05, "r1_interval": 2}}  # D-reg at step 0
-    if method == "pix2pix":
-        overrides["generator"] = {**SMALL_METHODS["pix2pix"]["generator"], "norm": "batch"}
-    session = session_for(method, {"autocast": "bf16", "channels_last": True, "fused_adam": True}, CPU, data, overrides)
+    switches = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "fused_norm": True}
+    session = session_for(method, switches, CPU, data, overrides)
     assert all(optimizer.defaults["fused"] for optimizer in session.optimizers.values())
     convolutions = []  # (phase, network, output dtype, input in channels_last)
     phase = "begin_step"
