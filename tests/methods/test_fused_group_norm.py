@@ -225,14 +225,16 @@ def test_triton_kernels_match_the_pytorch_passes_on_cuda(dtype, channels_last):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(("dtype", "channels_last"), [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32_nchw", "bf16_channels_last"])
 def test_a_fused_instance_norm_equals_pytorchs_at_the_pix2pix_unet_sizes_on_cuda(dtype, channels_last):
-    # the (channels, side) of every instance norm of pix2pix's 256 px U-Net (ngf 64), down and
-    # up: one group per channel, from 16,384 positions down to 4
+    # Instance norms of pix2pix's 256 px U-Net (ngf 64), one group per channel: the largest
+    # norm, whose reductions run over several programs, and the two smallest, whose tiles are
+    # cut to 16 and 4 positions. Each distinct tiling is a Triton compilation of its own, hence
+    # three sizes and two of the four dtype x layout pairs (the others: the test above).
     tolerance = {"rtol": 2**-6, "atol": 2**-6} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     torch.manual_seed(0)
-    for channels, side in ((128, 64), (256, 32), (512, 16), (512, 8), (512, 4), (512, 2), (64, 128)):
+    for channels, side in ((64, 128), (512, 4), (512, 2)):
         x = (torch.randn(2, channels, side, side, device="cuda") * 2 + 1).to(dtype)
         grad = torch.randn(x.shape, device="cuda").to(dtype)
         if channels_last:
