@@ -10,8 +10,6 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 BF16 = "bf16 autocast, a name longer than the others together"
-
-
 ENVIRONMENT = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), str(REPOSITORY / "bench")])}
 PIX2PIX = [sys.executable, str(REPOSITORY / "bench" / "step_profile.py"), "--method", "pix2pix", "--batch-size", "2",
            "--image-size", "32", "--steps", "1", "--warmup", "1"]

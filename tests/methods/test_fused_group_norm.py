@@ -59,16 +59,16 @@ def test_a_second_order_gradient_through_it_is_an_error_not_a_wrong_number():
     # backward pass treats the statistics as constants (and on CUDA runs Triton kernels autograd
     # cannot see), so its own derivative would be wrong: it must refuse, not answer.
     x, weight, bias, scale, shift = inputs(film=False)
-    for norm in (unfused, group_norm_activation):
-        out = norm(x, 3, weight, bias, 1e-5, silu=True)
-        # as R1 does: the gradient at the input, with its graph, then the penalty's backward pass
-        (gradient,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-        if norm is unfused:  # the control: the unfused ops differentiate twice
-            gradient.square().sum().backward()
-            assert weight.grad is not None and weight.grad.abs().sum() > 0
-            continue
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            gradient.square().sum().backward()
+
+    def penalty(norm) -> torch.Tensor:
+        """As R1: the gradient at the input, with its graph, squared."""
+        (gradient,) = torch.autograd.grad(norm(x, 3, weight, bias, 1e-5, silu=True).square().sum(), x, create_graph=True)
+        return gradient.square().sum()
+
+    penalty(unfused).backward()  # the control: the unfused ops differentiate twice
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        penalty(group_norm_activation).backward()
 
 
 @pytest.mark.parametrize("groups", [1, 2, 8])
@@ -231,7 +231,7 @@ def test_a_fused_instance_norm_equals_pytorchs_at_the_pix2pix_unet_sizes_on_cuda
     # Instance norms of pix2pix's 256 px U-Net (ngf 64), one group per channel: the largest
     # norm, whose reductions run over several programs, and the two smallest, whose tiles are
     # cut to 16 and 4 positions. Each distinct tiling is a Triton compilation of its own, hence
-    # three sizes and two of the four dtype x layout pairs (the others: the test above).
+    # three sizes and two of the four dtype x layout pairs (the kernels in all four: the test above).
     tolerance = {"rtol": 2**-6, "atol": 2**-6} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     torch.manual_seed(0)
     for channels, side in ((64, 128), (512, 4), (512, 2)):
