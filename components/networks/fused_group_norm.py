@@ -13,9 +13,9 @@ convolutions, are most of a step (docs/benchmarks.md). Here:
   activations whose mean is large against their spread);
 - backward: one pass sums the gradient per channel, one writes dx, both recomputing the SiLU
   from x. Only x (and the small factors) is kept, not the norm's output or the SiLU's input.
-  It is differentiable once: a gradient penalty through it (R1 differentiates D's gradient)
-  raises instead of returning a wrong second derivative. The networks that have these norms
-  (the DDPM U-Net, ATME's W) are generators, which R1 does not differentiate twice.
+  The operation is differentiable once only: a gradient penalty through it (R1 differentiates
+  D's gradient) raises instead of returning a wrong second derivative. The networks whose
+  norms it fuses are generators, which R1 does not differentiate twice.
 
 Any 4-D layout whose height and width merge into one stride (NCHW and channels_last, NHWC)
 is read in place, so channels_last needs no copy either. The statistics accumulate in

@@ -36,7 +36,7 @@
   kernels on CUDA, in any layout, channels_last included); the pix2pix U-Net's instance norms
   run as the same operation (one group per channel), which keeps channels_last where PyTorch's
   instance norm returns NCHW. PatchGAN's norms stay PyTorch's: R1 differentiates twice
-  through D, and the fused operation's backward pass is differentiable once. For eager mode:
+  through D, and the fused operation is differentiable once only. For eager mode:
   with compile, Inductor fuses those ops itself and the switch is off.
 
 Compiling and checkpointing happen in place (`module.compile()` and a bound `forward`), so
