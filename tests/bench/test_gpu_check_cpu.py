@@ -244,14 +244,33 @@ def fused_over_one_group(x, groups, weight, bias, eps, scale=None, shift=None, s
 norms.GroupNorm.forward = one_group_under_bf16
 norms.group_norm_activation = fused_over_one_group
 '''
+# PatchGAN's logits tripled under bf16: the generator's output is untouched, the losses are not.
+LOGITS_WRONG_UNDER_BF16 = '''
+import torch
+
+from components.networks import pix2pix
+
+patch_forward = pix2pix.PatchGAN.forward
+
+
+def tripled_under_bf16(self, *inputs):
+    logits = patch_forward(self, *inputs)
+    return logits * 3 if logits.dtype == torch.bfloat16 else logits
+
+
+pix2pix.PatchGAN.forward = tripled_under_bf16
+'''
 
 
 @pytest.mark.slow
 def test_a_switch_that_computes_something_else_fails_the_correctness_check(tmp_path):
     # The DDPM U-Net's group norms wrong (one group) on the unfused bf16 path and in the fused
     # operation. The losses of the first steps hardly see either (the generator's
-    # output is near 0, its L1 loss near |target|); the output does.
-    completed, report = run_check(tmp_path, "--sections", "correctness", sabotage=GROUP_NORM_WRONG_UNDER_BF16_OR_FUSED)
+    # output is near 0, its L1 loss near |target|); the output does. And the discriminator's
+    # logits wrong under bf16, which the generator's output cannot show (each step starts from
+    # the fp32 run's state); the losses do.
+    completed, report = run_check(tmp_path, "--sections", "correctness",
+                                  sabotage=GROUP_NORM_WRONG_UNDER_BF16_OR_FUSED + LOGITS_WRONG_UNDER_BF16)
     assert completed.returncode == 1
     correctness = items(report, "correctness")
     for method in ("atme", "ddgan"):
@@ -259,7 +278,10 @@ def test_a_switch_that_computes_something_else_fails_the_correctness_check(tmp_p
             wrong = correctness[f"{method} {variant}"]
             assert wrong["status"] == "failed" and wrong["generator_output_deviation"] > wrong["tolerance"], wrong
         assert correctness[f"{method} channels_last"]["status"] == "ok"  # the unfused float32 path is untouched
-    assert correctness["pix2pix bf16"]["status"] == "ok"  # no group norm in pix2pix
+    wrong_d = correctness["pix2pix bf16"]  # no group norm in pix2pix: only its D is wrong
+    assert wrong_d["status"] == "failed" and wrong_d["generator_output_deviation"] <= wrong_d["tolerance"], wrong_d
+    assert wrong_d["max_relative_deviation"]["loss/D"] > wrong_d["tolerance"], wrong_d
+    assert correctness["pix2pix channels_last"]["status"] == "ok"
     assert "failed   atme bf16" in completed.stdout
 
 
