@@ -61,7 +61,7 @@ from pipelines.exit_status import ExitStatus
 from pipelines.ray_connection import RayStartFailed, connect_ray
 
 if TYPE_CHECKING:
-    from components.training.compatibility import CheckpointIncompatible
+    from components.training.compatibility import ChangedKey
 
 logger = logging.getLogger("pairgan.train")
 # the start-weights file a run started from (PAIRGAN_START_WEIGHTS), on its MLflow run
@@ -93,16 +93,17 @@ def _epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
         return []
 
 
-def _incompatible_message(error: "CheckpointIncompatible", files: dict[str, Path | str], data_path: Path) -> str:
+def _incompatible_message(checkpoint_path: str, changes: "list[ChangedKey]", files: dict[str, Path | str],
+                          data_path: Path) -> str:
     """The refusal, each changed key named in the params file that sets it."""
     # The model's sizes are set in data.yaml.
     sizes = {"model.image_size": (data_path, "image_size"),
              "model.load_size": (data_path, "loader.load_scale, the load size")}
     lines = []
-    for change in error.changes:
+    for change in changes:
         file, key = sizes.get(change.key) or (files[change.key.split(".", 1)[0]], change.key.split(".", 1)[1])
         lines.append(f"  {file}: {key}: checkpoint has {change.checkpoint}, now {change.now}")
-    return (f"pairgan train: the unfinished run in {error.checkpoint_path} was trained with other params:\n"
+    return (f"pairgan train: the unfinished run in {checkpoint_path} was trained with other params:\n"
             + "\n".join(lines)
             + f"\nrestore them to resume it, or start over: change run.name in {files['train']}, or delete that folder")
 
@@ -211,8 +212,7 @@ def run(args: argparse.Namespace) -> int:
     if latest is not None:
         decision = decide_resume(latest.info, job_record(job), train.epochs, latest.path)
         if decision.action == "refuse":
-            print(_incompatible_message(CheckpointIncompatible(latest.path, decision.changes), files, data_path),
-                  file=sys.stderr)
+            print(_incompatible_message(latest.path, decision.changes, files, data_path), file=sys.stderr)
             return ExitStatus.BAD_PARAMS
 
     # Started before the MLflow run: a Ray that does not start leaves no run behind.
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_training(dataclasses.replace(job, mlflow_run_id=run_id), train.run, storage)
     except CheckpointIncompatible as error:
         finish_job_run(tracking_uri, run_id, "failed", {TAG_FAILURE: "checkpoint incompatible with params"})
-        print(_incompatible_message(error, files, data_path), file=sys.stderr)
+        print(_incompatible_message(error.checkpoint_path, error.changes, files, data_path), file=sys.stderr)
         return ExitStatus.BAD_PARAMS
     except DataError as error:
         # a damaged shard: deterministic, so reported once instead of retried
