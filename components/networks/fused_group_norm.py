@@ -13,9 +13,9 @@ convolutions, are most of a step (docs/benchmarks.md). Here:
   activations whose mean is large against their spread);
 - backward: one pass sums the gradient per channel, one writes dx, both recomputing the SiLU
   from x. Only x (and the small factors) is kept, not the norm's output or the SiLU's input.
-  The operation is differentiable once only: a gradient penalty through it (R1 differentiates
-  D's gradient) raises instead of returning a wrong second derivative. The networks whose
-  norms it fuses are generators, which R1 does not differentiate twice.
+  Differentiated once more (a gradient penalty: R1 differentiates D's gradient), the backward
+  pass runs as plain PyTorch ops on statistics recomputed from x, so autograd sees the whole
+  gradient as a function of x and differentiates it exactly; only that phase pays for it.
 
 Any 4-D layout whose height and width merge into one stride (NCHW and channels_last, NHWC)
 is read in place, so channels_last needs no copy either. The statistics accumulate in
@@ -32,7 +32,6 @@ import importlib.util
 from types import ModuleType, SimpleNamespace
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -136,32 +135,44 @@ def _group_sum(per_channel: torch.Tensor, groups: int) -> torch.Tensor:
     return per_channel.view(per_channel.shape[0], groups, -1).sum(dim=-1)
 
 
+def _statistics(passes: ModuleType | SimpleNamespace, x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group mean and 1 / std of x, per sample and channel (each channel gets its group's)."""
+    batch, channels, height, width = x.shape
+    positions = height * width
+    channel_mean, channel_m2 = passes.channel_moments(x)
+    group_mean, group_m2 = combine_moments(
+        channel_mean.view(batch, groups, -1), channel_m2.view(batch, groups, -1), positions, dim=-1)
+    group_rstd = torch.rsqrt(group_m2 / (positions * channels // groups) + eps)
+    return _per_channel(group_mean, channels), _per_channel(group_rstd, channels)
+
+
 class _GroupNormActivation(torch.autograd.Function):
     """out = act(GroupNorm(x) * gamma + beta), gamma and beta per sample and channel (float32)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, eps: float, silu: bool):
         passes = _passes(x)
-        batch, channels, height, width = x.shape
-        positions = height * width
-        channel_mean, channel_m2 = passes.channel_moments(x)
-        group_mean, group_m2 = combine_moments(
-            channel_mean.view(batch, groups, -1), channel_m2.view(batch, groups, -1), positions, dim=-1)
-        group_rstd = torch.rsqrt(group_m2 / (positions * channels // groups) + eps)
-        mean, rstd = _per_channel(group_mean, channels), _per_channel(group_rstd, channels)
+        mean, rstd = _statistics(passes, x, groups, eps)
         a = rstd * gamma
         ctx.save_for_backward(x, gamma, beta, a, mean, rstd)
-        ctx.groups, ctx.silu = groups, silu
+        ctx.groups, ctx.eps, ctx.silu = groups, eps, silu
         return passes.affine_activation(x, a, beta, mean, silu)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        # Not differentiable itself: the statistics are saved as constants, and the Triton
-        # kernels record nothing, so a second-order gradient through it (a gradient penalty)
-        # would be silently wrong. once_differentiable makes differentiating it an error.
         x, gamma, beta, a, mean, rstd = ctx.saved_tensors
-        passes = _passes(x)
+        if torch.is_grad_enabled():
+            # create_graph: this gradient is differentiated once more (a gradient penalty). The
+            # saved statistics are constants to autograd and the Triton kernels record nothing,
+            # so both would make that derivative silently wrong. Recomputed from x by PyTorch
+            # ops, the statistics and the formula below are one exact function of x, gamma,
+            # beta and grad_out, which autograd differentiates.
+            passes = TORCH_PASSES
+            with torch.autocast(x.device.type, enabled=False):
+                mean, rstd = _statistics(passes, x, ctx.groups, ctx.eps)
+            a = rstd * gamma
+        else:
+            passes = _passes(x)
         grad_out = _merged_layout(grad_out)
         groups, channels = ctx.groups, x.shape[1]
         count = x.shape[2] * x.shape[3] * channels // groups

@@ -35,9 +35,9 @@
   one operation with its own backward pass (components/networks/fused_group_norm.py; Triton
   kernels on CUDA, in any layout, channels_last included); the pix2pix U-Net's instance norms
   run as the same operation (one group per channel), which keeps channels_last where PyTorch's
-  instance norm returns NCHW. PatchGAN's norms stay PyTorch's: R1 differentiates twice
-  through D, and the fused operation is differentiable once only. For eager mode:
-  with compile, Inductor fuses those ops itself and the switch is off.
+  instance norm returns NCHW; PatchGAN's too (R1's second-order gradient through them runs as
+  PyTorch ops, in the D-reg phase only). For eager mode: with compile, Inductor fuses those
+  ops itself and the switch is off.
 
 Compiling and checkpointing happen in place (`module.compile()` and a bound `forward`), so
 state_dict keys, `unwrap`, DDP and deep copies (DDGAN's EMA) see the plain network.
@@ -56,7 +56,7 @@ from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
 from components.networks.fused_group_norm import triton_available
 from components.networks.norms import GroupNorm, InstanceNorm
-from components.networks.pix2pix import PatchGAN, UNetBlock, UNetGenerator
+from components.networks.pix2pix import UNetBlock, UNetGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,11 @@ def apply_switches(network: nn.Module, switches: Switches) -> nn.Module:
     """
     if switches.channels_last:
         network = network.to(memory_format=torch.channels_last)
-    fused_norms = switches.fused_norm and not isinstance(network, PatchGAN)  # R1: see the module doc
     for module in network.modules():
         if isinstance(module, FullAttention):
             module.use_sdpa = switches.sdpa
         if isinstance(module, GroupNorm | InstanceNorm):
-            module.fused = fused_norms
+            module.fused = switches.fused_norm
     if switches.activation_checkpointing:
         for block in repeated_blocks(network):
             # bound to the block, so a deep copy (an EMA of G) rebinds it to the copy

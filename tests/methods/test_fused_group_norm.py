@@ -54,21 +54,29 @@ def test_backward_pass_matches_autograd_in_float64(channels_last, film, silu):
     torch.testing.assert_close(fused(*differentiable), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_a_second_order_gradient_through_it_is_an_error_not_a_wrong_number():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("film", [False, True], ids=["no_film", "film"])
+def test_a_second_order_gradient_through_it_is_autograds_and_the_unfused_ops(channels_last, film):
     # A gradient penalty (R1) differentiates a network's gradient once more. The hand-written
-    # backward pass treats the statistics as constants (and on CUDA runs Triton kernels autograd
-    # cannot see), so its own derivative would be wrong: it must refuse, not answer.
-    x, weight, bias, scale, shift = inputs(film=False)
+    # backward pass keeps the statistics as constants (and on CUDA runs Triton kernels autograd
+    # cannot see): differentiated as it is, it would give a wrong number, not an error.
+    x, weight, bias, scale, shift = inputs(channels_last=channels_last, film=film)
+    differentiable = [tensor for tensor in (x, weight, bias, scale, shift) if tensor is not None]
+
+    def fused(*tensors):
+        x, weight, bias, *film_factors = tensors
+        return group_norm_activation(x, 3, weight, bias, 1e-5, *(film_factors or (None, None)), silu=True)
+
+    assert torch.autograd.gradgradcheck(fused, differentiable)
 
     def penalty(norm) -> torch.Tensor:
-        """As R1: the gradient at the input, with its graph, squared."""
-        (gradient,) = torch.autograd.grad(norm(x, 3, weight, bias, 1e-5, silu=True).square().sum(), x, create_graph=True)
-        return gradient.square().sum()
+        """As R1: the gradient at the input, with its graph, squared; then its gradients."""
+        (gradient,) = torch.autograd.grad(
+            norm(x, 3, weight, bias, 1e-5, scale, shift, silu=True).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gradient.square().sum(), differentiable)
 
-    penalty(unfused).backward()  # the control: the unfused ops differentiate twice
-    assert weight.grad is not None and weight.grad.abs().sum() > 0
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        penalty(group_norm_activation).backward()
+    for actual, expected in zip(penalty(group_norm_activation), penalty(unfused)):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 8])
@@ -250,3 +258,19 @@ def test_a_fused_instance_norm_equals_pytorchs_at_the_pix2pix_unet_sizes_on_cuda
         (expected_dx,) = torch.autograd.grad(expected, reference, grad.float())
         torch.testing.assert_close(actual.float(), expected, **tolerance, msg=f"{channels} x {side}^2")
         torch.testing.assert_close(actual_dx.float(), expected_dx, **tolerance, msg=f"{channels} x {side}^2 dx")
+
+
+@pytest.mark.cuda
+def test_a_second_order_gradient_through_the_triton_forward_equals_the_unfused_ops_on_cuda():
+    # The forward pass runs Triton's kernels on CUDA and the gradient to be differentiated once
+    # more, PyTorch's ops: R1 through a fused discriminator, channels_last as a switch gives it.
+    torch.manual_seed(0)
+    x = (torch.randn(2, 64, 16, 16, device="cuda") * 2 + 1).to(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.randn(64, device="cuda", requires_grad=True), torch.randn(64, device="cuda", requires_grad=True)
+
+    def penalty(norm) -> tuple[torch.Tensor, ...]:
+        (gradient,) = torch.autograd.grad(norm(x, 8, weight, bias, 1e-5, silu=True).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gradient.square().sum(), (x, weight, bias))
+
+    for actual, expected in zip(penalty(group_norm_activation), penalty(unfused)):
+        torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)

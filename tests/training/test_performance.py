@@ -17,6 +17,7 @@ from components.config.loading import ParamsError, load_params
 from components.config.model import ModelParams
 from components.config.train import PerformanceParams, TrainParams
 from components.methods.base import unwrap
+from components.methods.losses import r1_penalty
 from components.networks import norms
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
@@ -42,8 +43,7 @@ LOSS = {"gan_loss": "vanilla", "label_smoothing": 0.0, "lambda_l1": 100.0, "r1_g
 SMALL_UNET = {"width": 16, "channel_multipliers": [1, 2, 2], "attention_levels": [0, 1, 2], "blocks_per_level": 1,
               "groups": 4, "attention_heads": 2, "attention_head_dim": 8, "dropout": 0.0}
 SMALL_METHODS = {
-    "pix2pix": {**shipped("model.yaml")["method"], "generator": {**shipped("model.yaml")["method"]["generator"], "ngf": 16},
-                "discriminator": {"ndf": 16, "n_layers": 3, "norm": "batch"}},
+    "pix2pix": {**shipped("model.yaml")["method"], "generator": {**shipped("model.yaml")["method"]["generator"], "ngf": 16}},
     "atme": {"name": "atme", "generator": SMALL_UNET, "discriminator": {"ndf": 16, "n_layers": 3, "norm": "batch"},
              "w": {"channels": [8, 8, 8], "groups": 4}, "loss": LOSS, "test_map_logit": 0.0, "diffusion_gan": None},
     "ddgan": {"name": "ddgan", "generator": {**SMALL_UNET, "attention_levels": [2]},
@@ -296,23 +296,30 @@ def test_fused_norm_runs_each_norm_with_its_film_and_silu_as_one_operation(monke
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_fused_norm_takes_the_pix2pix_generators_instance_norms_and_leaves_patchgan_alone():
+def test_fused_norm_takes_the_instance_norms_of_both_pix2pix_networks_and_r1_through_patchgan():
     torch.manual_seed(0)
-    plain = UNetGenerator(3, 3, 32, ngf=8, norm="instance", dropout=0.0)  # dropout: other draws either way
-    fused = apply_switches(copy.deepcopy(plain), dataclasses.replace(PLAIN, fused_norm=True, channels_last=True))
-    norms = [module for module in fused.modules() if isinstance(module, InstanceNorm)]
-    assert norms and all(norm.fused for norm in norms)
-    # R1 differentiates D's gradient, which the fused operation refuses to: D keeps PyTorch's norms
-    discriminator = apply_switches(PatchGAN(6, ndf=8, norm="instance"), dataclasses.replace(PLAIN, fused_norm=True))
-    d_norms = [module for module in discriminator.modules() if isinstance(module, InstanceNorm)]
-    assert d_norms and not any(norm.fused for norm in d_norms)
-    x = torch.randn(2, 3, 32, 32)
-    expected, actual = plain(x), fused(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
-    expected.square().mean().backward()
-    actual.square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    fused_switches = dataclasses.replace(PLAIN, fused_norm=True, channels_last=True)
+    plain_g = UNetGenerator(3, 3, 32, ngf=8, norm="instance", dropout=0.0)  # dropout: other draws either way
+    plain_d = PatchGAN(6, ndf=8, norm="instance")
+    fused_g, fused_d = (apply_switches(copy.deepcopy(network), fused_switches) for network in (plain_g, plain_d))
+    for network in (fused_g, fused_d):
+        norms = [module for module in network.modules() if isinstance(module, InstanceNorm)]
+        assert norms and all(norm.fused for norm in norms), type(network).__name__
+    source = torch.randn(2, 3, 32, 32)
+    for plain, fused, penalised in ((plain_g, fused_g, False), (plain_d, fused_d, True)):
+        x = (torch.cat([source, plain_g(source).detach()], dim=1) if penalised else source).requires_grad_()
+        x_nhwc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        outputs = {"plain": plain(x), "fused": fused(x_nhwc)}
+        torch.testing.assert_close(outputs["fused"], outputs["plain"], atol=1e-5, rtol=1e-4)
+        for name, inputs in (("plain", x), ("fused", x_nhwc)):
+            torch.manual_seed(1)  # R1's random signs: the same draws for both
+            if penalised:  # D: R1, the gradient at its input differentiated once more
+                loss = r1_penalty(outputs[name], inputs) + outputs[name].mean()
+            else:
+                loss = outputs[name].square().mean()
+            loss.backward()
+        for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=f"{type(plain).__name__} {name}")
 
 
 @pytest.mark.parametrize("method", ["pix2pix", "atme", "ddgan"])
@@ -320,14 +327,17 @@ def test_a_session_with_switches_trains_like_the_plain_one(method):
     # DDGAN draws diffusion noise for channels_last tensors: the same draws either way. pix2pix's
     # dropout masks would not be (drawn in memory order): its generator here has none.
     data = SyntheticPairs(8, 32, 2, load_size=36)
-    no_dropout = {"generator": {**SMALL_METHODS["pix2pix"]["generator"], "dropout": 0.0}} if method == "pix2pix" else {}
+    overrides = {}
+    if method == "pix2pix":  # R1 too: the D-reg phase differentiates twice through D's fused instance norms
+        overrides = {"generator": {**SMALL_METHODS["pix2pix"]["generator"], "dropout": 0.0},
+                     "loss": {**SMALL_METHODS["pix2pix"]["loss"], "r1_gamma": 0.05, "r1_interval": 2}}
     curves = {}
     plain = {"autocast": "none", "channels_last": False, "fused_adam": False, "compile": False, "cuda_graphs": False,
              "sdpa": True, "activation_checkpointing": False}
     switched = {"channels_last": True, "sdpa": False, "activation_checkpointing": True, "fused_norm": True}
-    for name, overrides in (("plain", {}), ("switched", switched)):
-        session = session_for(method, {**plain, **overrides}, CPU, data, no_dropout)
-        fusable = [module for network in session.method.networks().values()  # pix2pix: its generator's instance norms
+    for name, switches in (("plain", {}), ("switched", switched)):
+        session = session_for(method, {**plain, **switches}, CPU, data, overrides)
+        fusable = [module for network in session.method.networks().values()  # pix2pix: its instance norms
                    for module in unwrap(network).modules() if isinstance(module, GroupNorm | InstanceNorm)]
         assert fusable and all(norm.fused == (name == "switched") for norm in fusable)
         data.epoch = 0
@@ -336,7 +346,8 @@ def test_a_session_with_switches_trains_like_the_plain_one(method):
             session.train_step(batch)
             curves[name].append({key: float(value) for key, value in session.stats.step_values.items()})
     for plain_step, switched_step in zip(curves["plain"], curves["switched"]):
-        for key in ("loss/G", "loss/D", "loss/G_L1"):
+        assert switched_step.keys() == plain_step.keys()
+        for key in {"loss/G", "loss/D", "loss/G_L1", "loss/R1"} & plain_step.keys():
             assert switched_step[key] == pytest.approx(plain_step[key], rel=1e-4, abs=1e-5), key
 
 
@@ -353,8 +364,8 @@ def test_bf16_nhwc_end_to_end_and_fused_adam_reach_every_network_in_every_phase(
     # A phase that left out its autocast, a batch left in NCHW or a norm that returns NCHW trains
     # as well on the CPU and only runs slower on a GPU, where no test runs it: with bf16,
     # channels_last and fused_norm, every convolution of every network, in every phase, must
-    # compute in bf16 on a channels_last input. (pix2pix's generator has instance norms, which
-    # only the fused norm keeps in NHWC; its discriminator here, batch norms.)
+    # compute in bf16 on a channels_last input. (pix2pix's networks have instance norms, which
+    # only the fused norm keeps in NHWC, D-reg's second-order gradient included.)
     data = SyntheticPairs(8, 32, 2, load_size=36)
     overrides = {"loss": {**SMALL_METHODS[method]["loss"], "r1_gamma": 0.05, "r1_interval": 2}}  # D-reg at step 0
     switches = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "fused_norm": True}
