@@ -61,7 +61,9 @@ def check_passes(shape: tuple[int, ...], dtype: torch.dtype, layout: str, silu: 
 
 
 def check_operation(shape: tuple[int, ...], layout: str) -> None:
-    """The whole operation with the Triton passes, forward and backward, against the unfused ops (float32)."""
+    """The whole operation with the Triton passes, forward and backward, against the unfused ops
+    (float32); and its second-order gradient (R1's), whose backward pass runs as PyTorch ops
+    after the Triton forward."""
     batch, channels, height, width, groups = shape
     x = (torch.randn(batch, channels, height, width) * 3 + 5).requires_grad_()
     weight, bias = torch.randn(channels, requires_grad=True), torch.randn(channels, requires_grad=True)
@@ -77,6 +79,15 @@ def check_operation(shape: tuple[int, ...], layout: str) -> None:
     _close(case, actual, expected, torch.float32)
     for name, a, e in zip(("x", "weight", "bias", "scale", "shift"), actual_grads, expected_grads):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-4, msg=lambda text, name=name: f"{case} grad {name}: {text}")
+
+    def penalty_gradients(output: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (gradient,) = torch.autograd.grad(output, x, grad, create_graph=True)
+        return torch.autograd.grad(gradient.square().sum(), inputs)
+
+    actual = fused_group_norm.group_norm_activation(in_layout(x, layout), groups, weight, bias, 1e-5, scale, shift, silu=True)
+    expected = F.silu(torch.addcmul(shift, F.group_norm(x, groups, weight, bias, 1e-5), 1 + scale))
+    for name, a, e in zip(("x", "weight", "bias", "scale", "shift"), penalty_gradients(actual), penalty_gradients(expected)):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3, msg=lambda text, name=name: f"{case} second order {name}: {text}")
 
 
 def main() -> int:
