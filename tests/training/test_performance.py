@@ -214,6 +214,19 @@ def test_every_region_is_really_compiled(eager_compile, build):
     assert not counters["graph_break"]
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["compile", "compile_cuda_graphs"])
+def test_cuda_graphs_compile_every_region_in_reduce_overhead_mode(monkeypatch, cuda_graphs):
+    # The CPU resolves cuda_graphs off, and compiled regions run the same either way: only the
+    # mode each region is compiled with shows that the switch reached them.
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: compiled.append((module, options)))
+    network = small_unet()
+    apply_switches(network, dataclasses.replace(PLAIN, compile=True, cuda_graphs=cuda_graphs))
+    mode = "reduce-overhead" if cuda_graphs else None
+    assert [module for module, _ in compiled] == compile_regions(network)
+    assert all(options == {"mode": mode, "dynamic": False} for _, options in compiled), compiled
+
+
 def test_switched_networks_keep_their_state_dict_keys_and_outputs(eager_compile):
     torch.manual_seed(0)
     plain = small_unet()
@@ -247,7 +260,14 @@ def test_a_deep_copy_of_a_switched_network_runs_its_own_weights(eager_compile):
     assert not torch.allclose(network(x, t), shadow(x, t), atol=1e-3)
 
 
-def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
+def test_activation_checkpointing_stores_less_and_gives_the_same_gradients(monkeypatch):
+    checkpointed_calls = []  # the blocks that ran through torch.utils.checkpoint
+
+    def spy(forward, block, *inputs, **options):
+        checkpointed_calls.append(block)
+        return torch.utils.checkpoint.checkpoint(forward, block, *inputs, **options)
+
+    monkeypatch.setattr(performance, "checkpoint", spy)
     torch.manual_seed(0)
     plain = small_unet()
     checkpointed = apply_switches(copy.deepcopy(plain), dataclasses.replace(PLAIN, activation_checkpointing=True))
@@ -261,8 +281,11 @@ def test_activation_checkpointing_stores_less_and_gives_the_same_gradients():
     assert torch.equal(outputs["plain"], outputs["checkpointed"])
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
-    with torch.no_grad():  # sampling: nothing to recompute, nothing stored
+    assert set(checkpointed_calls) == set(performance.repeated_blocks(checkpointed))
+    checkpointed_calls.clear()
+    with torch.no_grad():  # sampling: nothing to recompute, nothing stored, no checkpoint's bookkeeping
         assert torch.equal(plain(x, t), checkpointed(x, t))
+    assert checkpointed_calls == []
 
 
 def test_fused_norm_runs_each_norm_with_its_film_and_silu_as_one_operation(monkeypatch):
