@@ -150,10 +150,17 @@ LEANEST_EAGER = Row("bf16 eager + activation checkpointing", {**BF16_EAGER, "act
 # is what it makes possible (no copies around cuDNN's NHWC convolutions).
 FUSED_NORM_EAGER = Row("bf16 eager + fused norm", {**BF16_EAGER, "fused_norm": True})
 FUSED_NORM_CHANNELS_LAST = Row("bf16 eager + fused norm + channels_last", {**BF16_EAGER, "fused_norm": True, "channels_last": True})
-# What the U-Net methods have and pix2pix's networks do not: full attention, group norms.
-DDPM_UNET_METHODS = {"atme", "ddgan"}
+# What the U-Net methods have and the pix2pix reference preset's networks do not: full
+# attention, and norms fused_norm takes (its batch norms are not).
 DDPM_UNET_ONLY_ROWS = {"bf16 eager - sdpa", FUSED_NORM_EAGER.variant, FUSED_NORM_CHANNELS_LAST.variant}
-DDPM_UNET_ONLY_VARIANTS = {"sdpa off", "fused_norm", "fused_norm + bf16 + channels_last"}
+# The correctness runs take pix2pix with the shipped model's instance norms (params/model.yaml),
+# which fused_norm takes too; Diffusion-GAN keeps its preset's batch norms, so both kinds of
+# norm meet every switch.
+SHIPPED_PIX2PIX_NORMS = {"generator": {"norm": "instance"}, "discriminator": {"norm": "instance"}}
+FUSED_NORM_METHODS = {"pix2pix", "atme", "ddgan"}
+# The correctness variants that apply to some methods only (the others: to every method).
+VARIANT_METHODS = {"sdpa off": {"atme", "ddgan"}, "fused_norm": FUSED_NORM_METHODS,
+                   "fused_norm + bf16 + channels_last": FUSED_NORM_METHODS}
 
 # In the order they run: when the budget runs short, the rows at the end are skipped. The
 # compiled rows come last: a compiled ATME row takes about 200 s (its compilation), more than
@@ -812,9 +819,10 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
     steps = profile.correctness_steps[1 if context.args.cpu else 0]
     # Dropout off: compiled code and CUDA graphs draw other random numbers than eager, and
     # dropout masks would then differ between the runs compared.
-    no_dropout = {"pix2pix": {"generator": {"dropout": 0.0}}, "diffusion_gan": {"generator": {"dropout": 0.0}}}
+    no_dropout = {"generator": {"dropout": 0.0}}
+    changed_blocks = {"pix2pix": with_overrides(no_dropout, SHIPPED_PIX2PIX_NORMS), "diffusion_gan": no_dropout}
     models = {method: workloads.model_params(method, size, with_overrides(scale.network_overrides.get(method, {}),
-                                                                          no_dropout.get(method, {})))
+                                                                          changed_blocks.get(method, {})))
               for method in CORRECTNESS_METHODS}
     generator = torch.Generator().manual_seed(0)
     count = 4 * batch_size
@@ -825,7 +833,8 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
         rows = torch.arange(step * batch_size, (step + 1) * batch_size) % count
         batches.append({"source": sources[rows], "target": targets[rows], "index": rows,
                         "flip": torch.zeros(batch_size, dtype=torch.bool), "crop": torch.zeros(batch_size, 2, dtype=torch.int64)})
-    record.note(f"{len(CORRECTNESS_METHODS)} methods at {size} px, batch {batch_size}, {steps} steps, each switched step "
+    record.note(f"{len(CORRECTNESS_METHODS)} methods at {size} px (pix2pix with the shipped model's instance norms), "
+                f"batch {batch_size}, {steps} steps, each switched step "
                 f"from the fp32 run's state before it; tolerance {TOLERANCE_FP32:.0%} (fp32 switches) / "
                 f"{TOLERANCE_BF16:.0%} (bf16) of the fp32 losses, export {EXPORT_TOLERANCE}")
 
@@ -880,7 +889,7 @@ def section_correctness(context: Context, record: SectionRecord) -> None:
             continue
         overrides = switches_for(context, overrides)
         for method in CORRECTNESS_METHODS:
-            if variant in DDPM_UNET_ONLY_VARIANTS and method not in DDPM_UNET_METHODS:
+            if method not in VARIANT_METHODS.get(variant, CORRECTNESS_METHODS):
                 continue
             if method not in references:
                 record.data["items"].append({"name": f"{method} {variant}", "status": "skipped",

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CHECK = REPOSITORY / "bench" / "gpu_check.py"
@@ -120,10 +121,10 @@ def test_the_cpu_mode_runs_every_section_without_ray_mlflow_dali_webdataset_dvc_
     assert correctness["atme sdpa off"]["status"] == correctness["ddgan sdpa off"]["status"] == "ok"
     assert "pix2pix sdpa off" not in correctness  # no attention to switch
     for variant in ("fused_norm", "fused_norm + bf16 + channels_last"):
-        for method in ("atme", "ddgan"):
+        for method in ("pix2pix", "atme", "ddgan"):  # pix2pix: the shipped model's instance norms
             compared = correctness[f"{method} {variant}"]
             assert compared["status"] == "ok" and compared["switches"]["fused_norm"], compared
-        assert f"pix2pix {variant}" not in correctness and f"diffusion_gan {variant}" not in correctness
+        assert f"diffusion_gan {variant}" not in correctness  # its preset's batch norms: nothing to fuse
 
     (pytest_item,) = report["sections"]["cuda_tests"]["items"]
     assert pytest_item["marks"] == "cuda" and pytest_item["finished"] and pytest_item["tests"] >= 10
@@ -165,7 +166,7 @@ def test_the_short_profile_measures_what_matters_most_first(tmp_path):
 
     correctness = items(report, "correctness")
     assert list(correctness) == ["pix2pix fp32 eager + export", "atme fp32 eager", "diffusion_gan fp32 eager",
-                                 "ddgan fp32 eager", "atme fused_norm", "ddgan fused_norm",
+                                 "ddgan fp32 eager", "pix2pix fused_norm", "atme fused_norm", "ddgan fused_norm",
                                  *(f"{method} shipped defaults (auto)" for method in ("pix2pix", "atme", "diffusion_gan", "ddgan"))]
     assert correctness["pix2pix fp32 eager + export"]["export_ok"]
     for item in correctness.values():
@@ -278,7 +279,11 @@ def test_a_switch_that_computes_something_else_fails_the_correctness_check(tmp_p
             wrong = correctness[f"{method} {variant}"]
             assert wrong["status"] == "failed" and wrong["generator_output_deviation"] > wrong["tolerance"], wrong
         assert correctness[f"{method} channels_last"]["status"] == "ok"  # the unfused float32 path is untouched
-    wrong_d = correctness["pix2pix bf16"]  # no group norm in pix2pix: only its D is wrong
+    # pix2pix's fused instance norms are the same operation, over one group instead of one per channel
+    for variant in ("fused_norm", "fused_norm + bf16 + channels_last"):
+        wrong = correctness[f"pix2pix {variant}"]
+        assert wrong["status"] == "failed" and wrong["generator_output_deviation"] > wrong["tolerance"], wrong
+    wrong_d = correctness["pix2pix bf16"]  # no group norm in pix2pix, its instance norms unfused: only its D is wrong
     assert wrong_d["status"] == "failed" and wrong_d["generator_output_deviation"] <= wrong_d["tolerance"], wrong_d
     assert wrong_d["max_relative_deviation"]["loss/D"] > wrong_d["tolerance"], wrong_d
     assert correctness["pix2pix channels_last"]["status"] == "ok"
@@ -363,3 +368,10 @@ def test_cuda_tests_cut_at_the_budget_are_partial_and_a_failing_one_fails_the_ch
     assert "status" not in gpu_check.pytest_result(CUT_SHORT, True, 0, "cuda")  # finished, all passed: ok
     crashed = gpu_check.pytest_result("ImportError while loading conftest", True, 4, "cuda")
     assert crashed["status"] == "failed" and crashed["error"] == "pytest exited 4"
+
+
+def test_the_correctness_runs_take_the_shipped_pix2pix_norms(gpu_check):
+    shipped = yaml.safe_load((REPOSITORY / "params" / "model.yaml").read_text())["method"]
+    assert shipped["name"] == "pix2pix"
+    assert gpu_check.SHIPPED_PIX2PIX_NORMS == {network: {"norm": shipped[network]["norm"]}
+                                               for network in ("generator", "discriminator")}
