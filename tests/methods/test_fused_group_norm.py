@@ -38,17 +38,23 @@ def inputs(batch=2, channels=6, height=3, width=5, dtype=torch.float64, channels
     return [tensor.requires_grad_() if tensor is not None else None for tensor in (x, weight, bias, scale, shift)]
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("film", [False, True], ids=["no_film", "film"])
-@pytest.mark.parametrize("silu", [False, True], ids=["no_silu", "silu"])
-def test_backward_pass_matches_autograd_in_float64(channels_last, film, silu):
-    x, weight, bias, scale, shift = inputs(channels_last=channels_last, film=film)
+def as_checkable(x, weight, bias, scale, shift, silu):
+    """The fused operation (3 groups) as a function of its tensors alone, and those tensors, for gradcheck."""
     differentiable = [tensor for tensor in (x, weight, bias, scale, shift) if tensor is not None]
 
     def fused(*tensors):
         x, weight, bias, *film_factors = tensors
         return group_norm_activation(x, 3, weight, bias, 1e-5, *(film_factors or (None, None)), silu=silu)
 
+    return fused, differentiable
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("film", [False, True], ids=["no_film", "film"])
+@pytest.mark.parametrize("silu", [False, True], ids=["no_silu", "silu"])
+def test_backward_pass_matches_autograd_in_float64(channels_last, film, silu):
+    x, weight, bias, scale, shift = inputs(channels_last=channels_last, film=film)
+    fused, differentiable = as_checkable(x, weight, bias, scale, shift, silu)
     assert torch.autograd.gradcheck(fused, differentiable)
     expected = unfused(x, 3, weight, bias, 1e-5, scale, shift, silu)
     torch.testing.assert_close(fused(*differentiable), expected, rtol=1e-12, atol=1e-12)
@@ -61,12 +67,7 @@ def test_a_second_order_gradient_through_it_is_autograds_and_the_unfused_ops(cha
     # backward pass keeps the statistics as constants (and on CUDA runs Triton kernels autograd
     # cannot see): differentiated as it is, it would give a wrong number, not an error.
     x, weight, bias, scale, shift = inputs(channels_last=channels_last, film=film)
-    differentiable = [tensor for tensor in (x, weight, bias, scale, shift) if tensor is not None]
-
-    def fused(*tensors):
-        x, weight, bias, *film_factors = tensors
-        return group_norm_activation(x, 3, weight, bias, 1e-5, *(film_factors or (None, None)), silu=True)
-
+    fused, differentiable = as_checkable(x, weight, bias, scale, shift, silu=True)
     assert torch.autograd.gradgradcheck(fused, differentiable)
 
     def penalty(norm) -> torch.Tensor:
