@@ -168,8 +168,7 @@ class _GroupNormActivation(torch.autograd.Function):
             # ops, the statistics and the formula below are one exact function of x, gamma,
             # beta and grad_out, which autograd differentiates.
             passes = TORCH_PASSES
-            with torch.autocast(x.device.type, enabled=False):
-                mean, rstd = _statistics(passes, x, ctx.groups, ctx.eps)
+            mean, rstd = _statistics(passes, x, ctx.groups, ctx.eps)
             a = rstd * gamma
         else:
             passes = _passes(x)
