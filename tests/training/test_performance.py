@@ -382,15 +382,21 @@ PHASE_NETWORKS = {
 }
 
 
-@pytest.mark.parametrize("method", ["pix2pix", "atme", "ddgan"])
-def test_bf16_nhwc_end_to_end_and_fused_adam_reach_every_network_in_every_phase(method):
+@pytest.mark.parametrize(("method", "pix2pix_norm"), [("pix2pix", "instance"), ("pix2pix", "batch"), ("atme", None),
+                                                     ("ddgan", None)],
+                         ids=["pix2pix", "pix2pix_batch_norms", "atme", "ddgan"])
+def test_bf16_nhwc_end_to_end_and_fused_adam_reach_every_network_in_every_phase(method, pix2pix_norm):
     # A phase that left out its autocast, a batch left in NCHW or a norm that returns NCHW trains
     # as well on the CPU and only runs slower on a GPU, where no test runs it: with bf16,
     # channels_last and fused_norm, every convolution of every network, in every phase, must
-    # compute in bf16 on a channels_last input. (pix2pix's networks have instance norms, which
-    # only the fused norm keeps in NHWC, D-reg's second-order gradient included.)
+    # compute in bf16 on a channels_last input. (pix2pix's shipped networks have instance norms,
+    # which only the fused norm keeps in NHWC, D-reg's second-order gradient included; the
+    # reference preset the GPU check's pix2pix rows measure has batch norms.)
     data = SyntheticPairs(8, 32, 2, load_size=36)
     overrides = {"loss": {**SMALL_METHODS[method]["loss"], "r1_gamma": 0.05, "r1_interval": 2}}  # D-reg at step 0
+    if pix2pix_norm:
+        overrides |= {network: {**SMALL_METHODS[method][network], "norm": pix2pix_norm}
+                      for network in ("generator", "discriminator")}
     switches = {"autocast": "bf16", "channels_last": True, "fused_adam": True, "fused_norm": True}
     session = session_for(method, switches, CPU, data, overrides)
     assert all(optimizer.defaults["fused"] for optimizer in session.optimizers.values())
