@@ -22,7 +22,9 @@
   default; `compile_cache` keeps the compiled code for the next run (compile_cache.py).
   ATME's W, small and without repeated blocks, is compiled whole. PatchGAN is not compiled:
   the R1 penalty (the D-reg phase) differentiates twice through D, which compiled code does
-  not support. A block that fails to compile runs eagerly, with dynamo's warning.
+  not support, so that phase runs every network eagerly (`eager()` in methods/base.py);
+  compiling D for its other phases is not measured on a GPU yet. A block that fails to
+  compile runs eagerly, with dynamo's warning.
 - cuda_graphs: the compiled regions run as CUDA graphs (torch.compile's "reduce-overhead"
   mode, CUDA graph trees), which removes the kernel-launch cost. The whole training step is
   not captured as one graph: it re-seeds the RNG from the host every step, sets gradients to
