@@ -70,7 +70,7 @@ def test_a_second_order_gradient_through_it_is_autograds_and_the_unfused_ops(cha
     fused, differentiable = as_checkable(x, weight, bias, scale, shift, silu=True)
     assert torch.autograd.gradgradcheck(fused, differentiable)
 
-    def penalty(norm) -> torch.Tensor:
+    def penalty(norm) -> tuple[torch.Tensor, ...]:
         """As R1: the gradient at the input, with its graph, squared; then its gradients."""
         (gradient,) = torch.autograd.grad(
             norm(x, 3, weight, bias, 1e-5, scale, shift, silu=True).square().sum(), x, create_graph=True)
