@@ -49,6 +49,14 @@ def as_checkable(x, weight, bias, scale, shift, silu):
     return fused, differentiable
 
 
+def penalty_gradients(norm, x, groups, weight, bias, scale, shift, wrt) -> tuple[torch.Tensor, ...]:
+    """As R1: the gradient at x of a norm's (with SiLU) squared output, with its graph, squared;
+    then that penalty's gradients with respect to `wrt`."""
+    (gradient,) = torch.autograd.grad(
+        norm(x, groups, weight, bias, 1e-5, scale, shift, silu=True).square().sum(), x, create_graph=True)
+    return torch.autograd.grad(gradient.square().sum(), wrt)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("film", [False, True], ids=["no_film", "film"])
 @pytest.mark.parametrize("silu", [False, True], ids=["no_silu", "silu"])
@@ -69,14 +77,8 @@ def test_a_second_order_gradient_through_it_is_autograds_and_the_unfused_ops(cha
     x, weight, bias, scale, shift = inputs(channels_last=channels_last, film=film)
     fused, differentiable = as_checkable(x, weight, bias, scale, shift, silu=True)
     assert torch.autograd.gradgradcheck(fused, differentiable)
-
-    def penalty(norm) -> tuple[torch.Tensor, ...]:
-        """As R1: the gradient at the input, with its graph, squared; then its gradients."""
-        (gradient,) = torch.autograd.grad(
-            norm(x, 3, weight, bias, 1e-5, scale, shift, silu=True).square().sum(), x, create_graph=True)
-        return torch.autograd.grad(gradient.square().sum(), differentiable)
-
-    for actual, expected in zip(penalty(group_norm_activation), penalty(unfused)):
+    for actual, expected in zip(penalty_gradients(group_norm_activation, x, 3, weight, bias, scale, shift, differentiable),
+                                penalty_gradients(unfused, x, 3, weight, bias, scale, shift, differentiable)):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -268,10 +270,6 @@ def test_a_second_order_gradient_through_the_triton_forward_equals_the_unfused_o
     torch.manual_seed(0)
     x = (torch.randn(2, 64, 16, 16, device="cuda") * 2 + 1).to(memory_format=torch.channels_last).requires_grad_()
     weight, bias = torch.randn(64, device="cuda", requires_grad=True), torch.randn(64, device="cuda", requires_grad=True)
-
-    def penalty(norm) -> tuple[torch.Tensor, ...]:
-        (gradient,) = torch.autograd.grad(norm(x, 8, weight, bias, 1e-5, silu=True).square().sum(), x, create_graph=True)
-        return torch.autograd.grad(gradient.square().sum(), (x, weight, bias))
-
-    for actual, expected in zip(penalty(group_norm_activation), penalty(unfused)):
+    for actual, expected in zip(penalty_gradients(group_norm_activation, x, 8, weight, bias, None, None, (x, weight, bias)),
+                                penalty_gradients(unfused, x, 8, weight, bias, None, None, (x, weight, bias))):
         torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
