@@ -28,8 +28,13 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if torch.cuda.is_available():
+        # One state per GPU the saving process saw: Ray shows each worker every GPU its node's
+        # workers hold, so a run resumed on a node with fewer GPUs has fewer to restore. Each
+        # step reseeds every device (`step_seed`), so the states of GPUs that are gone matter
+        # to nothing that follows.
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.cpu(), index)
     numpy_state = state["numpy"]
     np.random.set_state(
         (

@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from components.methods.base import unwrap
 from components.training.loop import TrainingSession
+from components.training.rng import capture_rng, restore_rng
 from support.params import shipped
 from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
@@ -110,6 +111,33 @@ def test_state_holds_every_part_and_loads_with_weights_only():
     assert {"p", "T", "r_d"} <= set(state["method"]["augment"])
     assert {"torch", "cuda", "numpy", "python"} == set(state["rng"])
     assert (state["step"], state["epoch"]) == (2, 1)
+
+
+def test_a_checkpoint_from_a_node_with_more_gpus_restores_the_gpus_this_one_has(monkeypatch):
+    # A worker sees every GPU of its node's workers (Ray shares CUDA_VISIBLE_DEVICES), so a
+    # checkpoint saved on a 4-GPU node holds 4 CUDA states; resumed on a 1-GPU node, restoring
+    # the other 3 would fail with "invalid device ordinal". On the CPU, spy on what is restored.
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for module in (torch.cuda, torch.cuda.random):  # set_rng_state_all calls the module's own name
+        monkeypatch.setattr(module, "set_rng_state", lambda state, device: restored.append((device, state)))
+    state = capture_rng()
+    saved = [torch.full((16,), gpu, dtype=torch.uint8) for gpu in range(4)]
+    restore_rng({**state, "cuda": saved})
+    assert [device for device, _ in restored] == [0]
+    assert torch.equal(restored[0][1], saved[0])
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_from_a_node_with_more_gpus_resumes_on_this_one():
+    torch.cuda.manual_seed(123)
+    expected = torch.cuda.get_rng_state(0)
+    state = capture_rng()
+    state["cuda"] = state["cuda"] + [state["cuda"][0].clone() for _ in range(3)]  # 3 GPUs more than here
+    torch.cuda.manual_seed(7)
+    restore_rng(state)
+    assert torch.equal(torch.cuda.get_rng_state(0), expected)
 
 
 def test_loading_a_checkpoint_of_other_model_params_names_the_changed_keys():
