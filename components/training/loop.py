@@ -57,6 +57,26 @@ def lr_factor(kind: str, epochs: int, decay_epochs: int, floor_ratio: float) -> 
     return lambda epoch: 1.0 - max(0, epoch + 1 - constant) / (decay_epochs + 1)
 
 
+def as_this_optimizer_runs(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state, to run with this session's Adam implementation.
+
+    `load_state_dict` keeps the saved groups' `fused` and `foreach` flags, so a run resumed
+    with `fused_adam` changed (a CPU run continued on a GPU, where `auto` turns it on) would
+    step as the saving run did. Unfused, the step counts stay on the CPU where PyTorch keeps
+    them: loaded onto the GPU (the checkpoint is loaded to the session's device), every step
+    would read each one back to the host.
+    """
+    implementation = {key: optimizer.defaults[key] for key in ("fused", "foreach")}
+    groups = [{**group, **implementation} for group in saved["param_groups"]]
+    if implementation["fused"] or optimizer.defaults["capturable"]:
+        return {**saved, "param_groups": groups}  # load_state_dict moves the step counts to the device
+    state = {
+        index: {**values, "step": values["step"].cpu()} if "step" in values else values
+        for index, values in saved["state"].items()
+    }
+    return {**saved, "param_groups": groups, "state": state}
+
+
 class TrainingSession:
     """Networks, optimisers, schedules, method state, statistics and RNG of one training run."""
 
@@ -219,7 +239,7 @@ class TrainingSession:
         for name, network in self.method.networks().items():
             unwrap(network).load_state_dict(state["networks"][name])
         for player, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][player])
+            optimizer.load_state_dict(as_this_optimizer_runs(state["optimizers"][player], optimizer))
             scheduler = self.schedulers[player]
             scheduler.load_state_dict(state["schedulers"][player])
             # The coming epoch's LR under this session's schedule: the saved one was computed

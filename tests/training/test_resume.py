@@ -1,5 +1,6 @@
 """Exact resume: N steps, save, load into fresh objects, M steps == N + M steps in one go, bitwise on CPU."""
 
+import importlib
 import io
 
 import pytest
@@ -45,10 +46,10 @@ METHODS = {
 }
 
 
-def _session(method: dict) -> TrainingSession:
+def _session(method: dict, device: str = "cpu", **performance) -> TrainingSession:
     model = shipped("model", image_size=32, load_size=40, method=method)
-    train = shipped("train", epochs=3, lr_schedule={"kind": "linear_decay", "decay_epochs": 2})
-    return TrainingSession(model, train, 12, torch.device("cpu"))
+    train = shipped("train", epochs=3, lr_schedule={"kind": "linear_decay", "decay_epochs": 2}, performance=performance)
+    return TrainingSession(model, train, 12, torch.device(device))
 
 
 def _run(session: TrainingSession, data: SyntheticPairs, steps: int) -> None:
@@ -138,6 +139,49 @@ def test_a_checkpoint_from_a_node_with_more_gpus_resumes_on_this_one():
     torch.cuda.manual_seed(7)
     restore_rng(state)
     assert torch.equal(torch.cuda.get_rng_state(0), expected)
+
+
+def _saved_and_loaded(session: TrainingSession, device: str = "cpu") -> dict:
+    buffer = io.BytesIO()
+    torch.save(session.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location=device, weights_only=True)  # as load_checkpoint loads it
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_a_resumed_run_steps_adam_as_its_own_fused_adam_switch_says(saved_fused, resumed_fused, monkeypatch):
+    # A run started on the CPU and continued on a GPU has fused_adam changed by `auto`; a user
+    # may change it too (a speed switch, not part of the job). load_state_dict alone keeps the
+    # saved optimizer's implementation.
+    data = SyntheticPairs(12, 32, 4, seed=1, load_size=40)
+    first = _session(METHODS["pix2pix"], fused_adam=saved_fused)
+    _run(first, data, 3)
+    resumed = _session(METHODS["pix2pix"], fused_adam=resumed_fused)
+    resumed.load_state_dict(_saved_and_loaded(first))
+    for player, optimizer in resumed.optimizers.items():  # the moments and step counts carried over
+        saved = first.optimizers[player]
+        for param, saved_param in zip(optimizer.param_groups[0]["params"], saved.param_groups[0]["params"]):
+            for key, value in saved.state[saved_param].items():
+                assert torch.equal(optimizer.state[param][key].float(), value.float()), (player, key)
+    fused_steps = []
+    adam = importlib.import_module("torch.optim.adam")  # the module Adam.step picks its implementation in
+    real_fused_adam = adam._fused_adam
+    monkeypatch.setattr(adam, "_fused_adam", lambda *a, **k: fused_steps.append(1) or real_fused_adam(*a, **k))
+    _run(resumed, data, 3)
+    assert len(fused_steps) == (6 if resumed_fused else 0)  # G and D, three steps
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_run_resumed_on_a_gpu_keeps_adams_step_counts_where_its_implementation_reads_them(fused):
+    # Unfused Adam reads its step counts on the host; on the GPU, each parameter's count would be
+    # read back every step. Fused Adam reads them on the GPU.
+    saving = _session(METHODS["pix2pix"], "cuda", fused_adam=fused)
+    _run(saving, SyntheticPairs(12, 32, 4, load_size=40), 2)
+    resumed = _session(METHODS["pix2pix"], "cuda", fused_adam=fused)
+    resumed.load_state_dict(_saved_and_loaded(saving, "cuda"))
+    steps = {values["step"].device.type for optimizer in resumed.optimizers.values() for values in optimizer.state.values()}
+    assert steps == {"cuda" if fused else "cpu"}
 
 
 def test_loading_a_checkpoint_of_other_model_params_names_the_changed_keys():
