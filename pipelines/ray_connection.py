@@ -64,6 +64,20 @@ def connect_ray(address: str, workers_environment: dict[str, str], verbose: bool
                            "started once more", NODE_START_TIMEOUT.lower())
 
 
+def warn_if_auto_sees_no_gpu(use_gpu: bool | str, address: str, cluster: dict[str, float], key: str) -> None:
+    """Warn when `use_gpu: auto` finds no GPU on a cluster it joined: there it trains on CPUs.
+
+    `auto` sees the GPUs of the nodes up now. A cluster whose GPU nodes an autoscaler starts on
+    demand (scaled to 0 when idle, as the cluster files here are) shows none until a job asks for
+    them, and Ray has no API for what its autoscaler could start, so `auto` cannot tell such a
+    cluster from one without GPUs. A local Ray has no autoscaler: there `auto` sees what exists.
+    key: where the setting is, as the user would look for it ("params/train.yaml: run.scaling.use_gpu").
+    """
+    if use_gpu == "auto" and address != "local" and cluster.get("GPU", 0) < 1:
+        logger.warning("%s is auto and the Ray cluster has no GPU now: training on CPUs. If its GPU nodes start "
+                       "on demand (autoscaled from 0), auto cannot see them: set it to true", key)
+
+
 def _child_processes() -> list[psutil.Process]:
     return psutil.Process().children(recursive=True)
 

@@ -58,7 +58,7 @@ from components.tracking import (
 from components.training.report import TrainReport, compared_metrics, write_train_report
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
-from pipelines.ray_connection import RayStartFailed, connect_ray
+from pipelines.ray_connection import RayStartFailed, connect_ray, warn_if_auto_sees_no_gpu
 
 if TYPE_CHECKING:
     from components.training.compatibility import ChangedKey
@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     ray_address = environment.ray_address()
     ray_workers_environment = environment.ray_console(console, ray_address)
     # Imported here: Ray takes seconds to import, and params errors should not wait for it.
+    import ray
     from ray.train import TrainingFailedError
 
     from components.training.checkpoints import GENERATOR_FILE
@@ -221,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     except RayStartFailed as error:
         print(f"pairgan train: {error}", file=sys.stderr)
         return ExitStatus.FAILED
+    warn_if_auto_sees_no_gpu(train.run.scaling.use_gpu, ray_address, ray.cluster_resources(),
+                             f"{train_path}: run.scaling.use_gpu")
 
     tags = {TAG_MANIFEST_CHECKSUM: manifest.checksum, "pairgan.method": model.method.name,
             TAG_PARAMS_HASH: trained_hash, TAG_RUN_FOLDER: run_folder, TAG_DRIVER: driver_identity()}

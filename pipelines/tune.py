@@ -53,7 +53,7 @@ from components.tuning.adopt import AdoptError, apply_values, dvc_exp_command
 from components.tuning.space import SweepSpace
 from pipelines import environment
 from pipelines.exit_status import ExitStatus
-from pipelines.ray_connection import RayStartFailed, connect_ray
+from pipelines.ray_connection import RayStartFailed, connect_ray, warn_if_auto_sees_no_gpu
 
 logger = logging.getLogger("pairgan.tune")
 
@@ -188,6 +188,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     start_parent_run(tune.run.experiment, sweep_id, parent_params, tags)
 
     cluster = ray.cluster_resources()
+    warn_if_auto_sees_no_gpu(tune.trial.use_gpu, ray_address, cluster, f"{Path(args.params_dir) / 'tune.yaml'}: trial.use_gpu")
     use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
     plan = TrialPlan(space=space, loader=data.loader,
                      data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),

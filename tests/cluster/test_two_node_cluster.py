@@ -1,6 +1,6 @@
 """A Ray cluster of two nodes started here, as an operator would start one, and a job on it.
 
-The nodes are started with `ray start` (each its own temp dir and one CPU) **without** the S3
+The nodes are started with `ray start` (each its own temp dir, one CPU and no GPU) **without** the S3
 endpoint and region in their environment: only their own credentials, as an instance profile
 or a pod's IAM role would give them. The data set is prepared to a moto S3 server and exists
 nowhere else; `pairgan train` joins the cluster with RAY_ADDRESS, trains one worker on each
@@ -125,8 +125,8 @@ def start_node(arguments: list[str], environment: dict[str, str], prefix: str) -
     temp_dir = Path(tempfile.mkdtemp(prefix=prefix))
     with (temp_dir / CONSOLE).open("wb") as console:
         process = subprocess.Popen(
-            [RAY, "start", f"--temp-dir={temp_dir}", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-             "--disable-usage-stats", *arguments],
+            [RAY, "start", f"--temp-dir={temp_dir}", "--block", "--num-cpus=1", "--num-gpus=0",
+             "--node-ip-address=127.0.0.1", "--disable-usage-stats", *arguments],
             env=environment, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
     return Node(process, temp_dir)
 
@@ -208,7 +208,7 @@ def write_params(folder: Path, checkpoints: str) -> Path:
     write_shipped(folder, "model", method=TINY_MODEL)
     write_shipped(folder, "train", epochs=1, batch_size=2,
                   run={"name": "two-nodes", "storage_path": checkpoints, "max_failures": 0,
-                       "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+                       "scaling": {"num_workers": 2, "use_gpu": "auto", "cpus_per_worker": 1},  # CPU nodes
                        "tracking": {"experiment": "cluster", "sample_grid_every_epochs": 0, "system_metrics": False}})
     write_shipped(folder, "evaluate", latency={"warmup": 0, "repeats": 1})
     write_shipped(folder, "register")
@@ -252,6 +252,9 @@ def test_train_on_two_nodes_without_their_own_s3_settings_then_evaluate_and_regi
         env=driver_environment, cwd=tmp_path, capture_output=True, text=True, timeout=480)
     output = trained.stdout + trained.stderr
     assert trained.returncode == 0, output[-4000:]
+    # The shipped `use_gpu: auto` on a joined cluster without GPUs: the console says it trains on
+    # CPUs, and which key to set where GPU nodes start on demand.
+    assert f"{params / 'train.yaml'}: run.scaling.use_gpu is auto and the Ray cluster has no GPU now" in output
     report = json.loads((tmp_path / "reports/train_info.json").read_text())
     assert report["data_checksum"] == manifest.checksum
     assert report["checkpoint"].startswith("cluster/checkpoints/two-nodes/checkpoint_")  # on S3 (pyarrow drops s3://)

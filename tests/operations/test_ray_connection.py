@@ -133,6 +133,25 @@ def test_a_local_start_failing_for_another_reason_is_not_retried(fake_ray):
     assert init.calls == ["local"]
 
 
+@pytest.mark.parametrize("use_gpu, address, cluster, warns", [
+    ("auto", "10.0.0.1:6379", {"CPU": 4.0}, True),  # a joined cluster, its GPU nodes maybe scaled to 0
+    ("auto", "10.0.0.1:6379", {"CPU": 12.0, "GPU": 1.0}, False),
+    ("auto", "local", {"CPU": 2.0}, False),  # a local Ray has no autoscaler: no GPU is no GPU
+    (False, "10.0.0.1:6379", {"CPU": 4.0}, False),  # said so
+    (True, "10.0.0.1:6379", {"CPU": 4.0}, False),  # Ray waits for GPU nodes
+])
+def test_auto_finding_no_gpu_on_a_joined_cluster_says_it_trains_on_cpus(use_gpu, address, cluster, warns, caplog):
+    caplog.set_level("WARNING", logger=ray_connection.__name__)
+    ray_connection.warn_if_auto_sees_no_gpu(use_gpu, address, cluster, "params/train.yaml: run.scaling.use_gpu")
+    warnings = [record.getMessage() for record in caplog.records]
+    if warns:
+        assert len(warnings) == 1
+        assert warnings[0].startswith("params/train.yaml: run.scaling.use_gpu is auto")
+        assert "training on CPUs" in warnings[0] and "set it to true" in warnings[0]
+    else:
+        assert warnings == []
+
+
 def test_a_local_start_timing_out_each_time_is_tried_twice_then_reported(fake_ray):
     init = fake_ray(Exception(NODE_START_TIMEOUT + ". This could happen because ..."))
     with pytest.raises(RayStartFailed, match=r"did not start \(2 attempts\)"):
