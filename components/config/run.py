@@ -12,6 +12,14 @@ from components.config.loading import StrictModel
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def one_gpu_per_worker(gpus: int) -> int:
+    """A worker is one DDP process on one device: a second GPU reserved for it would stay idle."""
+    if gpus != 1:
+        raise ValueError(f"is {gpus}, but a worker trains on one GPU (one DDP process each; more would stay idle): "
+                         "keep 1, and set num_workers to the number of GPUs")
+    return gpus
+
+
 class ScalingParams(StrictModel):
     """Ray Train workers: one process per worker, each holding a full replica of G, D (and W) under DDP."""
 
@@ -20,7 +28,9 @@ class ScalingParams(StrictModel):
     use_gpu: Literal["auto", True, False]
     # Ray resource requests must be whole numbers in cluster files; keep the same rule here.
     cpus_per_worker: int = Field(ge=1, le=256)
-    gpus_per_worker: int = Field(ge=1, le=16)
+    gpus_per_worker: int
+
+    check_gpus_per_worker = field_validator("gpus_per_worker")(one_gpu_per_worker)
 
 
 class CheckpointParams(StrictModel):

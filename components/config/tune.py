@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Strict, Tag, ValidationInfo, field_validator, model_validator
 
 from components.config.loading import StrictModel
+from components.config.run import one_gpu_per_worker
 from components.evaluation.report import HIGHER_IS_BETTER
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -145,10 +146,12 @@ class TrialParams(StrictModel):
     num_workers: int = Field(ge=1, le=1024)
     use_gpu: Literal["auto", True, False]
     cpus_per_worker: int = Field(ge=1, le=256)
-    gpus_per_worker: int = Field(ge=1, le=16)
+    gpus_per_worker: int
     # Worker crashes a trial survives (restarting its Train run from its latest checkpoint).
     # A trial that still fails is recorded as failed; divergence is never retried.
     max_failures: int = Field(ge=0, le=100)
+
+    check_gpus_per_worker = field_validator("gpus_per_worker")(one_gpu_per_worker)
 
 
 class SweepRunParams(StrictModel):

@@ -33,6 +33,8 @@ def test_s3_storage_is_accepted(tmp_path):
         ({"scaling": {"num_workers": "2"}}, "run.scaling.num_workers", "valid integer"),
         ({"scaling": {"use_gpu": "sometimes"}}, "run.scaling.use_gpu", "'auto', True or False"),
         ({"scaling": {"cpus_per_worker": 0.5}}, "run.scaling.cpus_per_worker", "integer"),
+        ({"scaling": {"gpus_per_worker": 2}}, "run.scaling.gpus_per_worker", "a worker trains on one GPU"),
+        ({"scaling": {"gpus_per_worker": 0}}, "run.scaling.gpus_per_worker", "keep 1"),
         ({"checkpoint": {"every_epochs": 0}}, "run.checkpoint.every_epochs", "greater than or equal to 1"),
         ({"checkpoint": {"num_to_keep": 0}}, "run.checkpoint.num_to_keep", "greater than or equal to 1"),
         ({"tracking": {"sample_grid_every_epochs": -1}}, "run.tracking.sample_grid_every_epochs", "greater than"),

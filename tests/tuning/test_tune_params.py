@@ -116,6 +116,7 @@ def test_a_fixed_key_of_the_wrong_method_is_named(tmp_path):
     ({"metric": "val/l1", "mode": "max"}, "mode", "use mode: min"),
     ({"search": {"algorithm": "grid"}}, "", "d_target draw from a range"),
     ({"scheduler": {"grace_period": 9}}, "", "exceeds trial.epochs"),
+    ({"trial": {"gpus_per_worker": 2}}, "trial.gpus_per_worker", "a worker trains on one GPU"),
 ])
 def test_tune_yaml_itself_is_validated(tmp_path, change, key, reason):
     tune = shipped("tune", **{k: v for k, v in change.items() if k != "space"})
