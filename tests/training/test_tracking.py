@@ -146,6 +146,17 @@ def test_system_metrics_are_logged_by_the_worker_logger(tmp_path):
     assert any(key.startswith("system/cpu") for key in client.get_run(run_id).data.metrics)
 
 
+def test_mlflow_can_log_the_gpus_of_a_gpu_machine():
+    # MLflow's GPU monitor needs nvidia-ml-py; without it, a GPU run's system metrics hold no GPU
+    # and MLflow says so only in a debug line. Here, without a GPU, only NVML's start may fail.
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    try:
+        GPUMonitor()
+    except RuntimeError as error:
+        assert "Failed to initialize NVML" in str(error)
+
+
 def test_a_tracking_uri_with_a_password_never_reaches_rays_run_state():
     # Ray Train V2 stringifies train_loop_config into its run state (dashboard, export events)
     from ray.train.v2._internal.state.schema import _to_json_serializable_value
