@@ -92,7 +92,8 @@ REPORT_NAME = "gpu_check.json"
 FACADES_PAIRS = 400
 # Test files holding the suite's `cuda` tests (tests/bench/test_gpu_check_cpu.py checks the list).
 CUDA_TEST_FILES = ("tests/data/test_nvjpeg_loader.py", "tests/methods/test_fused_group_norm.py",
-                   "tests/methods/test_network_equivalence.py", "tests/training/test_performance.py")
+                   "tests/methods/test_network_equivalence.py", "tests/training/test_performance.py",
+                   "tests/training/test_resume.py")
 
 # A switch against eager fp32 over the same steps: max over steps and losses of
 # |loss - loss_fp32| / max(|loss_fp32|, LOSS_FLOOR), and of the generator's output (its last

@@ -50,15 +50,18 @@ from components.training.warm_start import load_start_weights, read_start_weight
 logger = logging.getLogger(__name__)
 
 
+# broadcast_buffers=False: D runs on the real and the fake batch before one backward;
+# re-broadcasting its buffers between those calls is the in-place error of BatchNorm under DDP.
+DDP_OPTIONS = {"broadcast_buffers": False}
+
+
 def ddp_wrap(module: torch.nn.Module) -> torch.nn.Module:
     from ray.train.torch import prepare_model
 
-    # broadcast_buffers=False: D runs on the real and the fake batch before one backward;
-    # re-broadcasting its buffers between those calls is the in-place error of BatchNorm under DDP.
     # Modules without trainable parameters (nothing to all-reduce) stay as they are.
     if not any(parameter.requires_grad for parameter in module.parameters()):
         return module
-    return prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+    return prepare_model(module, parallel_strategy_kwargs=DDP_OPTIONS)
 
 
 class ObservedLoader:

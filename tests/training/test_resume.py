@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from components.methods.base import unwrap
 from components.training.loop import TrainingSession
 from components.training.rng import capture_rng, restore_rng
+from components.training.worker import DDP_OPTIONS
 from support.params import shipped
 from support.synthetic_pairs import SyntheticPairs, single_thread  # noqa: F401 (fixture)
 
@@ -199,7 +200,7 @@ def test_session_trains_ddp_wrapped_networks_and_saves_plain_state(tmp_path):
 
         def wrap(network: torch.nn.Module) -> torch.nn.Module:
             wrapped.append(type(network).__name__)
-            return DistributedDataParallel(network)
+            return DistributedDataParallel(network, **DDP_OPTIONS)  # as the Ray workers wrap them
 
         method = METHODS["atme+diffusion_gan"] | {"loss": {"r1_gamma": 1.0, "r1_interval": 1}}
         model = shipped("model", image_size=32, load_size=40, method=method)
