@@ -18,8 +18,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# gcc, libc6-dev and python3.11-dev: Triton (the fused norm's kernels, torch.compile's) builds
+# its CUDA driver module with them at its first kernel; without them those switches are off.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv git ca-certificates wget \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc libc6-dev \
+        git ca-certificates wget \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 

@@ -29,15 +29,34 @@ plain autograd-free PyTorch on (batch, channels) tensors, shared by both.
 """
 
 import importlib.util
+import os
+import shutil
+import sysconfig
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import torch
 from torch.nn import functional as F
 
 
-def triton_available() -> bool:
-    """Whether the CUDA kernels can run: Triton is installed (it comes with CUDA builds of PyTorch)."""
-    return importlib.util.find_spec("triton") is not None
+def triton_unavailable_reason() -> str | None:
+    """Why Triton's CUDA kernels (these, and torch.compile's) cannot run here; None when they can.
+
+    Triton comes with CUDA builds of PyTorch, but at its first kernel it builds its CUDA driver
+    module with the system's C compiler against this Python's headers (cached afterwards), so a
+    slim image without them fails there, in the middle of the first training step.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (CUDA builds of PyTorch bring it)"
+    # Triton's own lookup: the compiler $CC names, else gcc, else clang on PATH.
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "Triton finds no C compiler to build its CUDA module with (gcc or clang on PATH, or $CC)"
+    scheme = sysconfig.get_default_scheme()  # the headers Triton includes, found as Triton finds them
+    include = Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+    if not (include / "Python.h").exists():
+        return (f"Triton builds its CUDA module against this Python's headers, and {include} has no Python.h "
+                f"(the python{sysconfig.get_python_version()}-dev package)")
+    return None
 
 
 # ---------------------------------------------------------------- the four passes, in PyTorch

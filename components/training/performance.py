@@ -56,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from components.config.train import PerformanceParams
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
-from components.networks.fused_group_norm import triton_available
+from components.networks.fused_group_norm import triton_unavailable_reason
 from components.networks.norms import GroupNorm, InstanceNorm
 from components.networks.pix2pix import UNetBlock, UNetGenerator
 
@@ -134,12 +134,17 @@ def resolve_switches(params: PerformanceParams, device: torch.device) -> Switche
     bf16 = params.autocast == "bf16" or (params.autocast == "auto" and cuda and AUTO_CUDA_AUTOCAST_BF16)
     compile_ = _resolve(params.compile, cuda and AUTO_CUDA_COMPILE)
     fused_norm = _resolve(params.fused_norm, cuda and AUTO_CUDA_FUSED_NORM)
+    # On CUDA both run Triton kernels; found out here rather than at the first kernel, mid-step.
+    triton_problem = triton_unavailable_reason() if cuda and (compile_ or fused_norm) else None
+    if compile_ and triton_problem:
+        logger.warning("performance.compile is off: %s", triton_problem)
+        compile_ = False
     if fused_norm and compile_:
         if params.fused_norm is True:
             logger.info("performance.fused_norm is off: compile fuses the norms with what follows them itself")
         fused_norm = False
-    if fused_norm and cuda and not triton_available():
-        logger.warning("performance.fused_norm is off: its CUDA kernels need Triton, which is not installed")
+    if fused_norm and triton_problem:
+        logger.warning("performance.fused_norm is off: its CUDA kernels run on Triton, and %s", triton_problem)
         fused_norm = False
     switches = Switches(
         autocast_dtype=torch.bfloat16 if bf16 else None,

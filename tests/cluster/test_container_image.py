@@ -67,3 +67,13 @@ def test_a_cuda_base_with_the_python_the_project_requires():
     assert requires == ">=3.11"
     assert any("python3.11 -m venv" in arguments for keyword, arguments in instructions() if keyword == "RUN")
     assert ("USER", "pairgan") in instructions()
+
+
+def test_the_image_has_what_triton_builds_its_cuda_module_with():
+    # At its first kernel (the fused norm's, torch.compile's) Triton builds its CUDA driver module
+    # with the system's C compiler against the Python headers; a CUDA runtime base has neither.
+    runs = " ".join(arguments for keyword, arguments in instructions() if keyword == "RUN")
+    packages = re.search(r"apt-get install ([^&]+)", runs).group(1).split()
+    python = next(package for package in packages if re.fullmatch(r"python3\.\d+", package))
+    assert {"gcc", "libc6-dev", f"{python}-dev"} <= set(packages)
+    assert f"{python} -m venv /opt/venv" in runs  # the Python whose headers those are

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from components.methods.losses import r1_penalty
 from components.networks import norms
 from components.networks.atme_w import ATMEW
 from components.networks.ddpm_unet import DDPMUNet, FullAttention, LinearAttention, ResBlock
-from components.networks.fused_group_norm import triton_available
+from components.networks.fused_group_norm import triton_unavailable_reason
 from components.networks.norms import GroupNorm, InstanceNorm
 from components.networks.pix2pix import PatchGAN, UNetGenerator
 from components.training import performance
@@ -112,7 +113,7 @@ def test_auto_follows_the_measured_defaults_on_cuda_and_is_off_on_the_cpu():
     assert (on_cuda.autocast_dtype == torch.bfloat16) == performance.AUTO_CUDA_AUTOCAST_BF16
     assert on_cuda.cuda_graphs == (performance.AUTO_CUDA_COMPILE and performance.AUTO_CUDA_CUDA_GRAPHS)
     assert on_cuda.fused_norm == (performance.AUTO_CUDA_FUSED_NORM and not performance.AUTO_CUDA_COMPILE
-                                  and triton_available())
+                                  and triton_unavailable_reason() is None)
     assert on_cuda.tf32
 
 
@@ -135,12 +136,55 @@ def test_fused_norm_holds_without_compile_and_needs_triton_on_cuda(monkeypatch, 
     fused = performance_params(compile=False, cuda_graphs=False, fused_norm=True)
     assert resolve_switches(fused, CPU).fused_norm  # the PyTorch passes on the CPU
     assert "fused_norm is off" not in caplog.text
-    monkeypatch.setattr(performance, "triton_available", lambda: True)
+    monkeypatch.setattr(performance, "triton_unavailable_reason", lambda: None)
     assert resolve_switches(fused, CUDA).fused_norm
-    monkeypatch.setattr(performance, "triton_available", lambda: False)
+    monkeypatch.setattr(performance, "triton_unavailable_reason", lambda: "Triton is not installed")
     assert not resolve_switches(fused, CUDA).fused_norm
-    assert "its CUDA kernels need Triton, which is not installed" in caplog.text
+    assert "fused_norm is off: its CUDA kernels run on Triton, and Triton is not installed" in caplog.text
     assert resolve_switches(fused, CPU).fused_norm
+
+
+def test_compile_and_its_cuda_graphs_are_off_where_triton_cannot_build_its_cuda_module(monkeypatch, caplog):
+    # torch.compile's CUDA kernels are Triton's: without a C compiler they fail at the first one.
+    caplog.set_level(logging.INFO, logger=performance.__name__)
+    compiled = performance_params(compile=True, cuda_graphs=True, fused_norm=True)
+    monkeypatch.setattr(performance, "triton_unavailable_reason", lambda: "Triton finds no C compiler")
+    switches = resolve_switches(compiled, CUDA)
+    assert (switches.compile, switches.cuda_graphs, switches.fused_norm) == (False, False, False)
+    assert "performance.compile is off: Triton finds no C compiler" in caplog.text
+    assert "performance.fused_norm is off: its CUDA kernels run on Triton, and Triton finds no C compiler" in caplog.text
+    assert resolve_switches(compiled, CPU).compile  # Inductor's CPU code is C++, not Triton: not this check
+
+
+def _machine(monkeypatch, tmp_path, compiler: str | None, headers: bool) -> None:
+    """PATH with only `compiler` (an executable file), no $CC, and Python headers or none."""
+    bin_folder, include = tmp_path / "bin", tmp_path / "include"
+    bin_folder.mkdir()
+    include.mkdir()
+    if compiler:
+        (bin_folder / compiler).write_text("#!/bin/sh\n")
+        (bin_folder / compiler).chmod(0o755)
+    if headers:
+        (include / "Python.h").write_text("")
+    monkeypatch.setenv("PATH", str(bin_folder))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(include)})
+
+
+@pytest.mark.parametrize("compiler, headers, reason", [
+    ("gcc", True, None),
+    ("clang", True, None),
+    (None, True, "no C compiler"),
+    ("gcc", False, "has no Python.h"),
+])
+def test_triton_is_usable_with_a_c_compiler_and_the_python_headers(compiler, headers, reason, monkeypatch, tmp_path):
+    pytest.importorskip("triton")
+    _machine(monkeypatch, tmp_path, compiler, headers)
+    found = triton_unavailable_reason()
+    assert found is None if reason is None else reason in found
+    if compiler is None:  # $CC names one, as Triton honours it
+        monkeypatch.setenv("CC", "/opt/toolchain/bin/cc")
+        assert triton_unavailable_reason() is None
 
 
 def test_fused_norm_is_refused_unless_true_false_or_auto(tmp_path):
