@@ -69,8 +69,8 @@ def warn_if_auto_sees_no_gpu(use_gpu: bool | str, address: str, cluster: dict[st
 
     `auto` sees the GPUs of the nodes up now. A cluster whose GPU nodes an autoscaler starts on
     demand (scaled to 0 when idle, as the cluster files here are) shows none until a job asks for
-    them, and Ray has no API for what its autoscaler could start, so `auto` cannot tell such a
-    cluster from one without GPUs. A local Ray has no autoscaler: there `auto` sees what exists.
+    them, and Ray 2.60 publishes nothing of what its autoscaler could start, so `auto` cannot
+    tell such a cluster from one without GPUs. A local Ray has no autoscaler: it has what it shows.
     key: where the setting is, as the user would look for it ("params/train.yaml: run.scaling.use_gpu").
     """
     if use_gpu == "auto" and address != "local" and cluster.get("GPU", 0) < 1:

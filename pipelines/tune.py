@@ -188,7 +188,8 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     start_parent_run(tune.run.experiment, sweep_id, parent_params, tags)
 
     cluster = ray.cluster_resources()
-    warn_if_auto_sees_no_gpu(tune.trial.use_gpu, ray_address, cluster, f"{Path(args.params_dir) / 'tune.yaml'}: trial.use_gpu")
+    warn_if_auto_sees_no_gpu(tune.trial.use_gpu, ray_address, cluster,
+                             f"{Path(args.params_dir) / 'tune.yaml'}: trial.use_gpu")
     use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
     plan = TrialPlan(space=space, loader=data.loader,
                      data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),

@@ -152,7 +152,8 @@ def test_compile_and_its_cuda_graphs_are_off_where_triton_cannot_build_its_cuda_
     switches = resolve_switches(compiled, CUDA)
     assert (switches.compile, switches.cuda_graphs, switches.fused_norm) == (False, False, False)
     assert "performance.compile is off: Triton finds no C compiler" in caplog.text
-    assert "performance.fused_norm is off: its CUDA kernels run on Triton, and Triton finds no C compiler" in caplog.text
+    assert ("performance.fused_norm is off: its CUDA kernels run on Triton, and Triton finds no C compiler"
+            in caplog.text)
     assert resolve_switches(compiled, CPU).compile  # Inductor's CPU code is C++, not Triton: not this check
 
 

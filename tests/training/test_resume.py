@@ -181,7 +181,8 @@ def test_a_run_resumed_on_a_gpu_keeps_adams_step_counts_where_its_implementation
     _run(saving, SyntheticPairs(12, 32, 4, load_size=40), 2)
     resumed = _session(METHODS["pix2pix"], "cuda", fused_adam=fused)
     resumed.load_state_dict(_saved_and_loaded(saving, "cuda"))
-    steps = {values["step"].device.type for optimizer in resumed.optimizers.values() for values in optimizer.state.values()}
+    steps = {values["step"].device.type
+             for optimizer in resumed.optimizers.values() for values in optimizer.state.values()}
     assert steps == {"cuda" if fused else "cpu"}
 
 
