@@ -71,6 +71,10 @@ def concurrency(tune: TuneParams, use_gpu: bool, cluster: dict[str, float]) -> i
     fits = [int(cluster.get("CPU", 0) // (trial.num_workers * trial.cpus_per_worker))]
     if use_gpu:
         fits.append(int(cluster.get("GPU", 0) // (trial.num_workers * trial.gpus_per_worker)))
+        if fits[-1] == 0:
+            # An autoscaling cluster's GPU nodes scaled to 0: the count never grows with them.
+            logger.warning("max_concurrent_trials is auto and the cluster has no GPUs for a trial now: one trial at a "
+                           "time. Where GPU nodes start on demand, set it to the number of trials to run at once")
     return max(1, min(fits))
 
 

@@ -222,9 +222,13 @@ def test_the_sweep_folder_changes_with_what_shapes_results_only():
     assert base not in different and len(set(different)) == len(different)
 
 
-def test_auto_concurrency_fills_the_cluster_and_the_search_algorithm_enforces_it():
+def test_auto_concurrency_fills_the_cluster_and_the_search_algorithm_enforces_it(caplog):
     gpu_sweep = TuneParams.model_validate(shipped("tune", trial={"num_workers": 2}))
     assert concurrency(gpu_sweep, use_gpu=True, cluster={"CPU": 64, "GPU": 8}) == 4  # 8 GPUs: 4 trials of 2 workers
+    assert "max_concurrent_trials" not in caplog.text
+    # GPU nodes scaled to 0 (an autoscaling cluster between jobs): one at a time, and it says so
+    assert concurrency(gpu_sweep, use_gpu=True, cluster={"CPU": 4}) == 1
+    assert "max_concurrent_trials is auto and the cluster has no GPUs for a trial now" in caplog.text
     assert concurrency(gpu_sweep, use_gpu=False, cluster={"CPU": 2}) == 1
     assert concurrency(TuneParams.model_validate(shipped("tune")), use_gpu=False, cluster={"CPU": 2}) == 2
     fixed = TuneParams.model_validate(shipped("tune", max_concurrent_trials=3))
