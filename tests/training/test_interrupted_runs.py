@@ -291,14 +291,16 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     killed_env, tree = marked(env)
     killed = subprocess.Popen([*command[:3], "--verbose", *command[3:]], cwd=tmp_path, env=killed_env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
-    snapshot = storage / "job" / SNAPSHOT_FILE
     deadline = time.monotonic() + 300
-    while not (snapshot.exists() and json.loads(snapshot.read_text()).get("latest_checkpoint_result")):
-        assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
-        time.sleep(0.2)
-    kill_every_process_marked(tree)
-    killed.wait()
-    log.close()
+    try:
+        # Read as the stage reads it: Ray rewrites the snapshot in place, so a poll can find it half written.
+        while latest_checkpoint_info(str(storage), "job") is None:
+            assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.2)
+    finally:  # also when the wait fails: a training of 1000 epochs must not outlive the test
+        kill_every_process_marked(tree)
+        killed.wait()
+        log.close()
     # --verbose shows what Ray Train says about itself.
     assert "Setting up process group" in (tmp_path / "killed.log").read_text()
 
@@ -321,7 +323,7 @@ def test_after_a_sigkill_the_next_training_closes_the_run_cleans_up_and_resumes(
     # also unlisted), then refuses with the file and the key, the listed checkpoints left as
     # they were and no model written.
     checkpoints = {path: path.read_bytes() for path in (storage / "job").glob("checkpoint_*/*")}
-    latest_listed = storage / "job" / json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    latest_listed = Path(latest_checkpoint_info(str(storage), "job").path)
     write_model(16)
     refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2, refused.stdout + refused.stderr

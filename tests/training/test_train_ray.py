@@ -31,6 +31,7 @@ from components.training.checkpoints import INFO_FILE, STATE_FILE
 from components.training.driver import run_training
 from components.training.job import TrainingJob
 from components.training.report import read_train_report
+from components.training.run_folder import latest_checkpoint_info
 from pipelines.cli import main as pairgan
 from pipelines.environment import LOCAL_RAY_WORKER_ENV
 from support.params import shipped, write_shipped
@@ -140,15 +141,14 @@ def epochs_logged(tracking_uri: str, run_id: str) -> list[int]:
 # --- fault injection, run inside the workers ------------------------------------------
 
 
-def _wait_for_registered_checkpoint(storage: Path, name: str, epoch: int) -> None:
+def _wait_for_registered_checkpoint(storage: str, name: str, epoch: int) -> None:
     # Ray registers a reported checkpoint at its next poll of the workers (about every 2 s);
     # failing before that would lose it. Wait until Ray's own record names it.
-    snapshot = storage / name / "checkpoint_manager_snapshot.json"
+    # Read as the stage reads it: Ray rewrites its snapshot in place, so a poll can find it half written.
     for _ in range(600):
-        if snapshot.exists():
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-            if latest.get("metrics", {}).get("epoch", 0) >= epoch:
-                return
+        latest = latest_checkpoint_info(storage, name)
+        if latest is not None and latest.info["epoch"] >= epoch:
+            return
         time.sleep(0.1)
     raise AssertionError(f"checkpoint of epoch {epoch} never registered")
 
@@ -156,7 +156,7 @@ def _wait_for_registered_checkpoint(storage: Path, name: str, epoch: int) -> Non
 def kill_worker_once(rank: int, step: int, *, at_step: int, after_checkpoint: int, storage: str, name: str,
                      marker: str) -> None:
     if rank == 1 and step == at_step and not os.path.exists(marker):
-        _wait_for_registered_checkpoint(Path(storage), name, after_checkpoint)
+        _wait_for_registered_checkpoint(storage, name, after_checkpoint)
         Path(marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -76,7 +76,13 @@ def reported_epochs(trial_folder: Path) -> list[int]:
     path = trial_folder / "result.json"
     if not path.exists():
         return []
-    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip() and '"epoch"' in line]
+    epochs = []
+    for line in path.read_text().splitlines():
+        try:
+            epochs.append(json.loads(line)["epoch"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line being written, or one without an epoch
+    return epochs
 
 
 def checkpointed_epoch(train_run: Path) -> int:
