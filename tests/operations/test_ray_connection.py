@@ -82,7 +82,8 @@ def test_a_local_ray_that_gives_up_at_start_is_started_once_more_without_the_fir
     assert names.count("gcs_server") == 1 and names.count("raylet") == 1, outcome["processes"]
     # The first node's processes were this process's children: none left unreaped. (A worker
     # of the running node may be a zombie for a moment, until its raylet reaps it.)
-    assert not [name for name, status, ours in outcome["processes"] if ours and status == "zombie"], outcome["processes"]
+    unreaped = [name for name, status, ours in outcome["processes"] if ours and status == "zombie"]
+    assert not unreaped, outcome["processes"]
 
 
 @pytest.mark.slow
