@@ -162,6 +162,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     import ray
 
     from components.training.compile_cache import compile_cache_location
+    from components.training.driver import resolve_use_gpu
     from components.tuning.outcomes import count_outcomes, summarise
     from components.tuning.report import BEST_FILE, RESULTS_FILE, sweep_files
     from components.tuning.sweep import TRAIN_RUNS, concurrency, fingerprint, run_sweep, trial_count, trial_records
@@ -190,7 +191,7 @@ def _sweep(args, tune: TuneParams, space: SweepSpace, data: DataParams, manifest
     cluster = ray.cluster_resources()
     warn_if_auto_sees_no_gpu(tune.trial.use_gpu, ray_address, cluster,
                              f"{Path(args.params_dir) / 'tune.yaml'}: trial.use_gpu")
-    use_gpu = tune.trial.use_gpu is True or (tune.trial.use_gpu == "auto" and cluster.get("GPU", 0) >= 1)
+    use_gpu = resolve_use_gpu(tune.trial.use_gpu, cluster)
     plan = TrialPlan(space=space, loader=data.loader,
                      data_location=args.data if is_s3_uri(args.data) else str(Path(args.data).resolve()),
                      data_checksum=manifest.checksum, dataset_size=train_count,

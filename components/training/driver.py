@@ -15,11 +15,10 @@ from components.training.worker import train_worker
 logger = logging.getLogger(__name__)
 
 
-def _use_gpu(setting: bool | Literal["auto"]) -> bool:
-    import ray
-
+def resolve_use_gpu(setting: bool | Literal["auto"], cluster: dict[str, float]) -> bool:
+    """`use_gpu` (params): "auto" is one GPU per worker when the cluster's resources hold a GPU."""
     if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
+        return cluster.get("GPU", 0) >= 1
     return setting
 
 
@@ -36,7 +35,7 @@ def run_training(job: TrainingJob, run: RunParams, storage_path: str, callbacks:
     from ray.train.torch import TorchTrainer
 
     scaling = run.scaling
-    use_gpu = _use_gpu(scaling.use_gpu)
+    use_gpu = resolve_use_gpu(scaling.use_gpu, ray.cluster_resources())
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if use_gpu else {})}
     box = ray.remote(num_cpus=0)(OutcomeBox).remote()
     trainer = TorchTrainer(

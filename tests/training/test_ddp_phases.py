@@ -5,6 +5,7 @@ synchronised in G's step (its parameters do not require grad there), nor G's in 
 both replicas end every step with the same weights.
 """
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from components.config.model import ModelParams
 from components.config.train import TrainParams
 from components.methods.base import unwrap
 from components.training.loop import TrainingSession
+from components.training.worker import DDP_OPTIONS
 from support.synthetic_pairs import SyntheticPairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,8 +45,9 @@ def _session(method: dict) -> TrainingSession:
     model = yaml.safe_load((ROOT / "params/model.yaml").read_text())
     model.update(image_size=32, load_size=32, method=method)
     train = yaml.safe_load((ROOT / "params/train.yaml").read_text())
+    wrap = functools.partial(DistributedDataParallel, **DDP_OPTIONS)  # as the Ray workers wrap
     return TrainingSession(ModelParams.model_validate(model), TrainParams.model_validate(train), 16, torch.device("cpu"),
-                           wrap=DistributedDataParallel)
+                           wrap=wrap)
 
 
 def _worker(rank: int, init_file: str, results) -> None:
